@@ -1,0 +1,184 @@
+"""The policy: the tiny DeepSeek-V3 demo model, its offline tokenizer, and loading any local causal LM.
+
+The demo model is a real `transformers.DeepseekV3ForCausalLM` (MLA attention, one shared expert, first layer
+dense, sigmoid top-k router over routed experts), only small. Its tokenizer is trained offline with the
+`tokenizers` library on the synthetic task text, with digits split one per token (as Llama/DeepSeek do) so
+arithmetic is not hidden inside multi-digit merges. Both are saved as a normal Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from rlk2.errors import UserError
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+# A minimal chat template so the demo goes through the same `apply_chat_template` path as real chat models.
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Q: {{ m['content'] }}\nA: "
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}" + EOS + "{% endif %}"
+    "{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyMoEShape:
+    """Sizes of the demo DeepSeek-V3 MoE. Defaults give ~1 M parameters."""
+
+    hidden_size: int = 96
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    moe_intermediate_size: int = 64
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    max_position_embeddings: int = 256
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 160) -> PreTrainedTokenizerFast:
+    """Train a small BPE tokenizer offline; digits stay single tokens. Deterministic for a given corpus."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
+    tok.decoder = decoders.Fuse()  # pieces are plain characters: decoding is concatenation
+    alphabet = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=alphabet,
+        show_progress=False,
+        min_frequency=2,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
+    )
+    fast.chat_template = DEMO_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_deepseek_v3_config(vocab_size: int, shape: TinyMoEShape = TinyMoEShape(), **special_ids: int) -> DeepseekV3Config:
+    """A DeepSeek-V3 config at toy scale (MLA, shared expert, first layer dense, sigmoid top-k router)."""
+    return DeepseekV3Config(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        moe_intermediate_size=shape.moe_intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        n_shared_experts=shape.n_shared_experts,
+        n_routed_experts=shape.n_routed_experts,
+        num_experts_per_tok=shape.num_experts_per_tok,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=shape.first_k_dense_replace,
+        q_lora_rank=shape.q_lora_rank,
+        kv_lora_rank=shape.kv_lora_rank,
+        qk_nope_head_dim=shape.qk_nope_head_dim,
+        qk_rope_head_dim=shape.qk_rope_head_dim,
+        v_head_dim=shape.v_head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
+        routed_scaling_factor=1.0,
+        num_nextn_predict_layers=0,
+        tie_word_embeddings=False,
+        rope_interleave=True,
+        **special_ids,
+    )
+
+
+def build_demo_policy(out_dir: str | Path, corpus: Iterable[str], *, seed: int, shape: TinyMoEShape = TinyMoEShape()) -> Path:
+    """Build the tiny MoE and its tokenizer from scratch and save them as a Hugging Face checkpoint."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(corpus)
+    config = tiny_deepseek_v3_config(
+        len(tokenizer),
+        shape,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_policy(
+    path: str | Path, *, dtype: str = "float32", attn_implementation: str | None = "eager"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a local causal-LM checkpoint (or a PEFT adapter directory) with one-line errors for bad paths."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"policy.path: {path} is not a directory")
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, dtype=dtype, attn_implementation=attn_implementation)
+    if not (path / "config.json").exists():
+        raise UserError(f"policy.path: {path} has no config.json; not a Hugging Face checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - surface the library's reason in one line
+        raise UserError(f"policy.path: cannot read {path}/config.json: {_one_line(exc)}") from exc
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"policy.path: {path} is a '{config.model_type}' checkpoint, not a causal language model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"policy.path: cannot load {path}: {_one_line(exc)}") from exc
+    _prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _load_adapter(path: Path, *, dtype: str, attn_implementation: str | None):
+    from peft import PeftModel
+
+    base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise UserError(f"policy.path: adapter {path} names base model {base_path!r}, which is not a local directory")
+    base, tokenizer = load_policy(base_path, dtype=dtype, attn_implementation=attn_implementation)
+    if (path / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        _prepare_tokenizer(tokenizer)
+    return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    # Rollouts batch prompts of different lengths: left padding keeps every prompt's last token at the end.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
