@@ -1,0 +1,289 @@
+"""The run configuration: one frozen dataclass tree, YAML recipes, dotted command-line overrides.
+
+Defaults live here, with a docstring under every field. `load_config(path, overrides)` merges
+defaults <- YAML <- overrides with OmegaConf (type-checked, unknown keys rejected) and returns a frozen `Config`;
+every user mistake becomes a `UserError` whose one line names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from rlk2.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "demo"
+    """Run name; the run directory is `runs/<name>` unless `dir` is set."""
+    dir: Optional[str] = None
+    """Run directory (overrides `runs/<name>`)."""
+    seed: int = 0
+    """Seed for model init, data order, sampling and every other random draw."""
+    overwrite: bool = False
+    """Allow writing into an existing non-empty run directory (otherwise an error; use --resume to continue)."""
+
+
+@dataclass(frozen=True)
+class DemoModelConfig:
+    hidden_size: int = 96
+    """Width of the tiny DeepSeek-V3 demo model (used when policy.path is unset)."""
+    num_hidden_layers: int = 3
+    """Layers; the first is dense, the rest MoE."""
+    num_attention_heads: int = 4
+    """MLA heads."""
+    n_routed_experts: int = 8
+    """Routed experts per MoE layer (sigmoid top-k router)."""
+    num_experts_per_tok: int = 2
+    """Experts chosen per token."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train PEFT LoRA adapters instead of all weights."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names to adapt."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    path: Optional[str] = None
+    """Local Hugging Face checkpoint to train. Unset: build the tiny DeepSeek-V3 demo model."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16."""
+    attn_implementation: str = "eager"
+    """transformers attention implementation: eager | sdpa."""
+    chat_template: bool = True
+    """Wrap prompts with the tokenizer's chat template (as a user turn) when it has one."""
+    demo: DemoModelConfig = field(default_factory=DemoModelConfig)
+    """Shape of the demo model."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (PEFT)."""
+
+    def __post_init__(self) -> None:
+        _choice("policy.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("policy.attn_implementation", self.attn_implementation, ("eager", "sdpa"))
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    enabled: bool = True
+    """Supervised warm start (TRL SFTTrainer) before RL. Cached by its settings; a second run reuses it."""
+    steps: int = 300
+    """SFT optimizer steps."""
+    batch_size: int = 32
+    """SFT batch size."""
+    lr: float = 3e-3
+    """SFT learning rate."""
+    examples: int = 4000
+    """Synthetic SFT examples drawn from the training split of each built-in task."""
+    cache_dir: str = ".cache/rlk2/warmstart"
+    """Where warm-start checkpoints are cached (keyed by a hash of everything that shapes them)."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    name: str = "math"
+    """A name in rewards.REWARDS, a dotted path `pkg.module:function`, or an entry point in group rlk2.rewards."""
+    weight: float = 1.0
+    """Weight in the total reward; 0 logs the reward without training on it."""
+    timeout_s: float = 10.0
+    """Process-level timeout for one call of this reward."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the reward function."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "arith"
+    """Task name (used in metric names, e.g. eval/<name>/pass@1)."""
+    source: str = "builtin:arith"
+    """`builtin:<task>` for a synthetic task, or a local .jsonl / .parquet file with a `prompt` column."""
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    """Rewards scoring this task."""
+    weight: float = 1.0
+    """Relative share of this task in each batch of prompts."""
+    max_new_tokens: int = 16
+    """K2 budget control: the token budget of a response to this task; longer ones are truncated."""
+    overlong_penalty: float = 0.0
+    """Reward added (usually negative) to a response truncated at the budget."""
+    eval_size: int = 200
+    """Held-out prompts for evaluation (taken from the eval split of builtin tasks, or the file's first rows)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    group_size: int = 8
+    """K responses sampled per prompt."""
+    prompts_per_step: int = 16
+    """Prompts per optimizer step (batch = prompts_per_step * group_size)."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are taken from the same tempered distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off; anything else makes the sampling distribution differ from the trained one)."""
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    loss: str = "k2"
+    """Policy loss: k2 | grpo | dr_grpo | dapo | gspo (rlk2.algorithms.LOSSES)."""
+    tau: float = 0.05
+    """k2: regularisation strength tau of the squared mirror-descent objective."""
+    length_norm: bool = False
+    """k2: average the per-token log-ratio instead of summing it."""
+    clip_low: float = 0.2
+    """Ratio clip below 1 (grpo family)."""
+    clip_high: float = 0.2
+    """Ratio clip above 1 (grpo family; dapo's clip-higher uses a larger value)."""
+    scale_rewards: bool = True
+    """grpo: divide advantages by the group's reward std."""
+    inner_steps: int = 1
+    """Optimizer steps per rollout batch (>1 makes the policy move off pi_old within the batch)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: adamw | muonclip."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    grad_clip: float = 1.0
+    """Max global grad norm (0 = off)."""
+    qk_clip_tau: Optional[float] = 100.0
+    """muonclip: QK-Clip threshold on the max pre-softmax logit (null disables clipping)."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "muonclip"))
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    steps: int = 40
+    """RL optimizer steps."""
+    log_every: int = 1
+    """Progress bar / tracker update period."""
+    save_every: int = 0
+    """Checkpoint period in steps (0 = only at the end)."""
+    keep_last: int = 2
+    """How many checkpoints to keep."""
+    save_rollouts: bool = True
+    """Write rollouts/step-<N>.jsonl."""
+    trackers: list[str] = field(default_factory=list)
+    """Accelerate trackers, e.g. [tensorboard]."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N steps (0 = only at step 0 and at the end)."""
+    samples: int = 4
+    """Samples per held-out prompt (pass@1 is their mean success)."""
+    temperature: float = 1.0
+    """Sampling temperature for evaluation samples."""
+    greedy: bool = True
+    """Also measure greedy pass@1."""
+    batch_size: int = 256
+    """Sequences generated at once."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise UserError("tasks: at least one task is required")
+        for i, task in enumerate(self.tasks):
+            if not task.rewards:
+                raise UserError(f"tasks[{i}].rewards: task '{task.name}' has no reward")
+            if task.max_new_tokens < 1:
+                raise UserError(f"tasks[{i}].max_new_tokens: must be >= 1")
+        if self.rollout.group_size < 2:
+            raise UserError("rollout.group_size: must be >= 2 (advantages compare responses within a group)")
+        if self.rollout.prompts_per_step < 1:
+            raise UserError("rollout.prompts_per_step: must be >= 1")
+        if self.rollout.temperature <= 0:
+            raise UserError("rollout.temperature: must be > 0 (log-probs are of the tempered distribution)")
+        if self.trainer.steps < 0:
+            raise UserError("trainer.steps: must be >= 0")
+        from rlk2.algorithms import LOSSES
+
+        _choice("algo.loss", self.algo.loss, tuple(LOSSES))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults <- YAML file <- `key=value` overrides, validated; returns the frozen Config."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}': expected key=value, e.g. rollout.group_size=4")
+    try:
+        schema = OmegaConf.structured(Config)
+        file_cfg = OmegaConf.load(path)
+        merged = OmegaConf.merge(schema, file_cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(merged)
+    except UserError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise UserError(_omegaconf_message(exc, path)) from None
+    except Exception as exc:  # yaml syntax errors and the like
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: {first}") from None
+    return obj
+
+
+def _omegaconf_message(exc: Exception, path: Path) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = getattr(exc, "msg", None) or str(exc)
+    msg = msg.strip().splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        return f"unknown config key '{key}' (in {path.name} or an override)"
+    if key:
+        return f"config key '{key}': {msg}"
+    return f"{path.name}: {msg}"
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

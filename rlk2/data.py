@@ -1,0 +1,152 @@
+"""Prompt datasets: the built-in synthetic tasks and local JSONL / Parquet files.
+
+A dataset is a list of rows (dicts) with a `prompt` column plus whatever columns its rewards need (e.g. `answer`
+for `math`). Built-in tasks also carry `completion`, the gold response used by the supervised warm start.
+Built-in tasks have fixed, disjoint train / eval splits (independent of the run seed) so held-out numbers are
+comparable across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+from rlk2.errors import UserError
+
+Row = dict
+
+_SPLIT_SEED = 20250711  # fixed: the split never depends on the run's seed
+
+
+# ----------------------------------------------------------------------------------------------- built-in tasks
+def _arith_rows() -> list[Row]:
+    """Two-digit addition, answer in \\boxed{}: 'Q: 37+48=?' -> '\\boxed{85}'. 10,000 distinct problems."""
+    rows = []
+    for a in range(100):
+        for b in range(100):
+            rows.append({"prompt": f"{a}+{b}=?", "answer": str(a + b), "completion": f"\\boxed{{{a + b}}}"})
+    return rows
+
+
+BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {"arith": _arith_rows}
+
+
+def builtin_split(name: str, split: str) -> list[Row]:
+    """The fixed train or eval split of a built-in task (eval = 10 % of problems, never trained on)."""
+    if name not in BUILTIN_TASKS:
+        raise UserError(f"task source 'builtin:{name}': unknown built-in task (have: {', '.join(BUILTIN_TASKS)})")
+    rows = BUILTIN_TASKS[name]()
+    order = list(range(len(rows)))
+    random.Random(_SPLIT_SEED).shuffle(order)
+    n_eval = len(rows) // 10
+    idx = order[:n_eval] if split == "eval" else order[n_eval:]
+    return [rows[i] for i in idx]
+
+
+# ----------------------------------------------------------------------------------------------- files
+def read_jsonl(path: str | Path) -> list[Row]:
+    """Read a JSONL file; a malformed line is a one-line error naming the file and line number.
+
+    Hand-written rather than `datasets.load_dataset("json")` because that reports parse errors without the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise UserError(f"{path}: file not found")
+        from datasets import Dataset
+
+        return Dataset.from_parquet(str(path)).to_list()
+    raise UserError(f"{path}: unsupported dataset format (use .jsonl or .parquet)")
+
+
+def load_task_rows(source: str, split: str, *, eval_size: int) -> list[Row]:
+    """Rows of a task for `split` ('train' or 'eval'). Files: the first `eval_size` rows are held out."""
+    if source.startswith("builtin:"):
+        return builtin_split(source.split(":", 1)[1], split)
+    rows = read_rows(source)
+    if not rows:
+        raise UserError(f"{source}: dataset is empty")
+    if split == "eval":
+        return rows[:eval_size]
+    train = rows[eval_size:] if len(rows) > eval_size else rows
+    return train
+
+
+def check_columns(rows: list[Row], columns: list[str], *, source: str) -> None:
+    """Every row has `prompt` and each required column; else a one-line error naming the row."""
+    for i, row in enumerate(rows):
+        for col in ["prompt", *columns]:
+            if col not in row or row[col] is None:
+                raise UserError(f"{source}: row {i + 1} has no '{col}' column")
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+class PromptSampler:
+    """Draws prompts for each step: tasks mixed by weight, each task's rows in a seeded shuffled order.
+
+    Its whole state is (epoch, position) per task, so a resumed run continues the same sequence.
+    """
+
+    def __init__(self, task_rows: dict[str, list[Row]], weights: dict[str, float], *, seed: int) -> None:
+        self.task_rows = task_rows
+        self.weights = weights
+        self.seed = seed
+        self.pos = {name: 0 for name in task_rows}
+        self.epoch = {name: 0 for name in task_rows}
+        self._orders = {name: self._order(name, 0) for name in task_rows}
+
+    def _order(self, name: str, epoch: int) -> list[int]:
+        order = list(range(len(self.task_rows[name])))
+        random.Random(f"{self.seed}/{name}/{epoch}").shuffle(order)
+        return order
+
+    def _next(self, name: str) -> Row:
+        if self.pos[name] >= len(self._orders[name]):
+            self.epoch[name] += 1
+            self.pos[name] = 0
+            self._orders[name] = self._order(name, self.epoch[name])
+        row = self.task_rows[name][self._orders[name][self.pos[name]]]
+        self.pos[name] += 1
+        return row
+
+    def sample(self, n: int, step: int) -> list[tuple[str, Row]]:
+        """n (task, row) pairs; the task mix per step is split by weight with a seeded draw for the remainder."""
+        names = list(self.task_rows)
+        total = sum(self.weights[t] for t in names)
+        counts = {t: int(n * self.weights[t] / total) for t in names}
+        rng = random.Random(f"{self.seed}/mix/{step}")
+        while sum(counts.values()) < n:
+            counts[rng.choices(names, weights=[self.weights[t] for t in names])[0]] += 1
+        return [(t, self._next(t)) for t in names for _ in range(counts[t])]
+
+    def state_dict(self) -> dict:
+        return {"pos": dict(self.pos), "epoch": dict(self.epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = dict(state["pos"])
+        self.epoch = dict(state["epoch"])
+        self._orders = {name: self._order(name, self.epoch[name]) for name in self.task_rows}
+

@@ -1,0 +1,430 @@
+"""`rlk2 train`: the K2-style RL loop, top to bottom.
+
+Algorithm (one optimizer step):
+  1. sample `prompts_per_step` prompts (tasks mixed by weight) and K = `group_size` responses each from the
+     current policy pi_old, recording the sampled tokens' log-probs (rlk2.rollout, the one generation seam);
+  2. score every response with its task's rewards (rewards.engine: concurrent, process-level timeouts,
+     unscorable = None); a response that hits its task's token budget gets the task's overlong penalty;
+  3. group-relative advantages r - mean(r) over the K responses of a prompt (std-scaled for the GRPO family),
+     unscorable responses left out of the baseline with advantage 0;
+  4. the policy loss (`algo.loss`, default `k2`: the squared mirror-descent objective of Kimi k1.5 / K2),
+     `inner_steps` optimizer steps on the batch (AdamW or MuonClip), then QK-Clip inside MuonClip's step;
+  5. log (metrics.jsonl, trackers, progress bar), evaluate every `eval.every` steps, checkpoint.
+
+Deliberate simplifications: rollouts come from HF `generate` on the training process (no separate inference
+engine); one rollout batch per step (no partial rollouts); the KL-to-reference term is not implemented
+(off by default in DESIGN.md); multi-process runs split prompts across ranks (see issue on scale-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rlk2.config import Config, load_config, to_yaml
+from rlk2.errors import UserError
+
+
+# ================================================================================================ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML recipe (default configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=4")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        overrides.insert(0, config_path)  # `rlk2 train a.b=1` : no config file given, only overrides
+        config_path = None
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None:
+        if not (resume / "config.yaml").is_file() or not (resume / "metrics.jsonl").exists():
+            raise UserError(f"--resume {resume}: not an rlk2 run directory (no config.yaml / metrics.jsonl)")
+        config_path = config_path or str(resume / "config.yaml")
+        overrides.append(f"run.dir={resume}")
+    cfg = load_config(config_path, overrides)
+    train(cfg, resume=resume is not None)
+    return 0
+
+
+# ================================================================================================ helpers
+def _quiet_libraries() -> None:
+    import transformers
+    from datasets.utils.logging import disable_progress_bar as ds_no_bar
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    ds_no_bar()
+
+
+def _env_info() -> dict:
+    import accelerate
+    import torch
+    import transformers
+    import trl
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return {
+        "git_sha": sha or None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "trl": trl.__version__,
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+    }
+
+
+def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
+    """Load `policy.path`, or build the demo MoE and its warm start (cached). Returns (model, tokenizer, path)."""
+    from rlk2.policy import TinyMoEShape, build_demo_policy, load_policy
+    from rlk2.warmstart import cache_key, run_sft
+
+    if cfg.policy.path:
+        model, tok = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
+        return model, tok, cfg.policy.path
+
+    shape = TinyMoEShape(**{k: getattr(cfg.policy.demo, k) for k in cfg.policy.demo.__dataclass_fields__})
+    ws = cfg.warm_start
+    key = cache_key(shape=shape, tasks=sorted(t.source for t in cfg.tasks), ws=[ws.steps, ws.batch_size, ws.lr, ws.examples],
+                    enabled=ws.enabled, seed=cfg.run.seed, version=1)
+    out = Path(ws.cache_dir) / key
+    if not (out / "config.json").exists():
+        if accelerator.is_main_process:
+            corpus = _demo_corpus(task_rows)
+            base = Path(ws.cache_dir) / f"{key}-base"
+            build_demo_policy(base, corpus, seed=cfg.run.seed, shape=shape)
+            if ws.enabled:
+                accelerator.print(f"warm start: SFT {ws.steps} steps on built-in tasks (cached in {out})")
+                _, tok = load_policy(base)
+                rows = [r for rs in task_rows.values() for r in rs if "completion" in r][: ws.examples]
+                from rlk2.rollout import encode_prompts
+
+                texts = [tok.decode(ids) for ids in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=cfg.policy.chat_template)]
+                run_sft(base, out, rows, prompt_texts=texts, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=cfg.run.seed)
+            else:
+                os.replace(base, out)
+        accelerator.wait_for_everyone()
+    else:
+        accelerator.print(f"warm start: reusing {out}")
+    model, tok = load_policy(out, dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
+    return model, tok, str(out)
+
+
+def _demo_corpus(task_rows: dict) -> list[str]:
+    """Tokenizer training text: chat-rendered prompts and completions, separately (no merge across the seam)."""
+    out = []
+    for rows in task_rows.values():
+        for r in rows:
+            out.append(f"Q: {r['prompt']}\nA: ")
+            if "completion" in r:
+                out.append(r["completion"])
+    return out
+
+
+def _build_optimizer(cfg: Config, model):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim.name == "muonclip":
+        from rlk2.optim import MuonClip
+
+        return MuonClip(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, qk_clip_tau=cfg.optim.qk_clip_tau)
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.95))
+
+
+class MetricsFile:
+    """Append-only metrics.jsonl; every row is flushed so a crash loses nothing already logged."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row, allow_nan=True) + "\n")
+                fh.flush()
+
+    def read(self) -> list[dict]:
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint we restart from (they will be re-done)."""
+        if self.enabled and self.path.exists():
+            rows = [r for r in self.read() if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ================================================================================================ the loop
+def train(cfg: Config, *, resume: bool = False) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from rewards.engine import RewardEngine, RewardSpec
+    from rewards.format import budget_penalty
+    from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
+    from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from rlk2.data import PromptSampler, check_columns, load_task_rows
+    from rlk2.evaluate import EvalTask, evaluate_policy
+    from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
+
+    # ------------------------------------------------------------------------------------ setup
+    _quiet_libraries()
+    run_dir = cfg.run_dir
+    if not resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
+        raise UserError(f"run.dir {run_dir} exists and is not empty (use --resume {run_dir}, or run.overwrite=true)")
+    accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_dir))
+    set_seed(cfg.run.seed)
+    engine = RewardEngine(num_workers=2)
+    specs = {t.name: [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in t.rewards] for t in cfg.tasks}
+
+    # Validate everything a user can get wrong before writing anything to the run directory.
+    train_rows, eval_tasks = {}, []
+    for i, task in enumerate(cfg.tasks):
+        rows = load_task_rows(task.source, "train", eval_size=task.eval_size)
+        held = load_task_rows(task.source, "eval", eval_size=task.eval_size)
+        if not rows:
+            raise UserError(f"tasks[{i}] ({task.source}): no training rows")
+        columns = sorted({k for r in rows[:1] for k in r} - {"prompt", "completion"})
+        engine.check_columns(specs[task.name], columns, where=f"task '{task.name}' ({task.source})")
+        needed = sorted({c for s in specs[task.name] for c in _required(s.name)})
+        check_columns(rows, needed, source=task.source)
+        check_columns(held, needed, source=task.source)
+        train_rows[task.name] = rows
+        eval_tasks.append(
+            EvalTask(task.name, [r["prompt"] for r in held], {c: [r.get(c) for r in held] for c in columns},
+                     specs[task.name], task.max_new_tokens)
+        )
+    model, tokenizer, policy_source = _prepare_policy(cfg, train_rows, accelerator)
+    if cfg.policy.chat_template and getattr(tokenizer, "chat_template", None) is None and cfg.policy.path:
+        accelerator.print("note: tokenizer has no chat template; prompts are used as plain text")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "rollouts").mkdir(exist_ok=True)
+    metrics_file = MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    if accelerator.is_main_process and not resume:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source}, indent=2))
+
+    model.train()
+    optimizer = _build_optimizer(cfg, model)
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sampler = PromptSampler(train_rows, {t.name: t.weight for t in cfg.tasks}, seed=cfg.run.seed)
+    tasks_by_name = {t.name: t for t in cfg.tasks}
+    loss_fn = LOSSES[cfg.algo.loss]
+    scale_adv = SCALE_ADVANTAGES[cfg.algo.loss]
+    K = cfg.rollout.group_size
+    start_step = 0
+
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UserError(f"--resume {run_dir}: no complete checkpoint to resume from")
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        from safetensors.torch import load_file
+
+        accelerator.unwrap_model(model).load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        metrics_file.truncate_after(start_step)
+        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+
+    def run_eval(step: int) -> dict:
+        t0 = time.perf_counter()
+        res = evaluate_policy(
+            accelerator.unwrap_model(model), tokenizer, eval_tasks, engine,
+            samples=cfg.eval.samples, temperature=cfg.eval.temperature, greedy=cfg.eval.greedy,
+            batch_size=cfg.eval.batch_size, chat_template=cfg.policy.chat_template, seed=cfg.run.seed + 7919,
+            ks=sorted({1, cfg.eval.samples}),
+        )
+        row = {"step": step, **res.metrics, "time/eval": time.perf_counter() - t0}
+        metrics_file.write(row)
+        if cfg.trainer.trackers:
+            accelerator.log(res.metrics, step=step)
+        return res.metrics
+
+    def checkpoint(step: int) -> None:
+        if accelerator.is_main_process:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "sampler": sampler.state_dict(), "rng": rng_state(), "config": to_yaml(cfg)}
+            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, state, keep_last=cfg.trainer.keep_last)
+        accelerator.wait_for_everyone()
+
+    if cfg.trainer.trackers:
+        accelerator.init_trackers(cfg.run.name, config={"run": cfg.run.name})
+    before = run_eval(0) if start_step == 0 else {}
+
+    # ------------------------------------------------------------------------------------ steps
+    bar = tqdm(range(start_step + 1, cfg.trainer.steps + 1), desc="rl", disable=not accelerator.is_main_process,
+               dynamic_ncols=True, initial=start_step, total=cfg.trainer.steps)
+    history: list[dict] = []
+    for step in bar:
+        step_seed = cfg.run.seed * 1_000_003 + step
+        # ---------------------------------------------------------------- rollout
+        t0 = time.perf_counter()
+        picked = sampler.sample(cfg.rollout.prompts_per_step, step)
+        parts, rows_in_order, task_of_group = [], [], []
+        unwrapped = accelerator.unwrap_model(model)
+        for name in tasks_by_name:
+            group_rows = [row for t, row in picked if t == name]
+            if not group_rows:
+                continue
+            ids = encode_prompts(tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
+            parts.append(generate_rollouts(
+                unwrapped, tokenizer, [i for i in ids for _ in range(K)],
+                max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, seed=step_seed + len(parts),
+            ))
+            rows_in_order += group_rows
+            task_of_group += [name] * len(group_rows)
+        ro = concat_rollouts(parts, tokenizer.pad_token_id).to(accelerator.device)
+        t_rollout = time.perf_counter() - t0
+
+        # ---------------------------------------------------------------- score
+        t0 = time.perf_counter()
+        totals: list[float | None] = []
+        per_reward: dict[str, list] = {}
+        errors: dict[str, int] = {}
+        offset = 0
+        for name in tasks_by_name:
+            idx = [g for g, t in enumerate(task_of_group) if t == name]
+            if not idx:
+                continue
+            rows = [rows_in_order[g] for g in idx for _ in range(K)]
+            n = len(rows)
+            texts = ro.texts[offset : offset + n]
+            columns = {c: [r.get(c) for r in rows] for c in rows[0] if c not in ("prompt", "completion")}
+            scored = engine.score(specs[name], texts, [r["prompt"] for r in rows], columns)
+            task = tasks_by_name[name]
+            ntok = ro.num_tokens[offset : offset + n].tolist()
+            trunc = ro.truncated[offset : offset + n].tolist()
+            penalty = budget_penalty(ntok, trunc, budget=task.max_new_tokens, penalty=task.overlong_penalty)
+            totals += [None if r is None else r + p for r, p in zip(scored.total, penalty)]
+            for rname, vals in scored.rewards.items():
+                per_reward.setdefault(rname, []).extend(vals)
+            for rname, cnt in scored.errors.items():
+                errors[rname] = errors.get(rname, 0) + cnt
+            for msg in scored.messages[:3]:
+                accelerator.print(f"step {step}: reward error: {msg}")
+            offset += n
+        t_reward = time.perf_counter() - t0
+
+        # ---------------------------------------------------------------- advantage
+        P = len(rows_in_order)
+        valid = torch.tensor([r is not None for r in totals]).view(P, K)
+        rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32).view(P, K)
+        adv, zero_std = group_advantages(rewards, valid, scale=scale_adv)
+        adv = adv.view(-1).to(accelerator.device)
+        mask = ro.completion_mask.float()
+
+        # ---------------------------------------------------------------- update
+        t0 = time.perf_counter()
+        hp = {"tau": cfg.algo.tau, "length_norm": cfg.algo.length_norm,
+              "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
+        for _ in range(cfg.algo.inner_steps):
+            logp, entropy = policy_logprobs(model, ro, temperature=cfg.rollout.temperature, with_entropy=True)
+            loss, loss_metrics = loss_fn(logp, ro.old_logp, adv, mask, **hp)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
+                torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in model.parameters() if p.grad is not None))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        t_update = time.perf_counter() - t0
+
+        # ---------------------------------------------------------------- log
+        n_samples = len(totals)
+        good = [r for r in totals if r is not None]
+        ntokens = int(ro.completion_mask.sum())
+        row = {
+            "step": step,
+            "loss": float(loss.detach()),
+            "reward/mean": sum(good) / len(good) if good else float("nan"),
+            "frac_reward_zero_std": float(zero_std.float().mean()),
+            "frac_unscorable": 1.0 - len(good) / n_samples,
+            "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+            "completion/mean_length": float(ro.num_tokens.float().mean()),
+            "completion/clipped_ratio": float(ro.truncated.float().mean()),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            **loss_metrics,
+            "time/rollout": t_rollout,
+            "time/reward": t_reward,
+            "time/update": t_update,
+            "throughput/samples_per_s": n_samples / (t_rollout + t_reward + t_update),
+            "throughput/tokens_per_s": ntokens / (t_rollout + t_reward + t_update),
+        }
+        for rname, vals in per_reward.items():
+            vs = [v for v in vals if v is not None]
+            mean = sum(vs) / len(vs) if vs else float("nan")
+            row[f"rewards/{rname}/mean"] = mean
+            row[f"rewards/{rname}/std"] = math.sqrt(sum((v - mean) ** 2 for v in vs) / len(vs)) if vs else float("nan")
+            row[f"rewards/{rname}/errors"] = errors.get(rname, 0)
+        opt_metrics = getattr(getattr(optimizer, "optimizer", optimizer), "metrics", None)
+        if callable(opt_metrics):
+            row.update(opt_metrics())
+        metrics_file.write(row)
+        history.append(row)
+        if cfg.trainer.trackers:
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if step % cfg.trainer.log_every == 0:
+            bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}",
+                            sps=f"{row['throughput/samples_per_s']:.0f}")
+        if cfg.trainer.save_rollouts and accelerator.is_main_process:
+            with (run_dir / "rollouts" / f"step-{step}.jsonl").open("w") as fh:
+                for j, text in enumerate(ro.texts):
+                    src = rows_in_order[j // K]
+                    rec = {"task": task_of_group[j // K], "prompt": src["prompt"], "completion": text,
+                           "reward": totals[j], "advantage": float(adv[j]), "truncated": bool(ro.truncated[j]),
+                           "rewards": {k: v[j] for k, v in per_reward.items()}}
+                    fh.write(json.dumps(rec) + "\n")
+
+        # ---------------------------------------------------------------- eval / checkpoint
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
+            run_eval(step)
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step != cfg.trainer.steps:
+            checkpoint(step)
+
+    # ------------------------------------------------------------------------------------ finish
+    after = run_eval(cfg.trainer.steps)
+    checkpoint(cfg.trainer.steps)
+    engine.close()
+    if cfg.trainer.trackers:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        from rlk2.report import write_run_report
+
+        if not before:
+            before = next((r for r in metrics_file.read() if r.get("step") == 0 and any(k.startswith("eval/") for k in r)), {})
+        table = write_run_report(run_dir, metrics_file.read(), before, after)
+        print(table)
+        print(f"run directory: {run_dir}")
+    return {"before": before, "after": after, "run_dir": str(run_dir)}
+
+
+def _required(reward_name: str) -> list[str]:
+    from rewards import required_columns, resolve_reward
+
+    return required_columns(resolve_reward(reward_name))
