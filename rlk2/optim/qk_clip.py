@@ -1,0 +1,294 @@
+"""QK-Clip (K2): record each attention head's largest pre-softmax logit during the forward, then rescale the
+query/key weights of the heads whose logit passed tau, right after the optimizer step.
+
+Recording. Forward hooks copy (detached) the outputs of the projections that make queries and keys, plus the
+attention module's `position_embeddings` and `attention_mask`; when the attention module returns, the hook
+applies the model's own RoPE function and computes `q k^T * module.scaling` (the model's softmax scale,
+YaRN mscale included) with the same mask the model used, and keeps a running per-head max. Nothing is returned
+from the hooks, so the forward's outputs are untouched, and the result does not depend on which attention
+kernel (eager, SDPA) ran: the logits are recomputed from the kernel's inputs, because SDPA never materialises
+them. Only grad-enabled forwards are recorded: rollout generation and old-log-prob passes run under no_grad on
+the very sequences the training forward sees next, so recording them would only cost time.
+
+Clipping rules (gamma = tau / S_max for a head over tau; heads at or below tau are not touched at all):
+  MLA (DeepSeek-V3 / K2): nope rows of the query projection and k-nope rows of kv_b_proj x sqrt(gamma), rope rows
+      of the query projection x gamma; value rows of kv_b_proj and the shared rotary key in kv_a_proj_with_mqa
+      untouched (it serves every head; scaling it would move heads below tau).
+  MHA: that head's rows of W_q and W_k (and biases) x sqrt(gamma).
+  GQA: a key head serves several query heads, so the whole gamma goes on the query head's rows (as for MLA's k^R).
+  QK-norm (Qwen3 / Qwen3-MoE): recorded and reported, never clipped. A per-head RMSNorm follows q_proj/k_proj, so
+      scaling their rows changes nothing; the logit scale lives in the q_norm/k_norm gains, which every head of the
+      layer shares, so clipping them would rescale heads below tau. QK-norm already bounds the logit by
+      sqrt(head_dim) * max|g_q| * max|g_k|.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import sys
+from typing import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("rlk2.optim")
+
+# Attention classes whose recording and clipping the tests check against the eager kernel's own logits.
+TESTED_ATTENTION = {"DeepseekV3Attention", "LlamaAttention", "Qwen3MoeAttention", "MixtralAttention", "Qwen2Attention"}
+_CHUNK_ELEMENTS = 1 << 24  # logits materialised per chunk of the batch: 16M floats = 64 MB
+
+
+class AttentionClip:
+    """One attention module: the hooks that record its per-head max logit, and its QK-Clip rule."""
+
+    kind = "mha"
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module = name, module
+        self.scaling = float(module.scaling)
+        self.running_max: torch.Tensor | None = None  # [H] float32, max since the last take()
+        self._captured: dict[str, torch.Tensor] = {}
+        self._inputs: tuple = (None, None)  # (position_embeddings, attention_mask) of the current call
+        params = list(inspect.signature(module.forward).parameters)
+        self._arg_index = {k: params.index(k) for k in ("position_embeddings", "attention_mask") if k in params}
+        rope_module = sys.modules[type(module).__module__]
+        self._rope: Callable = rope_module.apply_rotary_pos_emb
+        self.num_heads = 0
+        self.clippable = True
+        self.why_not = ""
+
+    # ---- hooks ----------------------------------------------------------------------------------------------------
+    def register(self) -> list:
+        handles = [
+            self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self.module.register_forward_hook(self._post_hook),
+        ]
+        for key, sub in self.sources().items():
+            handles.append(sub.register_forward_hook(self._capture_hook(key)))
+        return handles
+
+    def sources(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def _capture_hook(self, key: str):
+        def hook(_module, _args, output):
+            if torch.is_grad_enabled():
+                self._captured[key] = output.detach()
+
+        return hook
+
+    def _pre_hook(self, _module, args, kwargs):
+        if torch.is_grad_enabled():
+            self._inputs = (self._arg("position_embeddings", args, kwargs), self._arg("attention_mask", args, kwargs))
+
+    def _arg(self, name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        i = self._arg_index.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def _post_hook(self, _module, _args, _output):
+        if not torch.is_grad_enabled() or len(self._captured) < len(self.sources()):
+            return
+        try:
+            with torch.no_grad(), torch.autocast(self._captured_device().type, enabled=False):
+                smax = self.head_max_logits()
+        finally:
+            self._captured.clear()
+            self._inputs = (None, None)
+        self.running_max = smax if self.running_max is None else torch.maximum(self.running_max, smax)
+
+    def _captured_device(self) -> torch.device:
+        return next(iter(self._captured.values())).device
+
+    def take(self) -> torch.Tensor | None:
+        out, self.running_max = self.running_max, None
+        return out
+
+    # ---- logits ---------------------------------------------------------------------------------------------------
+    def head_max_logits(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _max_over_chunks(self, logits_fn: Callable[[slice], torch.Tensor], batch: int, per_item: int) -> torch.Tensor:
+        """Per-head max of `logits_fn(batch_slice)` ([b, H, T, S], masked) without materialising the whole batch."""
+        step = max(1, _CHUNK_ELEMENTS // max(per_item, 1))
+        maxes = [logits_fn(slice(i, i + step)).amax(dim=(0, 2, 3)) for i in range(0, batch, step)]
+        return torch.stack(maxes).amax(dim=0)
+
+    def _mask(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Apply the model's mask as the kernel would: additive floats, boolean keep-masks, or causal when None."""
+        mask = self._inputs[1]
+        t, s = logits.shape[-2:]
+        if mask is None or mask.ndim == 2:  # None: SDPA's is_causal path; 2-D: flash-attention padding mask
+            if getattr(self.module, "is_causal", True) and t > 1:
+                keep = torch.ones(t, s, dtype=torch.bool, device=logits.device).tril(diagonal=s - t)
+                logits = logits.masked_fill(~keep, float("-inf"))
+            if mask is not None:
+                keep = mask[rows, -s:].bool()[:, None, None, :]  # [b, 1, 1, S]
+                logits = logits.masked_fill(~keep, float("-inf"))
+            return logits
+        mask = mask[..., -s:]
+        mask = mask if mask.shape[0] == 1 else mask[rows]
+        if mask.dtype == torch.bool:
+            return logits.masked_fill(~mask, float("-inf"))
+        return logits + mask.float()
+
+    # ---- clipping -------------------------------------------------------------------------------------------------
+    def clip(self, heads: list[tuple[int, float]]) -> None:
+        """Rescale the weights of each (head, gamma) in `heads`; every other row stays bit-for-bit as it was."""
+        raise NotImplementedError
+
+    def _check_trainable(self, *linears: nn.Module) -> None:
+        if not all(lin.weight.requires_grad for lin in linears):
+            self.clippable, self.why_not = False, "query/key weights are frozen (e.g. LoRA): recorded, not clipped"
+
+
+def _scale_rows(linear: nn.Module, start: int, stop: int, factor: float) -> None:
+    linear.weight.data[start:stop].mul_(factor)
+    if getattr(linear, "bias", None) is not None:
+        linear.bias.data[start:stop].mul_(factor)
+
+
+class StandardAttentionClip(AttentionClip):
+    """Llama / Qwen2 / Mixtral / Qwen3-MoE attention: q_proj, k_proj, optional per-head q_norm/k_norm."""
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__(name, module)
+        self.head_dim = module.head_dim
+        self.groups = module.num_key_value_groups
+        self.num_heads = module.config.num_attention_heads
+        self.qk_norm = getattr(module, "q_norm", None) is not None and getattr(module, "k_norm", None) is not None
+        self.kind = "qk_norm" if self.qk_norm else ("gqa" if self.groups > 1 else "mha")
+        if self.qk_norm:
+            self.clippable, self.why_not = False, "QK-norm sets the logit scale with gains shared by all heads"
+        else:
+            self._check_trainable(module.q_proj, module.k_proj)
+
+    def sources(self) -> dict[str, nn.Module]:
+        m = self.module
+        return {"q": m.q_norm, "k": m.k_norm} if self.qk_norm else {"q": m.q_proj, "k": m.k_proj}
+
+    def head_max_logits(self) -> torch.Tensor:
+        q, k = self._captured["q"].float(), self._captured["k"].float()
+        bsz, t = q.shape[:2]
+        q = q.reshape(bsz, t, -1, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
+        k = k.reshape(bsz, k.shape[1], -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, d]
+        cos, sin = self._inputs[0]
+        q, k = self._rope(q, k, cos.float(), sin.float())
+        hq, hkv, s = q.shape[1], k.shape[1], k.shape[2]
+
+        def logits(rows: slice) -> torch.Tensor:
+            qg = q[rows].reshape(-1, hkv, hq // hkv, t, self.head_dim)  # [b, Hkv, g, T, d]
+            out = qg @ k[rows].unsqueeze(2).mT  # [b, Hkv, g, T, S]
+            return self._mask(out.reshape(-1, hq, t, s) * self.scaling, rows)
+
+        return self._max_over_chunks(logits, bsz, hq * t * s)
+
+    def clip(self, heads: list[tuple[int, float]]) -> None:
+        d = self.head_dim
+        for h, gamma in heads:
+            if self.groups == 1:
+                _scale_rows(self.module.q_proj, h * d, (h + 1) * d, math.sqrt(gamma))
+                _scale_rows(self.module.k_proj, h * d, (h + 1) * d, math.sqrt(gamma))
+            else:  # the key head is shared by the group: the whole gamma on this query head
+                _scale_rows(self.module.q_proj, h * d, (h + 1) * d, gamma)
+
+
+class MLAClip(AttentionClip):
+    """DeepSeek-V3 / K2 multi-head latent attention (transformers `DeepseekV3Attention`)."""
+
+    kind = "mla"
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__(name, module)
+        self.num_heads = module.num_heads
+        self.dn, self.dr, self.dv = module.qk_nope_head_dim, module.qk_rope_head_dim, module.v_head_dim
+        self.q_linear = module.q_proj if module.q_proj is not None else module.q_b_proj
+        if getattr(module.config, "rope_interleave", False):
+            self._rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_interleave
+        self._check_trainable(self.q_linear, module.kv_b_proj)
+
+    def sources(self) -> dict[str, nn.Module]:
+        return {"q": self.q_linear, "kv_a": self.module.kv_a_proj_with_mqa, "kv_b": self.module.kv_b_proj}
+
+    def head_max_logits(self) -> torch.Tensor:
+        q, kv_a, kv_b = (self._captured[k].float() for k in ("q", "kv_a", "kv_b"))
+        bsz, t = q.shape[:2]
+        q = q.reshape(bsz, t, self.num_heads, self.dn + self.dr).transpose(1, 2)  # [B, H, T, dn+dr]
+        q_nope, q_rot = q.split([self.dn, self.dr], dim=-1)
+        k_rot = kv_a[..., -self.dr:].reshape(bsz, 1, t, self.dr)  # [B, 1, T, dr]: one rotary key for all heads
+        # kv_b_proj ran on the cache-expanded latents; the last T positions are this call's tokens.
+        kv_b = kv_b[:, -t:].reshape(bsz, t, self.num_heads, self.dn + self.dv).transpose(1, 2)
+        k_nope = kv_b[..., : self.dn]  # [B, H, T, dn]
+        cos, sin = self._inputs[0]
+        q_rot, k_rot = self._rope(q_rot, k_rot, cos.float(), sin.float())
+
+        def logits(rows: slice) -> torch.Tensor:
+            out = q_nope[rows] @ k_nope[rows].mT + q_rot[rows] @ k_rot[rows].mT  # [b, H, T, T]
+            return self._mask(out * self.scaling, rows)
+
+        return self._max_over_chunks(logits, bsz, self.num_heads * t * t)
+
+    def clip(self, heads: list[tuple[int, float]]) -> None:
+        q_width, kv_width = self.dn + self.dr, self.dn + self.dv
+        for h, gamma in heads:
+            root = math.sqrt(gamma)
+            _scale_rows(self.q_linear, h * q_width, h * q_width + self.dn, root)  # q^C
+            _scale_rows(self.q_linear, h * q_width + self.dn, (h + 1) * q_width, gamma)  # q^R
+            _scale_rows(self.module.kv_b_proj, h * kv_width, h * kv_width + self.dn, root)  # k^C; values untouched
+
+
+def find_attention(model: nn.Module) -> list[AttentionClip]:
+    """Wrap every attention module of `model` that QK-Clip understands; warn about the ones it does not."""
+    found, unknown = [], set()
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not cls.endswith("Attention"):
+            continue
+        rope_module = sys.modules[type(module).__module__]
+        has = lambda *attrs: all(hasattr(module, a) for a in attrs)  # noqa: E731
+        if has("kv_b_proj", "kv_a_proj_with_mqa", "qk_nope_head_dim", "qk_rope_head_dim", "scaling", "num_heads"):
+            found.append(MLAClip(name, module))
+        elif has("q_proj", "k_proj", "head_dim", "scaling", "num_key_value_groups", "config") and hasattr(
+            rope_module, "apply_rotary_pos_emb"
+        ):
+            found.append(StandardAttentionClip(name, module))
+        else:
+            unknown.add(cls)
+            continue
+        if cls not in TESTED_ATTENTION:
+            unknown.add(f"{cls} (treated as {found[-1].kind}, untested)")
+    if unknown:
+        logger.warning("QK-Clip: attention classes not recorded or untested: %s", ", ".join(sorted(unknown)))
+    return found
+
+
+def qk_clip(attentions: list[AttentionClip], tau: float | None) -> tuple[float, int]:
+    """Clip every head whose recorded max logit exceeds tau; return (max logit over all heads, heads clipped).
+
+    The recorded maxima are reduced across processes first (all ranks must clip the same heads, or replicas drift).
+    The max logit is NaN when no grad-enabled forward was recorded since the previous step.
+    """
+    taken = [a.take() for a in attentions]
+    recorded = [t for t in taken if t is not None]
+    if not recorded:
+        return float("nan"), 0
+    device = recorded[0].device
+    flat = torch.cat([t if t is not None else torch.full((a.num_heads,), -math.inf, device=device)
+                      for a, t in zip(attentions, taken)])  # [sum of heads]
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+    values = flat.tolist()  # one host sync per step
+    max_logit = max(values)
+    clipped = 0
+    if tau is not None and math.isfinite(tau):
+        offset = 0
+        for attn in attentions:
+            heads = [(h, tau / s) for h, s in enumerate(values[offset: offset + attn.num_heads]) if s > tau]
+            offset += attn.num_heads
+            if heads and attn.clippable:
+                attn.clip(heads)
+                clipped += len(heads)
+    return max_logit, clipped
