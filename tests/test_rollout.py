@@ -1,0 +1,55 @@
+"""The training forward must see exactly the distribution that sampled the tokens (padding, positions, EOS, T)."""
+
+import pytest
+import torch
+
+from rlk2.policy import load_policy
+from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_training_logprobs_match_generate_scores(tiny_policy, temperature):
+    model, tok = load_policy(tiny_policy)
+    prompts = ["1+2=?", "45+67=?", "9+99=?", "12+3=?"] * 8  # different lengths -> left padding
+    ids = encode_prompts(tok, prompts, chat_template=True)
+    assert len({len(i) for i in ids}) > 1
+    ro = generate_rollouts(model, tok, ids, max_new_tokens=20, temperature=temperature, seed=3)
+    logp, _ = policy_logprobs(model, ro, temperature=temperature)
+    diff = ((logp - ro.old_logp) * ro.completion_mask).abs().max().item()
+    assert diff < 1e-4
+    # the masked positions really are excluded: old_logp is zero there
+    assert torch.all(ro.old_logp[ro.completion_mask == 0] == 0)
+
+
+def test_mask_stops_after_eos_and_truncation_flagged(tiny_policy):
+    model, tok = load_policy(tiny_policy)
+    ids = encode_prompts(tok, ["3+4=?"] * 64, chat_template=True)
+    ro = generate_rollouts(model, tok, ids, max_new_tokens=24, temperature=1.0, seed=0)
+    eos = tok.eos_token_id
+    ended = ~ro.truncated
+    assert ended.any() and ro.truncated.any()  # a random tiny model does both within 24 tokens
+    for i in range(len(ids)):
+        n = int(ro.completion_mask[i].sum())
+        if ro.truncated[i]:
+            assert n == 24 and eos not in ro.completion_ids[i].tolist()
+        else:
+            assert ro.completion_ids[i, n - 1].item() == eos  # EOS is the last masked token
+            assert torch.all(ro.completion_ids[i, n:] == tok.pad_token_id)
+
+
+def test_seeded_rollouts_are_reproducible(tiny_policy):
+    model, tok = load_policy(tiny_policy)
+    ids = encode_prompts(tok, ["5+6=?"] * 8, chat_template=True)
+    a = generate_rollouts(model, tok, ids, max_new_tokens=8, seed=11)
+    b = generate_rollouts(model, tok, ids, max_new_tokens=8, seed=11)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_concat_rollouts_pads_to_common_width(tiny_policy):
+    model, tok = load_policy(tiny_policy)
+    a = generate_rollouts(model, tok, encode_prompts(tok, ["1+1=?"] * 2, chat_template=True), max_new_tokens=4, seed=1)
+    b = generate_rollouts(model, tok, encode_prompts(tok, ["10+10=?"] * 3, chat_template=True), max_new_tokens=9, seed=2)
+    c = concat_rollouts([a, b], tok.pad_token_id)
+    assert c.completion_ids.shape == (5, 9) and c.prompt_ids.shape[0] == 5
+    logp, _ = policy_logprobs(model, c, temperature=1.0)
+    assert ((logp - c.old_logp) * c.completion_mask).abs().max().item() < 1e-4
