@@ -1,0 +1,147 @@
+"""`rlk2 score` and `rlk2 rewards`: debug a reward offline before spending a GPU hour on it.
+
+`rlk2 score --reward NAME [--input FILE]` reads JSONL rows (stdin without FILE), each with a `completion`, an
+optional `prompt` and the dataset columns the reward needs (e.g. `answer`), and writes one JSON line per input
+line, in the same order: `{"reward": 1.0, "error": null}` (plus `"extras"` when the reward returns some).
+Rows run through the same engine as training (worker processes, timeouts), so what you see is what training sees.
+
+`rlk2 rewards [NAME ...]` lists the built-in and entry-point rewards with the columns each one needs; extra NAMEs
+(e.g. the dotted paths of your config) are described too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+_BATCH = 256  # rows per engine call: output streams while a large file is scored
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", required=True, metavar="NAME",
+                        help="a built-in name (see `rlk2 rewards`), pkg.module:function, or an entry point")
+    parser.add_argument("--input", metavar="FILE", help="JSONL file of rows (default: stdin)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword option passed to the reward; VALUE is parsed as JSON when it can be")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="deadline per call (per sample for elementwise rewards such as math), default 10")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+
+
+def add_rewards_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME", help="also describe these rewards (e.g. dotted paths)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per reward instead of a table")
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    from rlk2.errors import UserError
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def read_rows(stream: Any, source: str) -> list[dict]:
+    """Parses JSONL rows; a bad line is one UserError naming the file and line number."""
+    from rlk2.errors import UserError
+
+    rows = []
+    for lineno, line in enumerate(stream, start=1):
+        if not line.strip():
+            raise UserError(f"{source}:{lineno}: empty line (one JSON object per line expected)")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}:{lineno}: malformed JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        if not isinstance(row.get("completion"), str):
+            raise UserError(f"{source}:{lineno}: field 'completion' must be a string")
+        if not isinstance(row.get("prompt", ""), str):
+            raise UserError(f"{source}:{lineno}: field 'prompt' must be a string")
+        rows.append(row)
+    return rows
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from rewards import RewardEngine, RewardError, RewardSpec, required_columns, resolve_reward
+    from rlk2.errors import UserError
+
+    try:
+        spec = RewardSpec(args.reward, timeout_s=args.timeout, kwargs=_options(args.option))
+        fn = resolve_reward(spec.name)
+    except RewardError as exc:
+        raise UserError(str(exc)) from None
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    source = args.input or "<stdin>"
+    if args.input:
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                rows = read_rows(f, source)
+        except OSError as exc:
+            raise UserError(f"cannot read {args.input}: {exc.strerror}") from None
+    else:
+        rows = read_rows(sys.stdin, source)
+    needed = [c for c in required_columns(fn) if c not in spec.kwargs]
+    for lineno, row in enumerate(rows, start=1):
+        for col in needed:
+            if col not in row:
+                raise UserError(f"{source}:{lineno}: reward {spec.name!r} needs column {col!r}")
+    keys = sorted({k for row in rows for k in row} - {"completion", "prompt"})
+    out = sys.stdout
+    with RewardEngine(num_workers=args.workers) as engine:
+        try:
+            engine.check_columns([spec], set(keys) | set(needed), where=source)
+        except RewardError as exc:
+            raise UserError(str(exc)) from None
+        for lo in range(0, len(rows), _BATCH):
+            batch = rows[lo: lo + _BATCH]
+            columns = {k: [row.get(k) for row in batch] for k in keys}
+            try:
+                result = engine.score([spec], [r["completion"] for r in batch], [r.get("prompt", "") for r in batch],
+                                      columns)
+            except RewardError as exc:
+                raise UserError(str(exc)) from None
+            values, errors = result.rewards[spec.name], result.sample_errors[spec.name]
+            prefix = f"{spec.name}/"
+            for i, (value, error) in enumerate(zip(values, errors)):
+                line: dict[str, Any] = {"reward": value, "error": error}
+                extras = {k[len(prefix):]: v[i] for k, v in result.extras.items() if k.startswith(prefix)}
+                if extras:
+                    line["extras"] = extras
+                out.write(json.dumps(line, default=repr) + "\n")
+            out.flush()
+    return 0
+
+
+def run_rewards(args: argparse.Namespace) -> int:
+    from rewards import describe_reward, list_rewards
+
+    rows = list_rewards()
+    listed = {r[0] for r in rows}
+    for name in args.names:
+        if name not in listed:
+            rows.append((name, "given", *describe_reward(name)))
+    if args.json:
+        for name, source, columns, note in rows:
+            print(json.dumps({"name": name, "source": source, "columns": columns,
+                              "available": columns is not None, "doc": note}))
+        return 0
+    table = [("NAME", "COLUMNS", "SOURCE", "DESCRIPTION")]
+    for name, source, columns, note in rows:
+        cols = "unavailable" if columns is None else (", ".join(columns) or "-")
+        table.append((name, cols, source, note))
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+    return 0
