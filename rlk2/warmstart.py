@@ -39,9 +39,12 @@ def run_sft(
     `prompt_texts` are the prompts as the policy will see them (chat template already applied), aligned with rows.
     Writes the checkpoint atomically: a temporary directory renamed into place.
     """
+    import warnings
+
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     out_dir = Path(out_dir)
@@ -54,6 +57,7 @@ def run_sft(
     )
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     args = SFTConfig(
         output_dir=str(tmp / "trainer"),
         max_steps=steps,
@@ -72,9 +76,12 @@ def run_sft(
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,  # TRL turns it on by default; for a small model it only costs time
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    trainer.train()
+    trainer.remove_callback(PrinterCallback)  # the loop prints its own one-line summary instead of log dicts
+    result = trainer.train()
+    print(f"warm start: SFT done, {steps} steps, final train loss {result.training_loss:.3f}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
