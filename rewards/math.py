@@ -31,6 +31,7 @@ Known limits (measured on tests/data/math_labelled.jsonl, see bench/math_accurac
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from typing import Any
 from rewards.engine import reward_traits
 
 _CACHE_SIZE = 16384
+_BARE_ANSWER_CHARS = 300  # a completion this short with no math delimiters may be a bare LaTeX answer
 
 
 def last_boxed(text: str) -> str | None:
@@ -77,27 +79,79 @@ def _alarm(timeout_s: int) -> int | None:
     return timeout_s if _in_main_thread() else None
 
 
+def _configs() -> list:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    # boxed answers first (priority 0), then Math-Verify's anchors and last-match rules; the same for both sides
+    return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+_LATEX_MARKS = ("\\", "{", "}", "^", "_", "=")
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _parse_gold(gold: str, timeout_s: int) -> tuple:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    """Parsed gold: sympy objects (plus Math-Verify's string form), a lone string, or () when unusable."""
+    from math_verify import parse
 
-    text = gold
-    if not any(m in text for m in ("$", "\\boxed", "\\(", "\\[")):
-        text = f"${text}$"  # bare LaTeX like \frac12 is only found inside a math environment
-    # no_fallback: a gold that only "parses" as its own raw string is a broken gold, not an answer
-    parsed = parse(text, [LatexExtractionConfig(), ExprExtractionConfig()], fallback_mode="no_fallback",
-                   extraction_mode="first_match", parsing_timeout=_alarm(timeout_s), raise_on_error=True)
-    if not parsed and text != gold:  # plain-text gold the LaTeX route could not read
-        parsed = parse(gold, fallback_mode="no_fallback", extraction_mode="first_match",
-                       parsing_timeout=_alarm(timeout_s), raise_on_error=True)
+    delimited = any(m in gold for m in ("$", "\\boxed", "\\(", "\\["))
+    # Bare LaTeX ("\frac{9}{7}", "x^2=1") is only found inside a math environment; bare plain text ("1,22",
+    # "[1, 2, 3]") is read best by the expression extractor, exactly as a prediction would be.
+    first = gold if delimited or not any(m in gold for m in _LATEX_MARKS) else f"${gold}$"
+    parsed = parse(first, _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
+    if not delimited and not any(not isinstance(x, str) for x in parsed):
+        other = f"${gold}$" if first == gold else gold
+        retry = parse(other, _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
+        if any(not isinstance(x, str) for x in retry):
+            parsed = retry
+    if not parsed or (all(isinstance(x, str) for x in parsed) and not _balanced(gold)):
+        return ()  # nothing extracted, or only a broken string: the dataset row is at fault
     return tuple(parsed)
 
 
-def _parse_prediction(text: str, timeout_s: int) -> list:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+_WORD = re.compile(r"[A-Za-z]{3,}")
+_COMMAND = re.compile(r"\\(?:begin|end)\{[^}]*\}|\\[A-Za-z]+")
 
-    return parse(text, [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-                 parsing_timeout=_alarm(timeout_s), raise_on_error=True)
+
+def _bare_math(text: str) -> bool:
+    """A short completion with no math delimiters and no words outside LaTeX commands ("\\frac{x+2}{7}",
+    "x = 10", "\\sec^2(y)"): the whole completion is the answer, written without `$...$`."""
+    return (len(text) <= _BARE_ANSWER_CHARS and not any(m in text for m in ("$", "\\(", "\\["))
+            and any(m in text for m in _LATEX_MARKS) and not _WORD.search(_COMMAND.sub(" ", text)))
+
+
+def _parse_prediction(text: str, timeout_s: int) -> list:
+    from math_verify import parse
+
+    if _bare_math(text):
+        # Math-Verify only reads LaTeX inside an environment; unwrapped it would take a fragment ("\\frac{2}{7}")
+        wrapped = parse(f"${text.strip()}$", _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
+        if any(not isinstance(x, str) for x in wrapped):
+            return wrapped
+    return parse(text, _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
+
+
+def _exactly_different(gold: tuple, pred: list) -> bool:
+    """True when both sides are exact rational numbers that differ. Math-Verify compares numbers after rounding
+    to 6 decimals, which calls 1/2004! equal to 1/2006! (a reported false positive); exact values settle it."""
+    g = next((x for x in gold if not isinstance(x, str)), None)
+    p = next((x for x in pred if not isinstance(x, str)), None)
+    if g is None or p is None:
+        return False
+    try:
+        g, p = g.doit(), p.doit()
+        return bool(g.is_Rational and p.is_Rational and g != p)
+    except Exception:
+        return False
 
 
 def _equal(gold: tuple, pred: list, timeout_s: int) -> bool:
@@ -109,20 +163,21 @@ def _equal(gold: tuple, pred: list, timeout_s: int) -> bool:
     if not pred:
         return False
     try:
-        return bool(verify(list(gold), pred, timeout_seconds=_alarm(timeout_s), raise_on_error=True))
+        same = bool(verify(list(gold), pred, timeout_seconds=_alarm(timeout_s), raise_on_error=True))
     except TimeoutException:
         raise
     except Exception:
-        return bool(verify(list(gold), pred, timeout_seconds=_alarm(timeout_s), raise_on_error=False))
+        same = bool(verify(list(gold), pred, timeout_seconds=_alarm(timeout_s), raise_on_error=False))
+    return same and not _exactly_different(gold, pred)
 
 
-_VERDICTS: OrderedDict[tuple[str, str, str], bool | str] = OrderedDict()  # (gold, "boxed"|"fallback", answer) -> equal
+_VERDICTS: OrderedDict[tuple[str, str], bool | str] = OrderedDict()  # (gold, extracted answer) -> equal
 
 
 _TIMED_OUT = "timeout"
 
 
-def _cached(key: tuple[str, str, str], compute: Callable[[], bool]) -> bool:
+def _cached(key: tuple[str, str], compute: Callable[[], bool]) -> bool:
     """The cached verdict for key, computing it on a miss. A timeout is cached too (and re-raised on every hit):
     a policy repeats its answers across a group, and paying the deadline again for the same string buys nothing."""
     from math_verify.errors import TimeoutException
@@ -160,17 +215,11 @@ def check(gold: Any, completion: str, *, parse_timeout_s: int = 2,
     if not gold_parsed:
         return None, "unparsable gold"
     try:
-        boxed = last_boxed(completion)
-        if boxed is not None:
-            boxed = boxed.strip()
-            return float(_cached((gold_text, "boxed", boxed), lambda: _equal(
-                gold_parsed, _parse_prediction(f"\\boxed{{{boxed}}}", parse_timeout_s), verify_timeout_s))), None
         pred = _parse_prediction(completion, parse_timeout_s)
         if not pred:
             return 0.0, None
-        # Math-Verify returns [parsed, matched string]; the string is the extracted answer
-        return float(_cached((gold_text, "fallback", str(pred[-1])),
-                             lambda: _equal(gold_parsed, pred, verify_timeout_s))), None
+        # Math-Verify returns [parsed, matched string]: the matched string is the extracted answer
+        return float(_cached((gold_text, str(pred[-1])), lambda: _equal(gold_parsed, pred, verify_timeout_s))), None
     except TimeoutException:
         return 0.0, "timeout"
     except (ValueError, TypeError, RecursionError, MemoryError, OverflowError):
