@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rlk2.train", "run an RL fine-tune (no CONFIG = configs/demo.yaml)"),
     "score": ("rlk2.cli_rewards", "score JSONL rows offline with a reward: one JSON result line per input line"),
     "rewards": ("rlk2.cli_rewards", "list the available rewards and the dataset columns each one needs"),
+    "sandbox": ("sandboxes.cli", "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP"),
 }
 
 
