@@ -50,8 +50,11 @@ def _pool_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from sandboxes.result import SandboxError
 
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         return {"build": _build, "doctor": _doctor, "exec": _exec, "serve": _serve}[args.sandbox_command](args)
     except (CliError, SandboxError) as exc:

@@ -181,7 +181,7 @@ class DockerSlot(Slot):
             mem_limit=f"{o.memory_mb}m", memswap_limit=f"{o.memory_mb}m", pids_limit=o.pids,
             nano_cpus=int(o.cpus * 1e9), cap_drop=["ALL"], security_opt=["no-new-privileges"],
             ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0)], ipc_mode="private",
-            log_config=docker.types.LogConfig(type="none"), auto_remove=True,
+            log_config=docker.types.LogConfig(type="none"), auto_remove=True, stop_signal="SIGKILL",
             labels={LABEL: self.pool_id},
         )
 
@@ -260,8 +260,8 @@ def open_docker_pool(engines: Sequence[str] | None = None, slots_per_engine: int
         for i in range(n):
             slot_no = len(slots)
             slots.append(DockerSlot(engine, f"rlk2-sbx-{pool_id}-{e_index}-{i}", uid_base + slot_no, pool_id, options))
-    for p in problems:
-        log.warning("docker sandbox: %s", p)
     if not slots:
         raise SandboxUnavailable("docker: " + "; ".join(problems))
+    for p in problems:  # some engines work: carry on without the others, but say so
+        log.warning("docker sandbox: %s; continuing without it", p)
     return SlotPool(f"docker[{pool_id}]", slots, limits)

