@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("rlk2.cli_rewards", "score JSONL rows offline with a reward: one JSON result line per input line"),
     "rewards": ("rlk2.cli_rewards", "list the available rewards and the dataset columns each one needs"),
     "sandbox": ("sandboxes.cli", "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP"),
+    "serve": ("rlk2.serve", "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)"),
+    "eval": ("rlk2.evaluate", "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95% intervals, report and plots"),
 }
 
 

@@ -1,0 +1,102 @@
+"""PNG plots for `rlk2 eval`: pass@k curves per task, and training curves of the runs the checkpoints come from."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pass_at_k(task: str, outcomes: list, metrics: dict, path: Path) -> None:
+    """pass@k for every k from 1 to n per checkpoint (the estimator is cheap), with the report's 95 % intervals
+    drawn at the requested k."""
+    import numpy as np
+
+    from rlk2.evaluate import pass_at_k
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, o in outcomes:
+        n = o.n
+        correct = o.passed.sum(axis=1)
+        ks = np.arange(1, n + 1)
+        curve = [float(np.mean([pass_at_k(n, int(c), int(k)) for c in correct])) for k in ks]
+        (line,) = ax.plot(ks, curve, label=label)
+        for name, entry in metrics[label].items():
+            if name.startswith("pass@") and entry["ci"] is not None and entry["value"] is not None:
+                k = int(name.split("@")[1])
+                lo, hi = entry["ci"]
+                ax.errorbar([k], [entry["value"]], yerr=[[entry["value"] - lo], [hi - entry["value"]]],
+                            fmt="o", color=line.get_color(), capsize=3, markersize=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples)")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{task}: pass@k (95 % bootstrap intervals)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+
+
+def plot_training(run_dir: Path, ckpts: list, report: dict, path: Path) -> bool:
+    """Training reward (left) and the run's own periodic eval (right) from metrics.jsonl, with this evaluation's
+    pass@1 at the evaluated steps. False when the run logged nothing to plot."""
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    if not metrics_file.is_file():
+        return False
+    rows = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line of a crashed run: plot what is there
+    train = [r for r in rows if "reward/mean" in r]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not train and not evals:
+        return False
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = ["reward/mean"] + sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in train if _finite(r.get(key))]
+        if pts:
+            left.plot(*zip(*pts), label=key)
+    left.set_title(f"{Path(run_dir).resolve().name}: training reward")
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and ("pass@" in k or "maj@" in k)})
+    for key in eval_keys:
+        pts = [(r["step"], r[key]) for r in evals if _finite(r.get(key))]
+        if pts:
+            right.plot(*zip(*pts), marker=".", label=f"{key} (run)")
+    for c in ckpts:
+        if c.step is None:
+            continue
+        for task, t in report["tasks"].items():
+            entry = t["metrics"][c.label].get("pass@1")
+            if entry and entry["value"] is not None:
+                right.scatter([c.step], [entry["value"]], marker="*", s=80, zorder=3,
+                              label=f"eval/{task}/pass@1 ({c.label}, this report)")
+    right.set_title("held-out evaluation")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,244 @@
+"""`rlk2 eval CKPT [CKPT ...]`: evaluate checkpoints side by side on the same prompts with the same seeds.
+
+A CKPT is a Hugging Face checkpoint directory, a PEFT adapter directory (its base model is read from
+`adapter_config.json`), or an rlk2 run directory: its latest checkpoint, `RUN_DIR:step-N` for a given step, or
+`RUN_DIR:start` for the policy the run started from (the warm-start model for the demo). Every checkpoint sees
+the same prompts and the same sampling seeds (common random numbers), so differences between checkpoints are
+paired and their intervals narrow. The first checkpoint is the baseline of the differences.
+
+Writes to --out: report.json (stable keys), report.md, pass@k plots per task, training curves for run
+directories, and samples/<checkpoint>/<task>.jsonl with every completion and its scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlk2.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                        help="HF checkpoint dir, PEFT adapter dir, or rlk2 run dir (latest checkpoint; "
+                             "RUN_DIR:step-N for one step, RUN_DIR:start for the policy the run started from)")
+    parser.add_argument("--tasks", help="comma-separated task names in configs/eval/ or .yaml paths "
+                                        "(default: the run's own tasks when a run dir is given, else arith)")
+    parser.add_argument("--k", default="1,4,8", help="pass@k values, comma-separated (default 1,4,8)")
+    parser.add_argument("--samples", type=int, help="samples per prompt, n >= every k (default: the largest k)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the bootstrap (default 0)")
+    parser.add_argument("--out", help="output directory (default evals/<date-time>)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts of each task")
+    parser.add_argument("--batch-size", type=int, default=256, help="sequences generated at once (default 256)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass@1 measurement")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+# ================================================================================================ checkpoints
+@dataclass
+class Checkpoint:
+    spec: str  # as given on the command line
+    path: Path  # the directory `load_policy` reads
+    kind: str  # "hf" | "peft"
+    run_dir: Path | None = None  # the rlk2 run it belongs to, if any (for training curves)
+    step: int | None = None  # its step in that run (0 for RUN_DIR:start)
+    label: str = ""
+    dtype: str = "float32"
+    chat_template: bool = True
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir())
+
+
+def _run_settings(run_dir: Path) -> tuple[str, bool]:
+    import yaml
+
+    try:
+        policy = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("policy") or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{run_dir}/config.yaml: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return str(policy.get("dtype", "float32")), bool(policy.get("chat_template", True))
+
+
+def resolve_checkpoint(spec: str) -> Checkpoint:
+    """Turn one CKPT argument into the directory to load, with a one-line error for anything else."""
+    from rlk2.checkpoint import list_checkpoints
+
+    path, selector = Path(spec), None
+    if not path.exists() and ":" in spec:
+        head, _, selector = spec.rpartition(":")
+        path = Path(head)
+        if not _is_run_dir(path):
+            raise UserError(f"checkpoint {spec}: {head} is not an rlk2 run directory (no config.yaml / metrics.jsonl)")
+    if not path.is_dir():
+        raise UserError(f"checkpoint {spec}: no such directory")
+    if _is_run_dir(path):
+        dtype, chat = _run_settings(path)
+        found = dict(list_checkpoints(path))
+        if selector == "start":
+            env = path / "env.json"
+            source = json.loads(env.read_text()).get("policy_source") if env.is_file() else None
+            if not source or not Path(source).is_dir():
+                raise UserError(f"checkpoint {spec}: the run's starting policy ({source or 'not recorded in env.json'}) is not on this machine")
+            return _leaf(spec, Path(source), run_dir=path, step=0, dtype=dtype, chat=chat)
+        if selector is None or selector == "latest":
+            if not found:
+                raise UserError(f"checkpoint {spec}: run directory has no complete checkpoint under checkpoints/")
+            step = max(found)
+        else:
+            m = re.fullmatch(r"(?:step-)?(\d+)", selector)
+            if not m:
+                raise UserError(f"checkpoint {spec}: '{selector}' is not step-N, latest or start")
+            step = int(m.group(1))
+            if step not in found:
+                have = ", ".join(f"step-{s}" for s in sorted(found)) or "none"
+                raise UserError(f"checkpoint {spec}: no checkpoint step-{step} (have: {have})")
+        return _leaf(spec, found[step], run_dir=path, step=step, dtype=dtype, chat=chat)
+    # a checkpoints/step-N directory inside a run still gets the run's training curves
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" and _is_run_dir(path.parent.parent) else None
+    m = re.fullmatch(r"step-(\d+)", path.name)
+    dtype, chat = _run_settings(run_dir) if run_dir else ("float32", True)
+    return _leaf(spec, path, run_dir=run_dir, step=int(m.group(1)) if run_dir and m else None, dtype=dtype, chat=chat)
+
+
+def _leaf(spec: str, path: Path, *, run_dir: Path | None, step: int | None, dtype: str, chat: bool) -> Checkpoint:
+    if (path / "adapter_config.json").is_file():
+        kind = "peft"
+    elif (path / "config.json").is_file():
+        kind = "hf"
+    else:
+        raise UserError(f"checkpoint {spec}: {path} is not a Hugging Face checkpoint, PEFT adapter or rlk2 run directory")
+    if run_dir is not None:
+        label = f"{run_dir.resolve().name}@{'start' if step == 0 and path.parent.name != 'checkpoints' else f'step-{step}'}"
+    else:
+        label = path.resolve().name
+    return Checkpoint(spec, path, kind, run_dir, step, label, dtype, chat)
+
+
+def _unique_labels(ckpts: list[Checkpoint]) -> None:
+    seen: dict[str, int] = {}
+    for c in ckpts:
+        seen[c.label] = seen.get(c.label, 0) + 1
+        if seen[c.label] > 1:
+            c.label = f"{c.label}#{seen[c.label]}"
+
+
+# ================================================================================================ arguments
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--k: '{text}' is not a comma-separated list of integers, e.g. 1,4,8") from None
+    if not ks or ks[0] < 1:
+        raise UserError(f"--k: '{text}': every k must be >= 1")
+    return ks
+
+
+def _task_configs(arg: str | None, ckpts: list[Checkpoint]):
+    from rlk2.eval_tasks import find_task_file, from_run_task, load_task_config
+
+    if arg:
+        names = [t.strip() for t in arg.split(",") if t.strip()]
+        if not names:
+            raise UserError("--tasks: no task given")
+        cfgs = [load_task_config(find_task_file(n)) for n in names]
+    else:
+        run_dir = next((c.run_dir for c in ckpts if c.run_dir is not None), None)
+        if run_dir is not None:
+            from rlk2.config import load_config
+
+            cfgs = [from_run_task(t) for t in load_config(run_dir / "config.yaml").tasks]
+        else:
+            cfgs = [load_task_config(find_task_file("arith"))]
+    dup = {c.name for c in cfgs if [d.name for d in cfgs].count(c.name) > 1}
+    if dup:
+        raise UserError(f"--tasks: task name {sorted(dup)[0]!r} appears twice")
+    return cfgs
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: '{name}' is not a torch device (cpu, cuda, cuda:0, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: '{name}' requested but CUDA is not available")
+    return device
+
+
+# ================================================================================================ run
+def run(args: argparse.Namespace) -> int:
+    ks = parse_ks(args.k)
+    samples = args.samples if args.samples is not None else max(ks)
+    if samples < max(ks):
+        raise UserError(f"--samples: {samples} samples per prompt cannot estimate pass@{max(ks)} (need n >= k)")
+    if args.temperature <= 0:
+        raise UserError("--temperature: must be > 0 (the greedy measurement is separate; see --no-greedy)")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--bootstrap", args.bootstrap)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}: must be >= 1")
+    ckpts = [resolve_checkpoint(s) for s in args.checkpoints]
+    _unique_labels(ckpts)
+    task_cfgs = _task_configs(args.tasks, ckpts)
+    device = _device(args.device)
+    out = Path(args.out) if args.out else Path("evals") / time.strftime("%Y%m%d-%H%M%S")
+    settings = {"ks": ks, "samples": samples, "temperature": args.temperature, "greedy": not args.no_greedy,
+                "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
+                "bootstrap_resamples": args.bootstrap, "confidence": 0.95, "device": str(device)}
+    report = evaluate_checkpoints(ckpts, task_cfgs, settings, out, device=device)
+    from rlk2.eval_report import markdown_tables
+
+    print(markdown_tables(report))
+    print(f"report: {out / 'report.md'} (and report.json, {len(report['plots'])} plots)")
+    return 0
+
+
+def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dict, out: Path, *, device) -> dict:
+    """Evaluate every checkpoint on every task, then write the report files into `out`; returns report.json's dict."""
+    import torch
+    import transformers
+
+    from rewards.engine import RewardEngine
+    from rlk2.eval_report import build_report, write_outputs
+    from rlk2.eval_tasks import build_eval_task
+    from rlk2.evaluate import evaluate_policy
+    from rlk2.policy import load_policy
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    engine = RewardEngine(num_workers=2)
+    try:
+        tasks = [build_eval_task(cfg, engine, limit=settings["limit"]) for cfg in task_cfgs]  # fail before loading
+        results = []
+        for ckpt in ckpts:
+            model, tokenizer = load_policy(ckpt.path, dtype=ckpt.dtype)
+            model.to(device)
+            res = evaluate_policy(
+                model, tokenizer, tasks, engine, samples=settings["samples"], temperature=settings["temperature"],
+                greedy=settings["greedy"], batch_size=settings["batch_size"], chat_template=ckpt.chat_template,
+                seed=settings["seed"], ks=settings["ks"], progress=True, desc=ckpt.label,
+            )
+            results.append(res)
+            for task in tasks:
+                t, m = res.timing[task.name], res.metrics
+                print(f"{ckpt.label} {task.name}: pass@1 {m[f'eval/{task.name}/pass@1']:.3f}, "
+                      f"{t['sequences']} samples in {t['seconds']:.1f} s ({t['samples_per_s']:.0f} samples/s)")
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        engine.close()
+    report = build_report(ckpts, task_cfgs, tasks, results, settings)
+    write_outputs(report, ckpts, tasks, results, out)
+    return report
