@@ -30,7 +30,25 @@ def _arith_rows() -> list[Row]:
     return rows
 
 
-BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {"arith": _arith_rows}
+def _max_rows() -> list[Row]:
+    """The largest of three two-digit numbers: 'max(37,82,15)=?' -> '\\boxed{82}'. 20,000 seeded problems.
+
+    A short warm start learns the format and that the answer is one of the three numbers well before it learns
+    the comparison, so its pass@8 is far above its pass@1: the regime where RL helps.
+    """
+    rng = random.Random(_SPLIT_SEED + 1)
+    rows, seen = [], set()
+    while len(rows) < 20_000:
+        nums = tuple(rng.sample(range(10, 100), 3))
+        if nums in seen:
+            continue
+        seen.add(nums)
+        best = max(nums)
+        rows.append({"prompt": f"max({nums[0]},{nums[1]},{nums[2]})=?", "answer": str(best), "completion": f"\\boxed{{{best}}}"})
+    return rows
+
+
+BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {"arith": _arith_rows, "max": _max_rows}
 
 
 def builtin_split(name: str, split: str) -> list[Row]:
