@@ -80,6 +80,7 @@ REWARDS: dict[str, Callable] = {
     "length": length_reward,
     "budget": budget,
     "code": _LazyReward("rewards.code", "code"),
+    "rubric": _LazyReward("rewards.rubric", "rubric"),
 }
 
 

@@ -1,0 +1,221 @@
+"""Closed-loop critic refinement (Kimi K2): ground the self-critic in verifiable rewards, inside the RL loop.
+
+The policy is also the critic (`self` backend). On prompts that have a verifier, two responses of the same
+group whose verifiable rewards differ make a *verified pair*. The policy, prompted as critic with the same
+template and rubrics as the `rubric` reward, judges the pair in both orders (position bias cancels out of the
+training signal); each critic prompt gets K sampled verdicts, a group like any other prompt's. A verdict that
+picks the verifier's better response scores 1.0, the other response or a tie 0.0, no parsable verdict None.
+Those samples join the same policy update (they are ordinary rollouts with old log-probs), so the critic's
+standards move with the policy.
+
+`critic/agreement` is measured separately, greedy, on a fixed set of held-out verified pairs (built once from
+the step-0 evaluation samples, prompts never trained on), each judged in both orders: a critic that always
+answers "A" scores exactly 50 %. Unparsable verdicts count as disagreement there and are reported too.
+
+    refiner = CriticRefiner(template=None, rubrics=["core", "prescriptive"], pairs_per_prompt=1)
+    heldout = pairs_from_records(eval_records, n_pairs=128, seed=0)       # once, at start-up
+    batch = refiner.samples(policy, tokenizer, prompts, completions, rewards, group_size=K, temperature=1.0,
+                            seed=step_seed)                              # every step; None if no pair differs
+    metrics = refiner.agreement(policy, tokenizer, heldout)              # {"critic/agreement": ..., ...}
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rewards.rubric import (DEFAULT_RUBRICS, fill_template, load_rubrics, load_template, parse_verdict,
+                            render_rubrics)
+
+
+@dataclass(frozen=True)
+class VerifiedPair:
+    prompt: str
+    better: str
+    """The response with the higher verifiable reward."""
+    worse: str
+
+
+def verified_pairs(prompts: Sequence[str], completions: Sequence[str], rewards: Sequence[float | None], *,
+                   group_size: int, per_prompt: int, rng: random.Random) -> list[VerifiedPair]:
+    """Up to `per_prompt` random pairs per group (consecutive blocks of `group_size`) whose rewards differ.
+
+    Unscorable responses (None) are never paired; pairs with identical texts are skipped (nothing to judge).
+    """
+    out = []
+    for g in range(0, len(completions), group_size):
+        idx = [i for i in range(g, min(g + group_size, len(completions))) if rewards[i] is not None]
+        cands = [(i, j) for a, i in enumerate(idx) for j in idx[a + 1 :]
+                 if rewards[i] != rewards[j] and completions[i] != completions[j]]
+        rng.shuffle(cands)
+        seen = set()
+        for i, j in cands:
+            hi, lo = (i, j) if rewards[i] > rewards[j] else (j, i)
+            key = (completions[hi], completions[lo])
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(VerifiedPair(prompts[g], completions[hi], completions[lo]))
+            if len(seen) >= per_prompt:
+                break
+    return out
+
+
+def pairs_from_records(records: Sequence[dict], *, n_pairs: int, seed: int) -> list[VerifiedPair]:
+    """Held-out pairs from evaluation samples (`prompt`, `completion`, `passed`): one passed vs one failed response
+    per prompt, prompts drawn at random, at most `n_pairs`."""
+    by_prompt: dict[str, tuple[list[str], list[str]]] = {}
+    for r in records:
+        good, bad = by_prompt.setdefault(r["prompt"], ([], []))
+        (good if r["passed"] else bad).append(r["completion"])
+    rng = random.Random(seed)
+    prompts = sorted(p for p, (good, bad) in by_prompt.items() if good and set(bad) - set(good))
+    rng.shuffle(prompts)
+    out = []
+    for p in prompts[:n_pairs]:
+        good, bad = by_prompt[p]
+        out.append(VerifiedPair(p, rng.choice(good), rng.choice(sorted(set(bad) - set(good)))))
+    return out
+
+
+def agreement_reward(verdict: str | None, expected: str) -> float | None:
+    """The critic role's verifiable reward: 1.0 for the verifier's choice, 0.0 for the other or a tie, None if
+    unparsable (never a number: the sample is left out of its group's baseline)."""
+    return None if verdict is None else float(verdict == expected)
+
+
+def agreement_metrics(verdicts: Sequence[str | None], expected: Sequence[str]) -> dict[str, float]:
+    """Held-out agreement from verdicts given in pair order (both orders of a pair next to each other).
+
+    Three pairs: right in both orders (2 agree); always "A" (1 agrees); one unparsable, one right (1 agrees):
+    >>> m = agreement_metrics(["A", "B", "A", "A", None, "B"], ["A", "B"] * 3)
+    >>> m["critic/agreement"], m["critic/unparsable"], m["critic/position_consistency"]  # 4/6, 1/6, 1 of 2
+    (0.6666666666666666, 0.16666666666666666, 0.5)
+    """
+    agree = [v == e for v, e in zip(verdicts, expected, strict=True)]
+    both = [(verdicts[k], verdicts[k + 1]) for k in range(0, len(verdicts) - 1, 2)]
+    parsed = [(a, b) for a, b in both if a in ("A", "B") and b in ("A", "B")]
+    return {
+        "critic/agreement": sum(agree) / len(agree),
+        "critic/unparsable": sum(v is None for v in verdicts) / len(verdicts),
+        # does the critic pick the same response whichever is shown first? (A then B, or B then A)
+        "critic/position_consistency": sum(a != b for a, b in parsed) / len(parsed) if parsed else float("nan"),
+    }
+
+
+@dataclass
+class CriticSamples:
+    """Critic-role rollouts for one step, ready to be concatenated with the policy's own."""
+
+    rollout: object
+    """rlk2.rollout.Rollout, [M * K] sequences: M critic prompts, K sampled verdicts each, old log-probs recorded."""
+    rewards: list[float | None]
+    """Agreement with the verifier per sample: 1.0 / 0.0, None when the verdict is unparsable."""
+    prompts: list[str]
+    """The critic prompt of each sample (user message, before the chat template)."""
+    records: list[dict] = field(default_factory=list)
+    """One per sample for rollouts/step-N.jsonl: prompt, completion, verdict, reason, expected, reward."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """critic/train_agreement, critic/train_unparsable, critic/train_pairs, critic/skipped_long."""
+
+
+class CriticRefiner:
+    """Builds critic prompts from verified pairs, samples verdicts from the policy, scores them by agreement."""
+
+    def __init__(self, *, template: str | None = None, rubrics: Sequence[str] | str = DEFAULT_RUBRICS,
+                 pairs_per_prompt: int = 1, max_pairs: int | None = None, max_new_tokens: int = 64,
+                 chat_template: bool = True) -> None:
+        if pairs_per_prompt < 1:
+            raise ValueError("pairs_per_prompt must be >= 1")
+        self.template = load_template(template)  # validated now: a bad file fails at start-up, not at step 1
+        self.rubrics = load_rubrics(rubrics)
+        self.pairs_per_prompt, self.max_pairs = pairs_per_prompt, max_pairs
+        self.max_new_tokens, self.chat_template = max_new_tokens, chat_template
+
+    def critic_prompt(self, prompt: str, response_a: str, response_b: str) -> str:
+        return fill_template(self.template, {
+            "prompt": prompt, "response_a": response_a, "response_b": response_b,
+            "rubrics": render_rubrics(self.rubrics), "rubric_names": ", ".join(r.name for r in self.rubrics)})
+
+    def _jobs(self, pairs: Sequence[VerifiedPair]) -> list[tuple[str, str, VerifiedPair]]:
+        """(critic prompt, expected verdict, pair): every pair in both orders."""
+        return [job for p in pairs for job in ((self.critic_prompt(p.prompt, p.better, p.worse), "A", p),
+                                               (self.critic_prompt(p.prompt, p.worse, p.better), "B", p))]
+
+    def _fits(self, model, ids: list[int]) -> bool:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        return not limit or len(ids) + self.max_new_tokens <= limit
+
+    def samples(self, model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                rewards: Sequence[float | None], *, group_size: int, temperature: float,
+                seed: int) -> CriticSamples | None:
+        """Critic-role samples for this step's verifiable groups (`prompts` repeated per sample), or None."""
+        from rlk2.rollout import encode_prompts, generate_rollouts
+
+        rng = random.Random(seed)
+        pairs = verified_pairs(prompts, completions, rewards, group_size=group_size,
+                               per_prompt=self.pairs_per_prompt, rng=rng)
+        if self.max_pairs is not None and len(pairs) > self.max_pairs:
+            pairs = rng.sample(pairs, self.max_pairs)
+        jobs = self._jobs(pairs)
+        ids = encode_prompts(tokenizer, [j[0] for j in jobs], chat_template=self.chat_template)
+        keep = [k for k, x in enumerate(ids) if self._fits(model, x)]
+        if not keep:
+            return None
+        jobs, ids = [jobs[k] for k in keep], [ids[k] for k in keep]
+        ro = generate_rollouts(model, tokenizer, [x for x in ids for _ in range(group_size)],
+                               max_new_tokens=self.max_new_tokens, temperature=temperature, seed=seed)
+        out_rewards: list[float | None] = []
+        records, texts = [], []
+        for n, text in enumerate(ro.texts):
+            prompt, expected, pair = jobs[n // group_size]
+            v = parse_verdict(text)
+            reward = agreement_reward(v.verdict, expected)
+            out_rewards.append(reward)
+            texts.append(prompt)
+            records.append({"task": "critic", "prompt": prompt, "completion": text, "verdict": v.verdict,
+                            "reason": v.reason, "expected": expected, "reward": reward})
+        scored = [r for r in out_rewards if r is not None]
+        metrics = {
+            "critic/train_agreement": sum(scored) / len(out_rewards),
+            "critic/train_unparsable": 1.0 - len(scored) / len(out_rewards),
+            "critic/train_pairs": float(len(pairs)),
+            "critic/skipped_long": float(2 * len(pairs) - len(keep)),
+        }
+        return CriticSamples(ro, out_rewards, texts, records, metrics)
+
+    def agreement(self, model, tokenizer, pairs: Sequence[VerifiedPair], *, batch_size: int = 256) -> dict[str, float]:
+        """Greedy verdicts on held-out pairs, both orders: agreement with the verifier (unparsable = disagree)."""
+        from rlk2.critic import generate_texts
+
+        if not pairs:
+            return {}
+        jobs = self._jobs(pairs)
+        replies = generate_texts(model, tokenizer, [j[0] for j in jobs], max_new_tokens=self.max_new_tokens,
+                                 temperature=0.0, seed=0, chat_template=self.chat_template, batch_size=batch_size)
+        verdicts = [parse_verdict(r.text).verdict for r in replies]
+        return {**agreement_metrics(verdicts, [job[1] for job in jobs]), "critic/heldout_pairs": float(len(pairs))}
+
+
+def format_warmup_rows(rows: Sequence[dict], *, n: int, refiner: CriticRefiner, seed: int) -> list[dict]:
+    """Supervised rows that teach a model the critic's reply format, not its judgement (toy models only).
+
+    From task rows with a gold `completion`: the critic prompt shows the gold and another row's (different)
+    completion in random order; the target reply is the gold completion as the "reason" (solve it yourself,
+    then compare) followed by a **coin-flip** verdict. A model warm-started on these writes parsable verdicts
+    at chance level, so any rise in agreement during RL comes from the closed-loop refinement.
+    """
+    pool = [r for r in rows if r.get("completion")]
+    if len(pool) < 2:
+        return []
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        row, other = rng.sample(pool, 2)
+        if other["completion"] == row["completion"]:
+            continue
+        a, b = (row["completion"], other["completion"]) if rng.random() < 0.5 else (other["completion"], row["completion"])
+        out.append({"prompt": refiner.critic_prompt(row["prompt"], a, b),
+                    "completion": f"{row['completion']} Verdict: {rng.choice('AB')}"})
+    return out

@@ -1,0 +1,176 @@
+"""Critic backends on a tiny real checkpoint, and closed-loop refinement: verified pairs, the agreement reward,
+critic samples that go through the same K2 loss as the policy's own rollouts."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewards.rubric import Reply, RubricError, parse_verdict, rubric
+from rlk2.critic import (CheckpointCritic, CriticRefiner, SelfCritic, VerifiedPair, bind_policy,
+                         format_warmup_rows, generate_texts, pairs_from_records, unbind_policy, verified_pairs)
+from rlk2.critic_refine import agreement_metrics, agreement_reward
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = {"template": str(ROOT / "configs/critic/arith_prompt.txt"),
+       "rubrics": [str(ROOT / "configs/critic/arith_rubric.toml")]}
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_policy):
+    from rlk2.policy import load_policy
+
+    return load_policy(tiny_policy)
+
+
+# ----------------------------------------------------------------------------------------------- backends
+def test_self_critic_needs_the_live_policy_and_then_sees_its_weights(policy):
+    model, tok = policy
+    unbind_policy()
+    with pytest.raises(RubricError, match="bind_policy"):
+        SelfCritic().complete(["1+1=?"], max_new_tokens=4, temperature=0.0, seed=0)
+    bind_policy(model, tok)
+    try:
+        first = SelfCritic().complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
+        assert all(isinstance(r.text, str) and r.error is None for r in first)
+        assert first == SelfCritic().complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
+        with torch.no_grad():  # move the live weights: the same critic object now answers differently
+            saved = model.lm_head.weight.clone()
+            model.lm_head.weight.mul_(-1.0)
+        try:
+            moved = SelfCritic().complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
+        finally:
+            with torch.no_grad():
+                model.lm_head.weight.copy_(saved)
+        assert moved != first
+    finally:
+        unbind_policy()
+
+
+def test_checkpoint_critic_and_too_long_prompts(tiny_policy, policy):
+    critic = CheckpointCritic(str(tiny_policy), device="cpu")
+    out = critic.complete(["3+4=?", "x" * 400], max_new_tokens=5, temperature=0.0, seed=0)
+    assert out[0].error is None and out[0].text is not None
+    assert out[1].text is None and out[1].error.startswith("critic prompt too long")
+    # the same weights in process give the same greedy reply
+    assert generate_texts(*policy, ["3+4=?"], max_new_tokens=5, temperature=0.0, seed=0)[0] == out[0]
+    with pytest.raises(RubricError, match="critic checkpoint: policy.path"):
+        CheckpointCritic(str(tiny_policy / "missing"))
+
+
+def test_rubric_reward_with_a_real_local_critic(policy):
+    """The untrained tiny model writes no verdicts: every sample is None and every judgment is counted."""
+    bind_policy(*policy)
+    try:
+        out = rubric(["\\boxed{3}", "\\boxed{4}"], prompts=["1+2=?"] * 2, backend="self", max_new_tokens=8, **TOY)
+    finally:
+        unbind_policy()
+    assert len(out["rewards"]) == 2
+    for r, j in zip(out["rewards"], out["extras"]["judgments"]):
+        assert len(j) == 2 and all(x["error"] is None for x in j)  # generated fine
+        assert r is None or 0.0 <= r <= 1.0
+        assert (r is None) == all(x["verdict"] is None for x in j)
+
+
+# ----------------------------------------------------------------------------------------------- refinement
+def test_verified_pairs_only_where_outcomes_differ():
+    prompts = ["p"] * 4 + ["q"] * 4 + ["r"] * 4
+    texts = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "i", "j", "k"]
+    rewards = [1.0, 0.0, 0.0, None, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, None, None]
+    pairs = verified_pairs(prompts, texts, rewards, group_size=4, per_prompt=5, rng=random.Random(0))
+    # group p: a beats b and c (None is never paired); q: all tie -> none; r: "i" vs "i" same text -> none
+    assert sorted((p.prompt, p.better, p.worse) for p in pairs) == [("p", "a", "b"), ("p", "a", "c")]
+    one = verified_pairs(prompts, texts, rewards, group_size=4, per_prompt=1, rng=random.Random(0))
+    assert len(one) == 1 and one[0].better == "a"
+
+
+def test_held_out_pairs_from_eval_records():
+    records = [{"prompt": "p", "completion": "4", "passed": True}, {"prompt": "p", "completion": "5", "passed": False},
+               {"prompt": "q", "completion": "1", "passed": True}, {"prompt": "q", "completion": "1", "passed": True},
+               {"prompt": "r", "completion": "0", "passed": False}]
+    assert pairs_from_records(records, n_pairs=10, seed=0) == [VerifiedPair("p", "4", "5")]
+
+
+def test_agreement_reward_and_metrics():
+    assert [agreement_reward(v, "A") for v in ("A", "B", "tie", None)] == [1.0, 0.0, 0.0, None]
+    # always "B": right exactly once per pair -> 0.5, and never picks the same response in both orders
+    m = agreement_metrics(["B", "B"] * 3, ["A", "B"] * 3)
+    assert m == {"critic/agreement": 0.5, "critic/unparsable": 0.0, "critic/position_consistency": 0.0}
+
+
+def test_critic_prompt_uses_the_rubric_template():
+    ref = CriticRefiner(**TOY)
+    assert ref.critic_prompt("1+2=?", "\\boxed{3}", "\\boxed{4}") == "Judge 1+2=? by correct: A=\\boxed{3} B=\\boxed{4}"
+    with pytest.raises(RubricError, match="rubric file not found"):
+        CriticRefiner(template=TOY["template"], rubrics=["nope/missing.toml"])
+
+
+def test_format_warmup_rows_teach_format_not_judgement():
+    rows = [{"prompt": f"{a}+1=?", "completion": f"\\boxed{{{a + 1}}}"} for a in range(50)]
+    out = format_warmup_rows(rows, n=400, refiner=CriticRefiner(**TOY), seed=0)
+    assert len(out) == 400
+    agree = 0
+    for r in out:
+        gold = r["completion"].split(" Verdict")[0]
+        v = parse_verdict(r["completion"])
+        assert v.verdict in ("A", "B") and v.reason == gold
+        shown_a = r["prompt"].split("A=")[1].split(" B=")[0]
+        agree += (v.verdict == "A") == (shown_a == gold)
+    assert 150 < agree < 250  # coin-flip verdicts: about half agree with the gold, far from 0 or 400
+
+
+def test_critic_samples_join_the_same_k2_update(policy):
+    from rlk2.algorithms import LOSSES, group_advantages
+    from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
+
+    model, tok = policy
+    K = 4
+    prompts = ["1+2=?", "3+4=?"]
+    ro = generate_rollouts(model, tok, [i for i in encode_prompts(tok, prompts, chat_template=True) for _ in range(K)],
+                           max_new_tokens=6, temperature=1.0, seed=0)
+    # pretend verifier: response 0 of each group is right, the rest wrong
+    rewards = [1.0 if j % K == 0 else 0.0 for j in range(len(ro.texts))]
+    texts = [f"t{j}" if j % K else "right" for j in range(len(ro.texts))]  # distinct texts so pairs exist
+    ref = CriticRefiner(pairs_per_prompt=2, max_new_tokens=8, **TOY)
+    cs = ref.samples(model, tok, [p for p in prompts for _ in range(K)], texts, rewards, group_size=K,
+                     temperature=1.0, seed=1)
+    assert cs is not None and cs.metrics["critic/train_pairs"] == 4.0
+    assert len(cs.rewards) == len(cs.prompts) == len(cs.records) == 4 * 2 * K  # pairs x orders x K
+    assert cs.rollout.completion_ids.shape[0] == len(cs.rewards)
+    for rec, r in zip(cs.records, cs.rewards):
+        assert r == agreement_reward(parse_verdict(rec["completion"]).verdict, rec["expected"])
+    assert [rec["expected"] for rec in cs.records[:: K]] == ["A", "B"] * 4  # both orders of every pair
+
+    joined = concat_rollouts([ro, cs.rollout], tok.pad_token_id)
+    totals = rewards + cs.rewards
+    valid = torch.tensor([r is not None for r in totals]).view(-1, K)
+    r = torch.tensor([x if x is not None else 0.0 for x in totals]).view(-1, K)
+    adv, _ = group_advantages(r, valid, scale=False)
+    logp, _ = policy_logprobs(model, joined, temperature=1.0)
+    assert torch.allclose(logp * joined.completion_mask, joined.old_logp, atol=1e-4)  # pi_theta == pi_old at start
+    loss, _ = LOSSES["k2"](logp, joined.old_logp, adv.view(-1), joined.completion_mask.float(), tau=0.05,
+                           length_norm=False, clip_low=0.2, clip_high=0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_no_differing_pair_means_no_critic_samples(policy):
+    ref = CriticRefiner(**TOY)
+    assert ref.samples(*policy, ["p"] * 2, ["a", "b"], [1.0, 1.0], group_size=2, temperature=1.0, seed=0) is None
+
+
+def test_heldout_agreement_on_a_real_model(policy):
+    ref = CriticRefiner(max_new_tokens=8, **TOY)
+    pairs = [VerifiedPair(f"{a}+1=?", f"\\boxed{{{a + 1}}}", f"\\boxed{{{a + 2}}}") for a in range(6)]
+    m = ref.agreement(*policy, pairs)
+    assert m["critic/heldout_pairs"] == 6.0 and 0.0 <= m["critic/agreement"] <= 1.0
+    assert m["critic/agreement"] <= 1.0 - m["critic/unparsable"]  # unparsable verdicts never count as agreement
+    assert ref.agreement(*policy, []) == {}
+
+
+def test_reply_is_text_or_reason():
+    assert Reply("x") == ("x", None) and Reply(None, "down").error == "down"
