@@ -218,7 +218,14 @@ class RewardEngine:
         if traits.run_in == "caller":
             return await self._in_caller(spec, fn, completions, prompts, cols)
         state = _CallState(n)
-        chunks = 1 if traits.whole_batch else min(n, self.num_workers * (4 if traits.elementwise else 1))
+        # Elementwise: small chunks (about 8 samples) so an idle worker can take the next one while another
+        # is stuck on a slow sample; per-batch rewards: one chunk per worker.
+        if traits.whole_batch:
+            chunks = 1
+        elif traits.elementwise:
+            chunks = min(n, max(2 * self.num_workers, -(-n // 8)))
+        else:
+            chunks = min(n, self.num_workers)
         bounds = [round(c * n / chunks) for c in range(chunks + 1)]
         for lo, hi in itertools.pairwise(bounds):
             self._pool.submit(_Job(state, spec.name, dict(spec.kwargs), list(range(lo, hi)), completions[lo:hi],

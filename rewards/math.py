@@ -1,27 +1,38 @@
 r"""The `math` reward: is the completion's final answer equal to the gold answer? Built on Math-Verify.
 
 Per sample:
-1. The gold answer (column `answer`, LaTeX or plain) is parsed first. A gold that does not parse makes the sample
+1. The gold answer (column `answer`, LaTeX or plain) is parsed first, once per distinct gold. Bare LaTeX
+   (`\frac{9}{7}`) is read inside `$...$`, plain text (`1,22`, `[1, 2, 3]`) by Math-Verify's expression reader. A
+   gold from which nothing can be extracted (or only a broken string such as `\frac{`) makes the sample
    unscorable: `None` with error "unparsable gold" (a dataset problem, not the model's).
-2. The prediction's answer is the content of its **last** `\boxed{...}` (or `\fbox{...}`), braces matched. With no
-   box, Math-Verify's own fallbacks apply, rightmost match first: "final answer is ...", the last LaTeX
-   environment (`$...$`, `\[...\]`), then the last plain number or expression.
-3. Math-Verify's `verify(gold, prediction)` decides equality (numeric to 6 decimals, symbolic via sympy, sets,
-   intervals, matrices, equations `x = 3` vs `3`). The verdict is cached by (gold, extracted answer), per process.
+2. The prediction's answer is extracted by Math-Verify with boxed answers first: the **last** `\boxed{...}`
+   (adjacent boxes such as `\boxed{1}, \boxed{2}` form one set), else its fallbacks, rightmost first: "final
+   answer is ...", the last LaTeX environment, the last plain number or expression. A short completion that is
+   only a bare LaTeX answer (`\frac{x+2}{7}`) is read as math.
+3. Math-Verify's `verify` decides equality (numbers to 6 decimals, symbolic via sympy, sets, intervals,
+   matrices, `x = 3` vs `3`), plus one guard of ours: two exact rationals must be exactly equal (rounding alone
+   calls 1/2004! equal to 1/2006!, a reported false positive). The verdict is cached by (gold, extracted answer).
 
-Scores: 1.0 equal, 0.0 not equal or no answer found; a prediction whose parse or comparison times out is 0.0
-with error "timeout" (the model wrote something pathological, so it is the model's fault). Timeouts hold at two
-levels: Math-Verify's own `signal.alarm` (seconds, interrupts pure-Python sympy work) inside the worker, and the
-engine's process kill for what an alarm cannot interrupt (a C-level bignum power such as `10^{10^{10}}`).
+Scores: 1.0 equal, 0.0 not equal or no answer found; a prediction whose parse or comparison runs past the
+deadline is 0.0 with error "timeout" (the model wrote something pathological, so it is the model's fault).
+The deadline holds at two levels: a sub-second `setitimer` alarm around each check inside the worker
+(`check_timeout_s`; Math-Verify's own alarm has whole-second resolution), and the engine's process kill for
+anything an alarm cannot interrupt (a long computation inside one C call).
 
-Known limits (measured on tests/data/math_labelled.jsonl, see bench/math_accuracy.py):
-- Equality is Math-Verify's: units and text are stripped, so `5 \text{ cm}` equals `5`; an unboxed completion
-  is judged on whatever number comes last, which can be an intermediate value.
-- Multiple-choice letters are compared as strings only when both sides parse as strings.
-- The alarm has one-second resolution; sub-second deadlines come only from the engine.
-- When the *gold* itself hangs in C (never seen in practice), the engine's kill charges the sample as a timeout
-  of the prediction (0.0), because the kill cannot tell which side hung.
-- The cache lives in each worker process; hit rates are per worker.
+Measured on tests/data/math_labelled.jsonl (312 pairs; `python bench/bench_math_accuracy.py`): this reward
+misjudges fewer pairs than `verify(parse(gold), parse(pred))`. Known limits, each a row of that set:
+- Rounded answers to a stated precision (`0.33` for 1/3) are wrong at 6 decimals; tuples mixing floats and
+  fractions (`(1,4.5)` vs `(1,\frac92)`) do not match.
+- Sequences with `\ldots` and ratios `1:2:3` are read as strings or fragments and can match wrongly; `1 - 1/e`
+  vs `1 + 1/e` written with `\mathrm{e}` is a false positive inherited from Math-Verify.
+- `\sqrt(2)` (not LaTeX) is read as `\sqrt{}` of nothing; `\sqrt{1/n}` vs `1/\sqrt{n}` is not proved equal
+  (sympy does not assume n > 0); an interval gold vs an inequality prediction is not compared (Math-Verify's
+  deliberate asymmetry).
+- Units and text are stripped (`5 \text{ cm}` equals `5`); an unboxed completion is judged on the last number.
+- A timeout verdict is cached like any other: a check that timed out under heavy load stays 0.0 for the same
+  (gold, answer) in that worker. The cache lives in each worker process.
+- When the *gold* hangs inside one C call (never seen in practice), the engine's kill charges the sample as a
+  prediction timeout (0.0), because the kill cannot tell which side hung.
 
 >>> math([r"... so the answer is $\boxed{\frac{1}{2}}$.", "I do not know.", r"\boxed{0.5}", r"\boxed{2}"],
 ...      prompts=[""] * 4, answer=["1/2", "1/2", r"\frac12", "1/2"])["rewards"]
@@ -30,53 +41,120 @@ Known limits (measured on tests/data/math_labelled.jsonl, see bench/math_accurac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import signal
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rewards.engine import reward_traits
 
 _CACHE_SIZE = 16384
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# what may sit between two boxes of one answer: punctuation, math delimiters, spacing, "and"/"or", "x_2 =",
+# a short \text{...} ("\text{ for part (a) and }")
+_CONNECTOR = re.compile(r"(?:\s|[,;.$]|\\[()\[\]]|\\q?quad|\\text\{[^{}]{0,40}\}|\band\b|\bor\b"
+                        r"|[A-Za-z](?:_\{?\w+\}?)?\s*=){0,12}")
+_PERCENT = re.compile(r"\s*\$?\s*(?:\\%|%|percent\b|pct\b)")
+_LATER_ANSWER = re.compile(r"final answer", re.IGNORECASE)
+_MAX_DIGITS = 20_000  # longest integer literal read in the main thread (Python's default stops at 4,300)
 _BARE_ANSWER_CHARS = 300  # a completion this short with no math delimiters may be a bare LaTeX answer
+
+
+def _boxes(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every complete `\\boxed{...}` / `\\fbox{...}` in text, braces matched, in order."""
+    spans = []
+    for m in _BOX.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            spans.append((m.start(), i))
+    return spans
 
 
 def last_boxed(text: str) -> str | None:
     r"""The content of the last `\boxed{...}` / `\fbox{...}` in `text` (braces matched), or None.
-
-    Written by hand because Math-Verify only returns an answer after parsing it, and the raw string is what the
-    cache is keyed by and what the format reward checks.
 
     >>> last_boxed(r"first \boxed{1} then \boxed{\frac{a}{b}} end")
     '\\frac{a}{b}'
     >>> last_boxed(r"\boxed 7") is None, last_boxed(r"\boxed{unclosed") is None
     (True, True)
     """
-    best: tuple[int, str] | None = None
-    for marker in ("\\boxed{", "\\fbox{"):
-        start = text.rfind(marker)
-        while start != -1:
-            depth, i = 1, start + len(marker)
-            while i < len(text) and depth:
-                depth += {"{": 1, "}": -1}.get(text[i], 0)
-                i += 1
-            if depth == 0:
-                if best is None or start > best[0]:
-                    best = (start, text[start + len(marker): i - 1])
-                break
-            start = text.rfind(marker, 0, start)
-    return best[1] if best else None
+    spans = _boxes(text)
+    if not spans:
+        return None
+    start, end = spans[-1]
+    return text[text.index("{", start) + 1: end - 1]
+
+
+def answer_span(text: str) -> str | None:
+    r"""The final answer region: the last box, together with the boxes right before it that are joined only by
+    connectors (`, `, `and`, `\quad`, `y_2 =`): `\boxed{2}, \boxed{3}` is the set {2, 3}, while an earlier box
+    that the text moved on from is left out. None when the text has no box, or states a "final answer" after
+    its last box (then Math-Verify's own anchors decide).
+
+    Written by hand because Math-Verify, given the whole completion, merges every box of an anchored passage
+    ("first try \boxed{5} ... Final answer: \boxed{3}" reads as {3, 5}), and the region is also the cache key.
+
+    >>> answer_span(r"try \boxed{5}, no. Final answer: \boxed{3}")
+    '\\boxed{3}'
+    >>> answer_span(r"$\boxed{2} \quad \text{and} \quad \boxed{3}$")
+    '\\boxed{2} \\quad \\text{and} \\quad \\boxed{3}'
+    """
+    spans = _boxes(text)
+    if not spans or _LATER_ANSWER.search(text, spans[-1][1]):
+        return None  # no box, or the text states its final answer after the last box: Math-Verify's anchors
+    first = len(spans) - 1
+    while first > 0 and _CONNECTOR.fullmatch(text[spans[first - 1][1]: spans[first][0]]):
+        first -= 1
+    unit = _PERCENT.match(text, spans[-1][1])  # "\boxed{28}$ pct" keeps its percent sign
+    return text[spans[first][0]: unit.end() if unit else spans[-1][1]]
 
 
 def _in_main_thread() -> bool:
-    # Math-Verify's alarm-based timeouts only work in the main thread; elsewhere rely on the engine's kill.
+    # Signal-based deadlines only work in the main thread; elsewhere the engine's process kill is the deadline.
     return threading.current_thread() is threading.main_thread()
 
 
-def _alarm(timeout_s: int) -> int | None:
-    return timeout_s if _in_main_thread() else None
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raises Math-Verify's TimeoutException after `seconds` (sub-second, unlike Math-Verify's `signal.alarm`).
+
+    Written here because the library's own timeout takes whole seconds only, and a pathological answer should
+    cost a fraction of a second, not two. Math-Verify's parse/verify re-raise this exception as a timeout.
+    """
+    from math_verify.errors import TimeoutException
+
+    if seconds <= 0 or not _in_main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise TimeoutException("check deadline")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _no_library_alarm() -> None:
+    # We pass timeout=None to Math-Verify (our deadline replaces its alarm); it then warns once per process that
+    # the caller must provide a timeout. We do, so mark the warning as shown.
+    import math_verify.grader
+    import math_verify.parser
+
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = True
 
 
 def _configs() -> list:
@@ -84,9 +162,6 @@ def _configs() -> list:
 
     # boxed answers first (priority 0), then Math-Verify's anchors and last-match rules; the same for both sides
     return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-
-
-_LATEX_MARKS = ("\\", "{", "}", "^", "_", "=")
 
 
 def _balanced(text: str) -> bool:
@@ -98,22 +173,40 @@ def _balanced(text: str) -> bool:
     return depth == 0
 
 
+def _is_math(parsed: list) -> bool:
+    return any(not isinstance(x, str) for x in parsed)
+
+
+def _covered(parsed: list) -> int:
+    return len("".join(str(parsed[-1]).split()))  # characters of the matched string, spacing aside ("1 000")
+
+
+def _read_bare(text: str) -> list:
+    """Reads a text with no math delimiters both as plain text and inside `$...$`, keeping the reading whose
+    extracted string covers more of it: "(1, 2]" is an interval, not the 2 the plain reader finds, while
+    "1,22" stays the decimal 1.22. Gold and bare predictions go through this same rule, so they agree."""
+    from math_verify import parse
+
+    best: list = []
+    for candidate in (text, f"${text.strip()}$"):
+        parsed = parse(candidate, _configs(), parsing_timeout=None, raise_on_error=True)
+        if _is_math(parsed) and (not best or _covered(parsed) > _covered(best)):
+            best = parsed
+    return best
+
+
+_DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _parse_gold(gold: str, timeout_s: int) -> tuple:
+def _parse_gold(gold: str) -> tuple:
     """Parsed gold: sympy objects (plus Math-Verify's string form), a lone string, or () when unusable."""
     from math_verify import parse
 
-    delimited = any(m in gold for m in ("$", "\\boxed", "\\(", "\\["))
-    # Bare LaTeX ("\frac{9}{7}", "x^2=1") is only found inside a math environment; bare plain text ("1,22",
-    # "[1, 2, 3]") is read best by the expression extractor, exactly as a prediction would be.
-    first = gold if delimited or not any(m in gold for m in _LATEX_MARKS) else f"${gold}$"
-    parsed = parse(first, _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
-    if not delimited and not any(not isinstance(x, str) for x in parsed):
-        other = f"${gold}$" if first == gold else gold
-        retry = parse(other, _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
-        if any(not isinstance(x, str) for x in retry):
-            parsed = retry
-    if not parsed or (all(isinstance(x, str) for x in parsed) and not _balanced(gold)):
+    parsed = parse(gold, _configs(), parsing_timeout=None, raise_on_error=True)
+    if not any(m in gold for m in _DELIMITERS):
+        parsed = _read_bare(gold) or parsed
+    if not parsed or (not _is_math(parsed) and not _balanced(gold)):
         return ()  # nothing extracted, or only a broken string: the dataset row is at fault
     return tuple(parsed)
 
@@ -122,22 +215,22 @@ _WORD = re.compile(r"[A-Za-z]{3,}")
 _COMMAND = re.compile(r"\\(?:begin|end)\{[^}]*\}|\\[A-Za-z]+")
 
 
-def _bare_math(text: str) -> bool:
+def _bare_answer(text: str) -> bool:
     """A short completion with no math delimiters and no words outside LaTeX commands ("\\frac{x+2}{7}",
-    "x = 10", "\\sec^2(y)"): the whole completion is the answer, written without `$...$`."""
-    return (len(text) <= _BARE_ANSWER_CHARS and not any(m in text for m in ("$", "\\(", "\\["))
-            and any(m in text for m in _LATEX_MARKS) and not _WORD.search(_COMMAND.sub(" ", text)))
+    "x = 10", "[1, 2, 3]"): the whole completion is the answer, written without `$...$`."""
+    return (len(text) <= _BARE_ANSWER_CHARS and not any(m in text for m in _DELIMITERS)
+            and not _WORD.search(_COMMAND.sub(" ", text)))
 
 
-def _parse_prediction(text: str, timeout_s: int) -> list:
+def _parse_prediction(text: str) -> list:
     from math_verify import parse
 
-    if _bare_math(text):
-        # Math-Verify only reads LaTeX inside an environment; unwrapped it would take a fragment ("\\frac{2}{7}")
-        wrapped = parse(f"${text.strip()}$", _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
-        if any(not isinstance(x, str) for x in wrapped):
-            return wrapped
-    return parse(text, _configs(), parsing_timeout=_alarm(timeout_s), raise_on_error=True)
+    if _bare_answer(text):
+        # Math-Verify reads LaTeX only inside an environment; unwrapped it would take a fragment ("\\frac{2}{7}")
+        bare = _read_bare(text)
+        if bare:
+            return bare
+    return parse(text, _configs(), parsing_timeout=None, raise_on_error=True)
 
 
 def _exactly_different(gold: tuple, pred: list) -> bool:
@@ -154,7 +247,7 @@ def _exactly_different(gold: tuple, pred: list) -> bool:
         return False
 
 
-def _equal(gold: tuple, pred: list, timeout_s: int) -> bool:
+def _equal(gold: tuple, pred: list) -> bool:
     """Math-Verify's verify, letting only its timeout through (with raise_on_error=True it would also re-raise
     sympy's own exceptions, which mean "not equal")."""
     from math_verify import verify
@@ -163,11 +256,11 @@ def _equal(gold: tuple, pred: list, timeout_s: int) -> bool:
     if not pred:
         return False
     try:
-        same = bool(verify(list(gold), pred, timeout_seconds=_alarm(timeout_s), raise_on_error=True))
+        same = bool(verify(list(gold), pred, timeout_seconds=None, raise_on_error=True))
     except TimeoutException:
         raise
     except Exception:
-        same = bool(verify(list(gold), pred, timeout_seconds=_alarm(timeout_s), raise_on_error=False))
+        same = bool(verify(list(gold), pred, timeout_seconds=None, raise_on_error=False))
     return same and not _exactly_different(gold, pred)
 
 
@@ -198,16 +291,30 @@ def _cached(key: tuple[str, str], compute: Callable[[], bool]) -> bool:
     return value
 
 
-def check(gold: Any, completion: str, *, parse_timeout_s: int = 2,
-          verify_timeout_s: int = 2) -> tuple[float | None, str | None]:
+def check(gold: Any, completion: str, *, check_timeout_s: float = 2.0) -> tuple[float | None, str | None]:
     """(score, error) for one sample; see the module docstring for the rules."""
+    _no_library_alarm()
+    if not _in_main_thread():  # the digit limit is process-wide: only lift it where no other thread is scoring
+        return _check(gold, completion, check_timeout_s)
+    # Python refuses int<->str conversions past 4,300 digits (a guard against quadratic conversions), which
+    # would make a 5,000-digit gold "unparsable". The deadline already bounds the cost, so allow more here.
+    previous = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(max(previous, _MAX_DIGITS) if previous else 0)
+    try:
+        return _check(gold, completion, check_timeout_s)
+    finally:
+        sys.set_int_max_str_digits(previous)
+
+
+def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, str | None]:
     from math_verify.errors import TimeoutException
 
     gold_text = "" if gold is None else str(gold).strip()
     if not gold_text:
         return None, "empty gold"
     try:
-        gold_parsed = _parse_gold(gold_text, parse_timeout_s)
+        with _deadline(timeout_s):
+            gold_parsed = _parse_gold(gold_text)
     except TimeoutException:
         return None, "gold parse timeout"
     except Exception:
@@ -215,11 +322,15 @@ def check(gold: Any, completion: str, *, parse_timeout_s: int = 2,
     if not gold_parsed:
         return None, "unparsable gold"
     try:
-        pred = _parse_prediction(completion, parse_timeout_s)
-        if not pred:
-            return 0.0, None
-        # Math-Verify returns [parsed, matched string]: the matched string is the extracted answer
-        return float(_cached((gold_text, str(pred[-1])), lambda: _equal(gold_parsed, pred, verify_timeout_s))), None
+        with _deadline(timeout_s):
+            span = answer_span(completion)
+            if span is not None:  # boxed: the cache is checked before any parsing
+                return float(_cached((gold_text, span), lambda: _equal(gold_parsed, _parse_prediction(span)))), None
+            pred = _parse_prediction(completion)
+            if not pred:
+                return 0.0, None
+            # Math-Verify returns [parsed, matched string]: the matched string is the extracted answer
+            return float(_cached((gold_text, str(pred[-1])), lambda: _equal(gold_parsed, pred))), None
     except TimeoutException:
         return 0.0, "timeout"
     except (ValueError, TypeError, RecursionError, MemoryError, OverflowError):
@@ -228,12 +339,12 @@ def check(gold: Any, completion: str, *, parse_timeout_s: int = 2,
 
 @reward_traits(elementwise=True, timeout_score=0.0)
 def math(completions: list[str], *, prompts: list[str] | None = None, answer: list[Any],
-         parse_timeout_s: int = 2, verify_timeout_s: int = 2) -> dict:
+         check_timeout_s: float = 2.0) -> dict:
     """1.0 if the final answer (last \\boxed{}, else Math-Verify's fallbacks) equals `answer`, else 0.0."""
     scores: list[float | None] = []
     errors: list[str | None] = []
     for completion, gold in zip(completions, answer, strict=True):
-        score, error = check(gold, completion, parse_timeout_s=parse_timeout_s, verify_timeout_s=verify_timeout_s)
+        score, error = check(gold, completion, check_timeout_s=check_timeout_s)
         scores.append(score)
         errors.append(error)
     return {"rewards": scores, "errors": errors}

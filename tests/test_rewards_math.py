@@ -1,0 +1,140 @@
+"""The math reward: every answer family grades its gold as 1.0, malformed output as 0.0 (or None for a broken
+gold), pathological answers are cut at the deadline, and accuracy on the labelled set beats raw Math-Verify."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import pytest
+
+from rewards import RewardEngine, RewardSpec
+from rewards.math import _VERDICTS, check, last_boxed, math
+
+DATA = pathlib.Path(__file__).parent / "data" / "math_labelled.jsonl"
+
+# (gold, a correct completion in another form, a wrong completion), one per answer family
+FAMILIES = [
+    ("42", r"so we get $\boxed{42}$", r"$\boxed{41}$"),
+    ("-7", r"The answer is \boxed{-7}.", r"\boxed{7}"),
+    (r"\frac{3}{4}", r"$\boxed{0.75}$", r"$\boxed{0.76}$"),
+    ("0.125", r"$\boxed{\frac{1}{8}}$", r"$\boxed{\frac{1}{9}}$"),
+    (r"2\sqrt{3}", r"$\boxed{\sqrt{12}}$", r"$\boxed{\sqrt{13}}$"),
+    (r"\frac{\pi}{3}", r"$\boxed{\frac{2\pi}{6}}$", r"$\boxed{\frac{\pi}{6}}$"),
+    (r"x^2+2x+1", r"$\boxed{(x+1)^2}$", r"$\boxed{(x-1)^2}$"),
+    (r"(1, 2]", r"$\boxed{(1,2]}$", r"$\boxed{[1,2]}$"),
+    (r"\{1, 2, 3\}", r"$\boxed{\{3, 2, 1\}}$", r"$\boxed{\{1, 2\}}$"),
+    (r"(3, -1)", r"the point is $\boxed{(3,-1)}$", r"$\boxed{(-1,3)}$"),
+    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"$\boxed{\begin{pmatrix}1&2\\3&4\end{pmatrix}}$",
+     r"$\boxed{\begin{pmatrix}1&2\\3&5\end{pmatrix}}$"),
+    ("x = 5", r"$\boxed{5}$", r"$\boxed{x = 6}$"),
+    (r"25\%", r"$\boxed{25\%}$", r"$\boxed{30\%}$"),
+    ("1,000", "The final answer is $1000$. I hope it is correct.", "The final answer is $100$."),
+    ("7" * 5000, r"\boxed{" + "7" * 5000 + "}", r"\boxed{" + "7" * 4999 + "8}"),
+]
+
+
+@pytest.mark.parametrize("gold,right,wrong", FAMILIES, ids=[f[0][:12] for f in FAMILIES])
+def test_each_family_grades_gold_and_rejects_wrong(gold, right, wrong):
+    assert check(gold, right) == (1.0, None)
+    assert check(gold, r"\boxed{" + gold + "}") == (1.0, None)  # the gold itself, boxed
+    assert check(gold, wrong) == (0.0, None)
+
+
+@pytest.mark.parametrize("completion", ["", "I cannot solve this.", r"\boxed{", r"\boxed{}", "$$", r"\frac{1}{"])
+def test_malformed_completions_score_zero(completion):
+    assert check("4", completion) == (0.0, None)
+
+
+@pytest.mark.parametrize("gold", ["", "   ", None, r"\frac{"])
+def test_broken_gold_is_unscorable_not_zero(gold):
+    score, error = check(gold, r"\boxed{4}")
+    assert score is None and error in ("empty gold", "unparsable gold")
+
+
+def test_last_box_wins_and_boxes_in_a_row_form_a_set():
+    assert check("3", r"first try \boxed{5}, but that is wrong. Final answer: \boxed{3}") == (1.0, None)
+    assert check("5", r"first try \boxed{5}, but that is wrong. Final answer: \boxed{3}") == (0.0, None)
+    assert check(r"\{2, 3\}", r"$\boxed{2}, \boxed{3}$") == (1.0, None)
+
+
+def test_exact_rationals_must_be_exactly_equal():
+    # Math-Verify alone rounds both to 0 at 6 decimals and calls them equal (reported false positive)
+    assert check(r"\frac{1}{2^{99}}", r"$\boxed{\frac{1}{2^{98}}}$") == (0.0, None)
+    assert check(r"\frac{1}{2^{99}}", r"$\boxed{2^{-99}}$") == (1.0, None)
+
+
+def test_verdicts_are_cached_by_gold_and_extracted_answer():
+    _VERDICTS.clear()
+    check("12", r"long reasoning ... $\boxed{12}$")
+    check("12", r"other reasoning, same answer: $\boxed{12}$")
+    assert len(_VERDICTS) == 1 and next(iter(_VERDICTS))[0] == "12"
+
+
+def test_last_boxed_helper():
+    assert last_boxed(r"a \boxed{1} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
+    assert last_boxed(r"\fbox{7}") == "7"
+    assert last_boxed(r"\boxed{unclosed") is None and last_boxed("none") is None
+
+
+PATHOLOGICAL = [
+    ("5", "So the answer is 2**30**5"),
+    ("5", r"\boxed{2^{30^{5}}}"),
+    ("5", r"\boxed{10^{10^{10}}}"),
+    ("5", r"\boxed{10^{10^{10}} + 1}"),
+    ("5", r"\boxed{" + "9" * 5000 + "}"),
+    ("1/2", r"\boxed{" + r"\frac{" * 300 + "1" + "}{2}" * 300 + "}"),
+    ("2", r"\boxed{" + r"\sqrt{" * 300 + "2" + "}" * 300 + "}"),
+    ("2", r"\boxed{" + "(" * 2000 + "2" + ")" * 2000 + "}"),
+]
+
+
+def test_pathological_answers_are_cut_at_the_deadline():
+    deadline = 3.0
+    with RewardEngine(num_workers=2) as engine:
+        start = time.monotonic()
+        out = engine.score([RewardSpec("math", timeout_s=deadline)], [p for _, p in PATHOLOGICAL],
+                           [""] * len(PATHOLOGICAL), {"answer": [g for g, _ in PATHOLOGICAL]})
+        elapsed = time.monotonic() - start
+        # a normal answer right after is still graded (no stuck worker left behind)
+        again = engine.score([RewardSpec("math")], [r"\boxed{5}"], [""], {"answer": ["5"]})
+    scores, errors = out.rewards["math"], out.sample_errors["math"]
+    assert all(s == 0.0 for s in scores), (scores, errors)  # wrong or timed out: the model's fault, never None
+    assert set(errors) <= {None, "timeout"}
+    # 8 checks on 2 workers, each bounded by the 1.5 s in-worker deadline (or the 3 s kill), plus start-up slack
+    assert elapsed < len(PATHOLOGICAL) / 2 * (deadline + 1.0) + 10.0
+    assert again.rewards["math"] == [1.0]
+
+
+def test_math_reward_shape_and_doc_example():
+    out = math([r"\boxed{2}", "no"], prompts=["", ""], answer=["2", "2"])
+    assert out == {"rewards": [1.0, 0.0], "errors": [None, None]}
+
+
+def test_accuracy_on_labelled_set_beats_raw_math_verify():
+    """Prints accuracy / false positives / false negatives of the reward and of raw verify; the reward must be at
+    least as accurate and have no more false positives than raw Math-Verify on the same pairs."""
+    from math_verify import parse, verify
+
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 300 and all(r.get("source") for r in rows)
+    labels = [bool(r["equal"]) for r in rows]
+    ours = [check(r["gold"], r["prediction"])[0] == 1.0 for r in rows]
+    raw = []
+    for r in rows:
+        try:
+            raw.append(bool(verify(parse(r["gold"]), parse(r["prediction"]))))
+        except BaseException:  # noqa: BLE001 - Math-Verify's TimeoutException is a BaseException
+            raw.append(False)
+
+    def stats(said):
+        fp = sum(1 for y, s in zip(labels, said) if s and not y)
+        fn = sum(1 for y, s in zip(labels, said) if y and not s)
+        return (len(rows) - fp - fn) / len(rows), fp, fn
+
+    acc, fp, fn = stats(ours)
+    raw_acc, raw_fp, raw_fn = stats(raw)
+    print(f"\nmath reward: accuracy {acc:.3f}, FP {fp}, FN {fn} | raw verify: accuracy {raw_acc:.3f}, "
+          f"FP {raw_fp}, FN {raw_fn} | n={len(rows)}")
+    assert acc >= raw_acc and fp <= raw_fp
