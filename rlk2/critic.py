@@ -256,7 +256,7 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 # Refinement lives in its own module (size); re-exported so the loop imports everything critic from here.
-from rlk2.critic_refine import (  # noqa: E402,F401
+from rlk2.critic_refine import (  # noqa: E402
     CriticRefiner,
     CriticSamples,
     VerifiedPair,
@@ -264,3 +264,7 @@ from rlk2.critic_refine import (  # noqa: E402,F401
     pairs_from_records,
     verified_pairs,
 )
+
+__all__ = ["CheckpointCritic", "CriticRefiner", "CriticSamples", "OpenAICritic", "SelfCritic", "VerifiedPair",
+           "bind_policy", "context_limit", "encode_messages", "format_warmup_rows", "generate_ids", "generate_texts",
+           "pairs_from_records", "unbind_policy", "verified_pairs"]
