@@ -100,8 +100,31 @@ def _load(name: str, what: Callable[[], Any]) -> Callable:
     return fn
 
 
+def _import_file(name: str, path: str) -> Any:
+    """Imports `path/to/file.py` (for `rlk2 score --reward my_rewards.py:fn` before the code is a package)."""
+    import importlib.util
+    import os
+    import sys
+
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise RewardError(f"reward {name!r}: no file {path!r}")
+    module_name = f"_rlk2_reward_file_{abs(hash(full)):x}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, full)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before exec: dataclasses and pickling look the module up by name
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return sys.modules[module_name]
+
+
 def resolve_reward(name: str) -> Callable:
-    """The function for a reward name: a key of `REWARDS`, a dotted path `pkg.module:function`, or an entry point.
+    """The function for a reward name: a key of `REWARDS`, `pkg.module:function`, `path/to/file.py:function`
+    (relative to the working directory), or an entry point in group `rlk2.rewards`.
 
     >>> resolve_reward("math").__name__
     'math'
@@ -117,12 +140,15 @@ def resolve_reward(name: str) -> Callable:
         module_name, _, attr = name.partition(":")
 
         def load() -> Any:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name and module_name.startswith(exc.name):
-                    raise RewardError(f"reward {name!r}: no module named {module_name!r}") from exc
-                raise
+            if module_name.endswith(".py"):
+                module = _import_file(name, module_name)
+            else:
+                try:
+                    module = importlib.import_module(module_name)
+                except ModuleNotFoundError as exc:
+                    if exc.name and module_name.startswith(exc.name):
+                        raise RewardError(f"reward {name!r}: no module named {module_name!r}") from exc
+                    raise
             try:
                 obj: Any = module
                 for part in attr.split("."):
