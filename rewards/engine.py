@@ -127,12 +127,13 @@ class RewardEngine:
     """Scores batches with a list of `RewardSpec`s; all rewards of a call run at once.
 
     Keep one engine for a whole run: its worker processes and event loop stay warm between calls.
-    `num_workers` worker processes; `memory_mb` caps each one's address space (0 = no cap); `preload` are
-    modules each worker imports at start (math's sympy stack by default) so the first call is not slow.
+    `num_workers` worker processes; `memory_mb` caps each one's address space (0 = no cap); `preload` lists
+    what each worker loads at start, "module" or "module:function" (called once), so the first call is not
+    slow: by default math's sympy stack and its parsers.
     """
 
     def __init__(self, *, num_workers: int = 2, memory_mb: int = 4096,
-                 preload: Sequence[str] = ("rewards.math",)) -> None:
+                 preload: Sequence[str] = ("rewards.math:warm_up",)) -> None:
         if num_workers < 1:
             raise RewardError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers

@@ -337,6 +337,11 @@ def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, 
         return 0.0, None  # the prediction is not valid maths: not equal
 
 
+def warm_up() -> None:
+    """Imports Math-Verify and builds its parsers (engine workers call this at start: the first batch is fast)."""
+    check("1", r"$\boxed{1}$")
+
+
 @reward_traits(elementwise=True, timeout_score=0.0)
 def math(completions: list[str], *, prompts: list[str] | None = None, answer: list[Any],
          check_timeout_s: float = 2.0) -> dict:

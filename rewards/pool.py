@@ -129,11 +129,14 @@ def _worker_main(rfd: int, wfd: int, memory_mb: int, preload: str) -> None:
     if memory_mb > 0:  # a runaway sympy/bignum allocation fails with MemoryError instead of swapping the host
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    for module in filter(None, preload.split(",")):
+    for item in filter(None, preload.split(",")):  # "module" to import, or "module:function" to call as well
+        module, _, func = item.partition(":")
         try:
-            importlib.import_module(module)
+            loaded = importlib.import_module(module)
+            if func:
+                getattr(loaded, func)()
         except Exception as exc:  # reported when a job needs it; a broken optional module must not kill the pool
-            print(f"rewards worker: preload {module} failed: {_reason(exc)}", file=sys.stderr)
+            print(f"rewards worker: preload {item} failed: {_reason(exc)}", file=sys.stderr)
     from rewards import resolve_reward
 
     loop = asyncio.new_event_loop()  # one loop for the worker's life: async rewards may keep clients on it
