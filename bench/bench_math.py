@@ -7,8 +7,8 @@ numbers, fractions and radicals nested hundreds deep) with random parts so no tw
 
 - baseline: `verify(parse("$gold$"), parse(completion))` in a Python loop, one core, Math-Verify's own alarm
   timeouts at their shortest (1 s for the parse, 1 s for the comparison);
-- engine: `RewardEngine(num_workers=2)` scoring batches of 256 with the `math` reward at its defaults (one 2 s
-  in-worker deadline per check), process deadline `TIMEOUT_S` per check. A fresh engine per repetition, so no
+- engine: `RewardEngine(num_workers=2)` scoring batches of 256 with the `math` reward, its in-worker deadline
+  set to the same 1 s per check, process deadline `TIMEOUT_S` per check. A fresh engine per repetition, so no
   cache carries over between repetitions.
 
 Also reported: the longest single pathological check through the engine (each scored alone, wall clock of the
@@ -102,7 +102,8 @@ def plain_loop(items: list[tuple[str, str]]) -> tuple[float, float]:
 def _spec():
     from rewards import RewardSpec
 
-    return RewardSpec("math", timeout_s=TIMEOUT_S)  # the reward's default in-worker deadline (2 s per check)
+    # in-worker deadline 1 s per check: the same budget Math-Verify's shortest alarm gives the baseline
+    return RewardSpec("math", timeout_s=TIMEOUT_S, kwargs={"check_timeout_s": float(ALARM_S)})
 
 
 def through_engine(items: list[tuple[str, str]]) -> float:

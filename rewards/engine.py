@@ -5,8 +5,9 @@ Where a reward runs is one of its traits (`reward_traits`):
 - `run_in="worker"` (the default, and the only safe choice for code you did not write): in a warm pool of worker
   processes, each started once with `python -c` and fed jobs over a pipe. Every job has a wall-clock deadline
   enforced from this process: a worker past it is SIGKILLed with its whole process group and replaced, and the
-  job's samples become `None` with error "timeout". Signals or asyncio inside the reward process cannot do this
-  (a CPU loop in C, e.g. sympy computing `10**10**10`, never returns to the interpreter), a process kill can.
+  job's samples become `None` with error "timeout". Signals or asyncio inside the reward process cannot promise
+  this (an alarm only works in the main thread, a C extension may never check for it, a reward may install its
+  own handler, an event loop is stuck as long as a coroutine does not yield); a process kill can.
 - `run_in="caller"`: in this process (a thread for a plain function, the engine's event loop for `async def`).
   For rewards that hold state a worker cannot have (the policy as its own critic) or that are trivially cheap.
   The deadline still bounds how long a call waits, but a stuck thread cannot be killed: it is abandoned.

@@ -17,7 +17,7 @@ Scores: 1.0 equal, 0.0 not equal or no answer found; a prediction whose parse or
 deadline is 0.0 with error "timeout" (the model wrote something pathological, so it is the model's fault).
 The deadline holds at two levels: a sub-second `setitimer` alarm around each check inside the worker
 (`check_timeout_s`; Math-Verify's own alarm has whole-second resolution), and the engine's process kill for
-anything an alarm cannot interrupt (a long computation inside one C call).
+anything an alarm cannot interrupt (a long computation inside a C call that never checks for signals).
 
 Measured on tests/data/math_labelled.jsonl (312 pairs; `python bench/bench_math_accuracy.py`): this reward
 misjudges fewer pairs than `verify(parse(gold), parse(pred))`. Known limits, each a row of that set:
