@@ -5,8 +5,8 @@ optional `prompt` and the dataset columns the reward needs (e.g. `answer`), and 
 line, in the same order: `{"reward": 1.0, "error": null}` (plus `"extras"` when the reward returns some).
 Rows run through the same engine as training (worker processes, timeouts), so what you see is what training sees.
 
-`rlk2 rewards [NAME ...]` lists the built-in and entry-point rewards with the columns each one needs; extra NAMEs
-(e.g. the dotted paths of your config) are described too.
+`rlk2 rewards [NAME ...] [--config CONFIG]` lists the built-in and entry-point rewards with the columns each one
+needs; extra NAMEs and the rewards a training config names (dotted paths, files) are described too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_rewards_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="also describe these rewards (e.g. dotted paths)")
+    parser.add_argument("--config", metavar="CONFIG", help="also describe the rewards that this training config names")
     parser.add_argument("--json", action="store_true", help="one JSON object per reward instead of a table")
 
 
@@ -128,10 +129,17 @@ def run_rewards(args: argparse.Namespace) -> int:
     from rewards import describe_reward, list_rewards
 
     rows = list_rewards()
+    extra = [(name, "given") for name in args.names]
+    if args.config:
+        from rlk2.config import load_config
+
+        cfg = load_config(args.config)
+        extra += [(r.name, f"config task {task.name!r}") for task in cfg.tasks for r in task.rewards]
     listed = {r[0] for r in rows}
-    for name in args.names:
+    for name, source in extra:
         if name not in listed:
-            rows.append((name, "given", *describe_reward(name)))
+            listed.add(name)
+            rows.append((name, source, *describe_reward(name)))
     if args.json:
         for name, source, columns, note in rows:
             print(json.dumps({"name": name, "source": source, "columns": columns,

@@ -70,3 +70,14 @@ def test_rewards_lists_every_reward_with_columns():
     assert listed["examples/my_reward.py:short_and_right"]["columns"] == ["answer"]
     table = rlk2("rewards")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:2] == ["NAME", "COLUMNS"]
+
+
+def test_rewards_describes_the_rewards_a_config_names(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("tasks:\n  - name: arith\n    source: builtin:arith\n    rewards:\n      - name: math\n"
+                      "      - name: examples/my_reward.py:short_and_right\n        weight: 0.5\n")
+    proc = rlk2("rewards", "--json", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    listed = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert listed["examples/my_reward.py:short_and_right"]["source"] == "config task 'arith'"
+    assert listed["examples/my_reward.py:short_and_right"]["columns"] == ["answer"]
