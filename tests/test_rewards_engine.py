@@ -260,3 +260,13 @@ def test_spec_validation():
         RewardSpec("math", timeout_s=0)
     with pytest.raises(RewardError, match="weight must be finite"):
         RewardSpec("math", weight=float("inf"))
+
+
+def test_close_leaves_no_worker_behind():
+    engine = RewardEngine(num_workers=2, preload=())
+    engine.score([RewardSpec(f"{HERE}:spins_forever", timeout_s=0.5)], ["a"], ["p"], {})
+    procs = [w.proc for w in engine._pool.workers]
+    engine.close()
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.score([RewardSpec("format")], ["a"], ["p"], {})

@@ -138,3 +138,21 @@ def test_accuracy_on_labelled_set_beats_raw_math_verify():
     print(f"\nmath reward: accuracy {acc:.3f}, FP {fp}, FN {fn} | raw verify: accuracy {raw_acc:.3f}, "
           f"FP {raw_fp}, FN {raw_fn} | n={len(rows)}")
     assert acc >= raw_acc and fp <= raw_fp
+
+
+from fractions import Fraction  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(-10**12, 10**12), st.integers(1, 10**6))
+def test_any_integer_or_fraction_matches_itself_and_not_its_neighbour(n, d):
+    value = Fraction(n, d)
+    gold = rf"\frac{{{value.numerator}}}{{{value.denominator}}}" if value.denominator != 1 else str(n // d)
+    # the same value written the other way round (a/b in plain text), and the next value up
+    same = f"{value.numerator}/{value.denominator}" if value.denominator != 1 else str(value.numerator)
+    assert check(gold, rf"Thus $\boxed{{{same}}}$.") == (1.0, None)
+    other = value + Fraction(1, value.denominator)
+    assert check(gold, rf"Thus $\boxed{{{other.numerator}/{other.denominator}}}$.") == (0.0, None)
