@@ -34,7 +34,6 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Literal
 
 from rewards.pool import _CallState, _Job, _Pool, _call_kwargs, _failed, _normalise, _reason
@@ -92,7 +91,7 @@ class RewardSpec:
     """Weight in the total reward; 0 logs the reward as a metric without training on it."""
     timeout_s: float = 10.0
     """Wall-clock deadline per call (per chunk; per sample for elementwise rewards), enforced by killing."""
-    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
     """Extra keyword arguments passed to the function on every call (e.g. `binary=True`)."""
 
     def __post_init__(self) -> None:
@@ -102,7 +101,7 @@ class RewardSpec:
             raise RewardError(f"reward {self.name!r}: weight must be finite, got {self.weight}")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise RewardError(f"reward {self.name!r}: timeout_s must be > 0, got {self.timeout_s}")
-        object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
+        object.__setattr__(self, "kwargs", dict(self.kwargs))  # a copy: later edits to the caller's dict don't leak
 
 
 @dataclass

@@ -260,6 +260,10 @@ def test_spec_validation():
         RewardSpec("math", timeout_s=0)
     with pytest.raises(RewardError, match="weight must be finite"):
         RewardSpec("math", weight=float("inf"))
+    import pickle
+
+    spec = RewardSpec("math", weight=0.5, kwargs={"check_timeout_s": 1.0})
+    assert pickle.loads(pickle.dumps(spec)) == spec  # specs travel between processes (launchers, checkpoints)
 
 
 def test_close_leaves_no_worker_behind():
