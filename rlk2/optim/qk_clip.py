@@ -48,6 +48,9 @@ class AttentionClip:
     def __init__(self, name: str, module: nn.Module):
         self.name, self.module = name, module
         self.scaling = float(module.scaling)
+        if not self.scaling > 0:
+            raise ValueError(f"{name}: softmax scale {self.scaling} is not positive")
+        self._future_cache: dict[tuple, torch.Tensor] = {}
         self.running_max: torch.Tensor | None = None  # [H] float32, max since the last take()
         self._captured: dict[str, torch.Tensor] = {}
         self._inputs: tuple = (None, None)  # (position_embeddings, attention_mask) of the current call
@@ -112,28 +115,35 @@ class AttentionClip:
         raise NotImplementedError
 
     def _max_over_chunks(self, logits_fn: Callable[[slice], torch.Tensor], batch: int, per_item: int) -> torch.Tensor:
-        """Per-head max of `logits_fn(batch_slice)` ([b, H, T, S], masked) without materialising the whole batch."""
+        """Per-head max logit ([H], model scale, model mask) of `logits_fn(batch_slice)`, the unscaled q k^T
+        of a slice of the batch ([b, H, T, S]), without materialising the whole batch at once."""
         step = max(1, _CHUNK_ELEMENTS // max(per_item, 1))
-        maxes = [logits_fn(slice(i, i + step)).amax(dim=(0, 2, 3)) for i in range(0, batch, step)]
+        maxes = [self._masked_head_max(logits_fn(slice(i, i + step)), slice(i, i + step)) for i in range(0, batch, step)]
         return torch.stack(maxes).amax(dim=0)
 
-    def _mask(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Apply the model's mask as the kernel would: additive floats, boolean keep-masks, or causal when None."""
+    def _masked_head_max(self, raw: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Apply the model's mask as its kernel would and reduce to [H]. `raw` is ours: modified in place."""
         mask = self._inputs[1]
-        t, s = logits.shape[-2:]
+        t, s = raw.shape[-2:]
+        if mask is not None and mask.ndim == 4 and mask.dtype != torch.bool:  # eager: additive float mask
+            mask = mask[..., -s:] if mask.shape[0] == 1 else mask[rows, ..., -s:]
+            return raw.mul_(self.scaling).add_(mask).amax(dim=(0, 2, 3))  # the model's own order of operations
+        # Boolean masks only select entries, and scaling > 0 commutes with max: scale the [H] result, not [b,H,T,S].
         if mask is None or mask.ndim == 2:  # None: SDPA's is_causal path; 2-D: flash-attention padding mask
             if getattr(self.module, "is_causal", True) and t > 1:
-                keep = torch.ones(t, s, dtype=torch.bool, device=logits.device).tril(diagonal=s - t)
-                logits = logits.masked_fill(~keep, float("-inf"))
+                raw.masked_fill_(self._future(t, s, raw.device), float("-inf"))
             if mask is not None:
-                keep = mask[rows, -s:].bool()[:, None, None, :]  # [b, 1, 1, S]
-                logits = logits.masked_fill(~keep, float("-inf"))
-            return logits
-        mask = mask[..., -s:]
-        mask = mask if mask.shape[0] == 1 else mask[rows]
-        if mask.dtype == torch.bool:
-            return logits.masked_fill(~mask, float("-inf"))
-        return logits + mask.float()
+                raw.masked_fill_(~mask[rows, -s:].bool()[:, None, None, :], float("-inf"))  # [b, 1, 1, S]
+        else:  # SDPA: boolean keep-mask [b or 1, 1, T, S]
+            raw.masked_fill_(~(mask[..., -s:] if mask.shape[0] == 1 else mask[rows, ..., -s:]), float("-inf"))
+        return raw.amax(dim=(0, 2, 3)) * self.scaling
+
+    def _future(self, t: int, s: int, device: torch.device) -> torch.Tensor:
+        """[T, S] True where a query would look ahead (the last T of S positions are this call's queries)."""
+        key = (t, s, device)
+        if key not in self._future_cache:  # one entry: training shapes rarely change between forwards
+            self._future_cache = {key: torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=s - t + 1)}
+        return self._future_cache[key]
 
     # ---- clipping -------------------------------------------------------------------------------------------------
     def clip(self, heads: list[tuple[int, float]]) -> None:
@@ -181,8 +191,7 @@ class StandardAttentionClip(AttentionClip):
 
         def logits(rows: slice) -> torch.Tensor:
             qg = q[rows].reshape(-1, hkv, hq // hkv, t, self.head_dim)  # [b, Hkv, g, T, d]
-            out = qg @ k[rows].unsqueeze(2).mT  # [b, Hkv, g, T, S]
-            return self._mask(out.reshape(-1, hq, t, s) * self.scaling, rows)
+            return (qg @ k[rows].unsqueeze(2).mT).reshape(-1, hq, t, s)  # [b, Hkv, g, T, S] -> [b, Hq, T, S]
 
         return self._max_over_chunks(logits, bsz, hq * t * s)
 
@@ -224,10 +233,12 @@ class MLAClip(AttentionClip):
         k_nope = kv_b[..., : self.dn]  # [B, H, T, dn]
         cos, sin = self._inputs[0]
         q_rot, k_rot = self._rope(q_rot, k_rot, cos.float(), sin.float())
+        # One product over [nope | rope], as the model does; the shared rotary key is expanded over heads.
+        q = torch.cat([q_nope, q_rot], dim=-1)  # [B, H, T, dn+dr]
+        k = torch.cat([k_nope, k_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)  # [B, H, T, dn+dr]
 
         def logits(rows: slice) -> torch.Tensor:
-            out = q_nope[rows] @ k_nope[rows].mT + q_rot[rows] @ k_rot[rows].mT  # [b, H, T, T]
-            return self._mask(out * self.scaling, rows)
+            return q[rows] @ k[rows].mT  # [b, H, T, T]
 
         return self._max_over_chunks(logits, bsz, self.num_heads * t * t)
 
