@@ -11,8 +11,9 @@ counts it in `frac_unscorable`. An exception never becomes 0.0: the engine turns
 logged error with the reward's name. A reward may instead return `{"rewards": [...], "errors": [...],
 "extras": {...}}` to report per-sample reasons (e.g. math's "timeout" for a 0.0) and extra per-sample info.
 
-A reward is selected by a name in `REWARDS` (a plain dict), by a dotted path `package.module:function`, or by a
-Python entry point in group `rlk2.rewards`, so a third-party package can ship rewards without touching rlk2::
+A reward is selected by a name in `REWARDS` (a plain dict), by a dotted path `package.module:function`, by a
+file `path/to/rewards.py:function` (handy while debugging with `rlk2 score`), or by a Python entry point in group
+`rlk2.rewards`, so a third-party package can ship rewards without touching rlk2::
 
     [project.entry-points."rlk2.rewards"]
     my_reward = "my_pkg.rewards:my_reward"

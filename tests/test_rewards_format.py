@@ -57,3 +57,12 @@ def test_shape_rewards_through_the_engine():
     assert out.rewards["format"] == [1.0, 0.0]
     assert out.rewards["budget"] == [0.0, -1.0]
     assert out.total == [1.0, -1.0]  # format + budget; length has weight 0
+
+
+@pytest.mark.parametrize("module_name", ["rewards", "rewards.math", "rewards.format"])
+def test_docstring_examples_run(module_name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module_name))
+    assert result.attempted > 0 and result.failed == 0
