@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rewards.engine import RewardError  # a reward named wrong, a column missing: the user's mistake too
     from rlk2.errors import UserError
 
     parser = build_parser()
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     runner = getattr(module, f"run_{args._name}", None) or module.run
     try:
         return int(runner(args) or 0)
-    except UserError as exc:
+    except (UserError, RewardError) as exc:
         print(f"rlk2 {args._name}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return 2
     except KeyboardInterrupt:
         print(f"rlk2 {args._name}: interrupted", file=sys.stderr)
         return 130

@@ -256,7 +256,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         schema = OmegaConf.structured(Config)
         file_cfg = OmegaConf.load(path)
-        merged = OmegaConf.merge(schema, file_cfg, OmegaConf.from_dotlist(list(overrides)))
+        plain = OmegaConf.to_container(OmegaConf.merge(schema, file_cfg))
+        for item in overrides:
+            key, value = item.split("=", 1)
+            _set_dotted(plain, key, _parse_value(value))
+        merged = OmegaConf.merge(schema, plain)  # validates every key and type, overrides included
         obj = OmegaConf.to_object(merged)
     except UserError:
         raise
@@ -266,6 +270,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: {first}") from None
     return obj
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    """Set `a.b.0.c` in a plain dict/list tree; list segments are indices. Unknown dict keys are created here and
+    rejected by the schema merge that follows, so the error names the key either way."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' has {len(node)} entries; '{part}' is not an index")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def _parse_value(text: str):
+    """Override values are YAML scalars or flow collections: 3, 0.5, true, null, [a, b], {k: v}."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
 
 
 def _omegaconf_message(exc: Exception, path: Path) -> str:

@@ -146,8 +146,11 @@ def load_policy(
         raise UserError(f"policy.path: cannot read {path}/config.json: {_one_line(exc)}") from exc
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise UserError(f"policy.path: {path} is a '{config.model_type}' checkpoint, not a causal language model")
+    archs = config.architectures or []
+    causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (archs and not causal_arch):
+        what = archs[0] if archs else config.model_type
+        raise UserError(f"policy.path: {path} holds a '{what}' checkpoint, not a causal language model")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation

@@ -1,0 +1,118 @@
+"""Integration: the real `rlk2 train` CLI for 2 RL steps on a tiny model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+METRIC_KEYS = {
+    "step", "loss", "reward/mean", "rewards/math/mean", "rewards/math/std", "frac_reward_zero_std",
+    "frac_unscorable", "kl/approx", "entropy", "completion/mean_length", "completion/clipped_ratio", "lr",
+    "grad_norm", "time/rollout", "time/reward", "time/update", "throughput/samples_per_s", "throughput/tokens_per_s",
+}
+
+
+def rlk2(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rlk2.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def tiny_overrides(tmp_path: Path, run: str) -> list[str]:
+    return [
+        f"run.dir={tmp_path / run}", "trainer.steps=2", "rollout.group_size=4", "rollout.prompts_per_step=4",
+        "warm_start.steps=5", f"warm_start.cache_dir={tmp_path / 'cache'}", "eval.samples=1", "eval.greedy=false",
+        "tasks.0.eval_size=8", "policy.demo.hidden_size=32", "policy.demo.num_hidden_layers=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    proc = rlk2("train", *tiny_overrides(tmp, "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run", tmp
+
+
+def test_run_directory_layout(two_step_run):
+    run, _ = two_step_run
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "report.md", "rollouts/step-1.jsonl", "rollouts/step-2.jsonl"):
+        assert (run / name).exists(), name
+    env = json.loads((run / "env.json").read_text())
+    assert {"git_sha", "torch", "transformers"} <= set(env)
+
+
+def test_metrics_have_contract_names_and_eval_rows(two_step_run):
+    run, _ = two_step_run
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
+    evals = [r for r in rows if "eval/arith/pass@1" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+
+
+def test_parameters_changed_and_checkpoint_loads(two_step_run):
+    from transformers import AutoModelForCausalLM
+
+    run, tmp = two_step_run
+    ckpt = run / "checkpoints" / "step-2"
+    assert (ckpt / "trainer_state.pt").exists()
+    trained = AutoModelForCausalLM.from_pretrained(ckpt)
+    start = json.loads((run / "env.json").read_text())["policy_source"]
+    base = AutoModelForCausalLM.from_pretrained(start)
+    changed = [n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert changed, "RL steps did not change any parameter"
+
+
+def test_warm_start_is_cached(two_step_run):
+    _, tmp = two_step_run
+    proc = rlk2("train", *tiny_overrides(tmp, "again"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing" in proc.stdout + proc.stderr
+
+
+def test_existing_run_dir_is_refused_without_resume(two_step_run):
+    run, tmp = two_step_run
+    proc = rlk2("train", *tiny_overrides(tmp, "run"))
+    assert proc.returncode == 2
+    assert "exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["rollout.group_sise=4"], "rollout.group_sise"),
+        (["policy.path=/nonexistent/ckpt"], "policy.path"),
+        (["tasks.0.source=/nonexistent.jsonl"], "nonexistent.jsonl"),
+        (["tasks.0.rewards.0.name=mathh"], "mathh"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, extra, needle):
+    proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_dataset_row_missing_answer_column(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=?", "answer": "2"}\n' * 12 + '{"prompt": "2+2=?"}\n')
+    proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"tasks.0.source={data}", "tasks.0.eval_size=2")
+    assert proc.returncode == 2
+    assert "row 11" in proc.stderr and "answer" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_non_causal_lm_checkpoint(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"policy.path={tmp_path / 'bert'}")
+    assert proc.returncode == 2
+    assert "not a causal language model" in proc.stderr, proc.stderr
