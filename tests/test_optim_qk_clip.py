@@ -16,6 +16,8 @@ from transformers import (
     LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
@@ -47,6 +49,11 @@ def llama_gqa() -> LlamaForCausalLM:
                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
 
 
+def qwen2_gqa() -> Qwen2ForCausalLM:  # q/k/v biases always on
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1))
+
+
 def mixtral_mha() -> MixtralForCausalLM:
     return MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_local_experts=4,
                                             num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
@@ -61,7 +68,7 @@ def qwen3_moe() -> Qwen3MoeForCausalLM:
 
 
 FAMILIES = {"mla": deepseek, "mla_q_lora": lambda: deepseek(q_lora_rank=24), "mla_yarn": deepseek_yarn,
-            "gqa_bias": llama_gqa, "mha": mixtral_mha, "qk_norm": qwen3_moe}
+            "gqa_bias": llama_gqa, "gqa_qwen2": qwen2_gqa, "mha": mixtral_mha, "qk_norm": qwen3_moe}
 
 
 def build(name: str, attn: str = "eager"):
@@ -187,7 +194,7 @@ def test_gradient_checkpointing_records_the_same_logits():
 
 # ---- clipping ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["mla", "mla_q_lora", "mla_yarn", "gqa_bias", "mha"])
+@pytest.mark.parametrize("family", ["mla", "mla_q_lora", "mla_yarn", "gqa_bias", "gqa_qwen2", "mha"])
 def test_one_step_brings_clipped_heads_to_tau_and_leaves_the_rest_bit_identical(family):
     model = build(family)
     ids, mask = batch()

@@ -88,7 +88,7 @@ class Routing:
 
 
 def _is_adapter(name: str) -> bool:
-    # PEFT names its adapter tensors lora_A / lora_B / lora_embedding_A/B / lora_magnitude_vector (DoRA).
+    # PEFT names its adapter tensors lora_A / lora_B / lora_embedding_A / lora_embedding_B.
     return ".lora_" in name or name.startswith("lora_")
 
 
@@ -97,8 +97,8 @@ def route_parameters(model: nn.Module) -> Routing:
 
     Rules, first match wins:
       frozen (requires_grad False)                 -> not optimised
-      PEFT adapter tensors (LoRA A/B, DoRA)        -> AdamW (see rlk2/optim/README.md for why)
-      1-D and scalars (norms, biases)              -> AdamW, no weight decay
+      1-D and scalars (norms, biases, DoRA gains)  -> AdamW, no weight decay
+      PEFT adapter matrices (LoRA A/B)             -> AdamW (see rlk2/optim/README.md for why)
       input embeddings, output embeddings/LM head  -> AdamW
       MoE router gates                             -> AdamW
       2-D hidden matrices, 3-D expert stacks       -> Muon (a 3-D tensor [E, n, m] is E matrices)
@@ -118,10 +118,10 @@ def route_parameters(model: nn.Module) -> Routing:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             routing.frozen.append(name)
-        elif _is_adapter(name):
-            routing.adamw.append((name, p))
         elif p.ndim < 2:
             routing.adamw_no_decay.append((name, p))
+        elif _is_adapter(name):
+            routing.adamw.append((name, p))
         elif id(p) in special or p.ndim > 3:
             routing.adamw.append((name, p))
         else:

@@ -45,6 +45,8 @@ class MuonClip(torch.optim.Optimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("MuonClip takes the model (an nn.Module), not its parameters: it routes them by role")
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # routing needs the model's own get_input/output_embeddings
         for name, value, ok in [
             ("lr", lr, lr >= 0),
             ("weight_decay", weight_decay, weight_decay >= 0),

@@ -59,6 +59,7 @@ class AttentionClip:
         rope_module = sys.modules[type(module).__module__]
         self._rope: Callable = rope_module.apply_rotary_pos_emb
         self.num_heads = 0
+        self._num_sources = 0
         self.clippable = True
         self.why_not = ""
 
@@ -68,7 +69,9 @@ class AttentionClip:
             self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             self.module.register_forward_hook(self._post_hook),
         ]
-        for key, sub in self.sources().items():
+        sources = self.sources()
+        self._num_sources = len(sources)
+        for key, sub in sources.items():
             handles.append(sub.register_forward_hook(self._capture_hook(key)))
         return handles
 
@@ -93,7 +96,7 @@ class AttentionClip:
         return args[i] if i is not None and i < len(args) else None
 
     def _post_hook(self, _module, _args, _output):
-        if not torch.is_grad_enabled() or len(self._captured) < len(self.sources()):
+        if not torch.is_grad_enabled() or len(self._captured) < self._num_sources:
             return
         try:
             with torch.no_grad(), torch.autocast(self._captured_device().type, enabled=False):
@@ -119,7 +122,7 @@ class AttentionClip:
         of a slice of the batch ([b, H, T, S]), without materialising the whole batch at once."""
         step = max(1, _CHUNK_ELEMENTS // max(per_item, 1))
         maxes = [self._masked_head_max(logits_fn(slice(i, i + step)), slice(i, i + step)) for i in range(0, batch, step)]
-        return torch.stack(maxes).amax(dim=0)
+        return maxes[0] if len(maxes) == 1 else torch.stack(maxes).amax(dim=0)
 
     def _masked_head_max(self, raw: torch.Tensor, rows: slice) -> torch.Tensor:
         """Apply the model's mask as its kernel would and reduce to [H]. `raw` is ours: modified in place."""
