@@ -37,7 +37,10 @@ def plot_pass_at_k(task: str, outcomes: list, metrics: dict, path: Path) -> None
                 lo, hi = entry["ci"]
                 ax.errorbar([k], [entry["value"]], yerr=[[entry["value"] - lo], [hi - entry["value"]]],
                             fmt="o", color=line.get_color(), capsize=3, markersize=4)
+    from matplotlib.ticker import ScalarFormatter
+
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4, 8 rather than 2^0, 2^1, ...
     ax.set_xlabel("k (samples)")
     ax.set_ylabel("pass@k")
     ax.set_ylim(-0.02, 1.02)
