@@ -4,9 +4,9 @@ time (each generate call holds one prompt's n samples), on the demo model and th
 Model: the demo DeepSeek-V3 MoE (default `TinyMoEShape`, offline tokenizer) with random weights, or `--policy DIR`
 (e.g. the cached warm start). Task: the first `--prompts` held-out arith problems, n = `--samples` samples each plus
 one greedy completion, scored by the math reward. The two settings run interleaved, repetition by repetition, on
-the same prompts and seeds; the reported figure is the median samples/s and ratio = batched / per-prompt.
+the same prompts and seeds; value = median samples/s batched, ratio = median of per-repetition batched / per-prompt.
 
-    python bench/bench_eval.py [--quick] [--policy DIR]
+    python bench/bench_eval.py [--quick] [--policy DIR]        (or bench/run_all.py --only eval)
 """
 
 from __future__ import annotations
@@ -30,19 +30,8 @@ def _demo_policy(folder: pathlib.Path) -> pathlib.Path:
     return build_demo_policy(folder, corpus, seed=0)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
-    parser.add_argument("--policy", help="checkpoint directory (default: the demo model with random weights)")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "eval.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.prompts, args.reps = 16, 2
-
-    import torch
+def measure(policy: str | None, prompts: int, samples: int, reps: int) -> dict[str, list[float]]:
+    """samples/s of each setting per repetition, interleaved."""
     import transformers
 
     from rewards.engine import RewardEngine
@@ -51,36 +40,49 @@ def main() -> int:
     from rlk2.policy import load_policy
 
     transformers.utils.logging.set_verbosity_error()
-    tmp = tempfile.TemporaryDirectory()
-    path = pathlib.Path(args.policy) if args.policy else _demo_policy(pathlib.Path(tmp.name) / "demo")
-    model, tok = load_policy(path)
-    settings = {"batched": 256, "per-prompt": args.samples}
-    runs: dict[str, list[float]] = {k: [] for k in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(policy) if policy else _demo_policy(pathlib.Path(tmp) / "demo")
+        model, tok = load_policy(path)
+    runs: dict[str, list[float]] = {"batched": [], "per-prompt": []}
+    batch = {"batched": 256, "per-prompt": samples}
     with RewardEngine(num_workers=2) as engine:
-        task = build_eval_task(load_task_config(find_task_file("arith")), engine, limit=args.prompts)
+        task = build_eval_task(load_task_config(find_task_file("arith")), engine, limit=prompts)
         evaluate_policy(model, tok, [task], engine, samples=1, temperature=1.0, greedy=False, batch_size=256,
                         chat_template=True, seed=0)  # warm-up: reward workers, math-verify import, kernels
-        for _ in range(args.reps):
-            for name, batch in settings.items():
-                res = evaluate_policy(model, tok, [task], engine, samples=args.samples, temperature=1.0, greedy=True,
-                                      batch_size=batch, chat_template=True, seed=0, ks=(1, args.samples))
+        for _ in range(reps):
+            for name in runs:
+                res = evaluate_policy(model, tok, [task], engine, samples=samples, temperature=1.0, greedy=True,
+                                      batch_size=batch[name], chat_template=True, seed=0, ks=(1, samples))
                 runs[name].append(res.timing[task.name]["samples_per_s"])
-    base = statistics.median(runs["per-prompt"])
-    rows = []
-    print(f"eval throughput: {args.prompts} arith prompts x ({args.samples} samples + greedy), "
-          f"torch threads {torch.get_num_threads()}, {args.reps} repetitions")
-    print(f"{'setting':<12} {'samples/s':>10} {'ratio':>7}")
-    for name, vals in runs.items():
-        med = statistics.median(vals)
-        rows.append({"setting": name, "batch_size": settings[name], "samples_per_s": med, "ratio": med / base,
-                     "runs": vals})
-        print(f"{name:<12} {med:>10.1f} {med / base:>7.2f}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "eval", "prompts": args.prompts, "samples": args.samples,
-                               "policy": str(args.policy or "demo-random"), "rows": rows}, indent=2) + "\n")
+    return runs
+
+
+def run(quick: bool, policy: str | None = None) -> list[dict]:
+    prompts, samples, reps = (16, 4, 2) if quick else (64, 4, 3)
+    runs = measure(policy, prompts, samples, reps)
+    ratios = [b / p for b, p in zip(runs["batched"], runs["per-prompt"])]
+    return [{"name": f"eval_samples_per_s/arith_{prompts}x({samples}+greedy)/{policy or 'demo_random'}",
+             "value": statistics.median(runs["batched"]), "unit": "samples/s",
+             "baseline": f"one prompt per generate call (batch = its {samples} samples)",
+             "baseline_value": statistics.median(runs["per-prompt"]), "ratio": statistics.median(ratios),
+             "spread": (max(ratios) - min(ratios)) / 2, "reps": reps}]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 prompts and 2 repetitions instead of 64 and 3")
+    parser.add_argument("--policy", help="checkpoint directory (default: the demo model with random weights)")
+    args = parser.parse_args()
+    rows = run(args.quick, args.policy)
+    for r in rows:
+        print(f"{r['name']}: {r['value']:.1f} {r['unit']} vs {r['baseline_value']:.1f} ({r['baseline']}), "
+              f"ratio {r['ratio']:.2f} +- {r['spread']:.2f} over {r['reps']} reps")
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     sys.exit(main())
