@@ -133,6 +133,7 @@ def build_offline(client, tag: str = DEFAULT_IMAGE, *, suite: str = SUITE, mirro
         make_rootfs(suite, mirror, rootfs)
         rootfs_seconds = time.monotonic() - t0
     repo, _, version = tag.rpartition(":")
+    previous = _image_id(client, tag)
     with tempfile.TemporaryDirectory(prefix="rlk2-image-") as tmp:
         tar_path = Path(tmp) / "rootfs.tar"
         with tarfile.open(tar_path, "w") as tar:
@@ -147,8 +148,31 @@ def build_offline(client, tag: str = DEFAULT_IMAGE, *, suite: str = SUITE, mirro
             with open(RUNNER_PATH, "rb") as f:
                 tar.addfile(info, f)
         client.api.import_image_from_file(str(tar_path), repository=repo, tag=version, changes=IMPORT_CHANGES)
-    client.images.get(tag)  # raises if the import did not produce the tag
+    current = _image_id(client, tag)
+    if current is None:
+        raise SandboxError(f"docker import did not produce {tag}")
+    _drop_if_untagged(client, previous, current)
     return BuildReport(tag, time.monotonic() - start, rootfs_seconds, "offline")
+
+
+def _image_id(client, tag: str) -> str | None:
+    import docker
+
+    try:
+        return client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def _drop_if_untagged(client, image_id: str | None, current: str) -> None:
+    """Remove the image a rebuild took the tag from, when nothing else names or runs it (never forced)."""
+    if image_id is None or image_id == current:
+        return
+    try:
+        if not client.images.get(image_id).tags:
+            client.images.remove(image_id, noprune=False)
+    except Exception:
+        pass  # still used by a container, or already gone: leave it
 
 
 def build_dockerfile(client, tag: str = DEFAULT_IMAGE) -> BuildReport:
@@ -156,6 +180,7 @@ def build_dockerfile(client, tag: str = DEFAULT_IMAGE) -> BuildReport:
     import docker
 
     start = time.monotonic()
+    previous = _image_id(client, tag)
     try:
         client.images.build(path=str(PACKAGE_DIR), dockerfile=str(DOCKERFILE.relative_to(PACKAGE_DIR)), tag=tag,
                             rm=True, forcerm=True)
@@ -163,4 +188,5 @@ def build_dockerfile(client, tag: str = DEFAULT_IMAGE) -> BuildReport:
         last = next((c.get("error") or c.get("stream") for c in reversed(list(exc.build_log))
                      if c.get("error") or c.get("stream")), str(exc))
         raise SandboxError(f"docker build failed: {str(last).strip()}") from None
+    _drop_if_untagged(client, previous, _image_id(client, tag) or "")
     return BuildReport(tag, time.monotonic() - start, None, "dockerfile")

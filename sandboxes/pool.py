@@ -291,7 +291,14 @@ class SlotPool:
             item = self._take(slot)
             if item is None:
                 return
-            running = self._execute(slot, item)
+            try:
+                running = self._execute(slot, item)
+            except BaseException as exc:  # a bug or an unforeseen engine error: never lose the job or the worker
+                log.exception("sandbox slot %s failed unexpectedly", slot.label)
+                if not item.future.done():
+                    self._finish(item, ExecutionResult.infra(f"{type(exc).__name__}: {exc}", item.job.id, slot.label))
+                slot.stop()
+                running = False
 
     def _execute(self, slot: Slot, item: _Item) -> bool:
         """Run one item on a live slot; returns whether the slot is still usable."""

@@ -35,11 +35,13 @@ import sys
 import time
 import traceback
 
-# Inside a sandbox (we are PID 1 of its pid namespace) scratch is /tmp and /dev/shm, /dev/mqueue are wiped too.
-# Anywhere else (PID != 1, e.g. run by hand or by the unisolated test helper) the runner makes a private
-# temporary directory and never touches anything outside it: wiping or sweeping the host is never an option.
-SCRATCH = "/tmp"
-WIPE_DIRS = ("/tmp", "/dev/shm", "/dev/mqueue")
+# Scratch and the directories wiped after every job. Set by main() only: inside a sandbox (we are PID 1 of its pid
+# namespace) scratch is /tmp and /tmp, /dev/shm, /dev/mqueue are wiped; anywhere else (PID != 1, e.g. run by hand
+# or by the unisolated test helper) a private temporary directory and nothing else. Importing this module never
+# points anything at a host directory.
+SCRATCH = None
+WIPE_DIRS = ()
+SANDBOX_WIPE_DIRS = ("/tmp", "/dev/shm", "/dev/mqueue")
 JOB_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 MAX_VERDICT_BYTES = 1 << 20
 
@@ -70,6 +72,11 @@ def _enter_child(job, stdin_fd, out_fd, err_fd, keep_fd):
     os.closerange(keep_fd + 1, max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], keep_fd + 2))
     for res, lim in _limits(job):
         resource.setrlimit(res, lim)
+    try:  # under memory pressure the kernel kills job processes first, never the runner
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     os.environ.clear()
     os.environ.update(JOB_ENV, HOME=SCRATCH, TMPDIR=SCRATCH)
     os.chdir(SCRATCH)
@@ -538,6 +545,8 @@ def _drain(fd, data):
 
 
 def run_job(job):
+    if SCRATCH is None:
+        raise RuntimeError("runner not initialised: call main()")
     nonce = os.urandom(16).hex()
     verdict_r, verdict_w = os.pipe()
     out_fd, err_fd = _anon_file(), _anon_file()
@@ -615,7 +624,9 @@ def _emit(obj):
 
 def main():
     global SCRATCH, WIPE_DIRS
-    if os.getpid() != 1:
+    if os.getpid() == 1:
+        SCRATCH, WIPE_DIRS = "/tmp", SANDBOX_WIPE_DIRS
+    else:
         import tempfile
 
         SCRATCH = tempfile.mkdtemp(prefix="rlk2-runner-")

@@ -197,3 +197,43 @@ def test_bad_jobs_name_the_field(row, field):
 def test_test_cases_may_be_json_text():
     job = Job.from_dict({"code": "x", "test_cases": json.dumps([{"stdin": "1", "stdout": "2"}])})
     assert job.test_cases == (("1", "2"),)
+
+
+# ---------------------------------------------------------------------------------------------- pool policy
+class _FlakySlot:
+    """A fake slot: raises an unexpected error on its first call, then answers like a runner."""
+
+    engine, label = "fake", "fake/0"
+
+    def __init__(self):
+        self.calls = self.starts = self.stops = 0
+
+    def start(self):
+        self.starts += 1
+
+    def call(self, line, timeout_s):
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyError("unexpected")
+        job = json.loads(line)
+        return {"status": "passed", "verdicts": [True], "wall_s": 0.0, "clean": True, "stdout": job["code"]}
+
+    def stop(self):
+        self.stops += 1
+
+    def engine_ok(self):
+        return True
+
+    memory_cap_mb = None
+
+
+def test_unexpected_slot_error_is_infra_error_and_the_worker_survives():
+    from sandboxes.pool import SlotPool
+
+    slot = _FlakySlot()
+    with SlotPool("fake", [slot], Limits()) as pool:
+        first = pool.run({"code": "a", "tests": "assert 1"})
+        second = pool.run({"code": "b", "tests": "assert 1"})
+    assert first.status is Status.INFRA_ERROR and "KeyError" in first.error
+    assert second.status is Status.PASSED and second.stdout == "b"
+    assert slot.starts == 2  # recycled after the failure
