@@ -11,7 +11,10 @@ module-level `BINARY`). Unscorable rows are None, never 0.0, and are logged: a s
 without tests, tests that do not compile.
 
 All calls share one process-wide warm pool, opened lazily on first use (backend: $RLK2_SANDBOX_BACKEND, else Docker
-when an engine answers with the image, else bubblewrap) and closed at interpreter exit.
+when an engine answers with the image, else bubblewrap) and closed at interpreter exit. The reward therefore runs in
+the caller's process (`run_in="caller"`): it only waits on sandboxes, which enforce every limit from outside the job,
+and a worker process per engine slot would mean one pool each. Give its RewardSpec a `timeout_s` that covers a
+batch (per-program limits are `timeout_s` / `memory_mb` here, enforced by the sandbox).
 
 >>> completion = "Here you go:\\n```python\\ndef add(a, b):\\n    return a + b\\n```"
 >>> extract_code(completion)
@@ -29,6 +32,7 @@ import threading
 import time
 from typing import Any
 
+from rewards.engine import reward_traits
 from sandboxes import ExecutionResult, Job, JobError, SandboxError, Status, open_backend
 
 log = logging.getLogger("rewards.code")
@@ -117,6 +121,7 @@ def score(result: ExecutionResult, binary: bool) -> float | None:
     return result.passed / result.total if result.total else 0.0
 
 
+@reward_traits(run_in="caller")
 def code(completions: list[str], *, prompts: list[str], tests: list[str | None] | None = None,
          test_cases: list | None = None, entry_point: list[str | None] | None = None,
          binary: bool | None = None, timeout_s: float | None = None, memory_mb: int | None = None,

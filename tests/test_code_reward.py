@@ -132,3 +132,18 @@ def test_reward_calls_share_one_pool(backend):
     first = code_reward.get_pool()
     code(["x = 2"], prompts=[""], tests=["assert x == 2"])
     assert code_reward.get_pool() is first
+
+
+def test_through_the_reward_engine_in_the_callers_pool(backend):
+    from rewards import RewardEngine, RewardSpec
+
+    completions = ["```python\ndef sq(x):\n    return x * x\n```", "def sq(x):\n    return x + x", "exit(0)"]
+    columns = {"tests": ["assert sq(3) == 9\nassert sq(2) == 4"] * 3}
+    with RewardEngine(num_workers=1) as engine:
+        got = engine.score([RewardSpec("code", timeout_s=120)], completions, [""] * 3, columns)
+        fraction = got.rewards["code"]
+        binary = engine.score([RewardSpec("code", timeout_s=120, kwargs={"binary": True})], completions, [""] * 3,
+                              columns).rewards["code"]
+    assert fraction == [1.0, 0.5, 0.0]  # sq(2) == 4 also holds for x + x
+    assert binary == [1.0, 0.0, 0.0]
+    assert code_reward._SHARED._pool is not None  # the engine ran it here, in this process's pool
