@@ -116,8 +116,12 @@ def test_run_dir_start_and_default_tasks(checkpoints, tmp_path):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert [c["label"] for c in report["checkpoints"]] == ["myrun@start", "myrun@step-2"]
-    assert list(report["tasks"]) == ["arith"]  # the run's own task list
-    assert "greedy_pass@1" not in report["tasks"]["arith"]["metrics"]["myrun@start"]
+    from rlk2.config import load_config
+
+    own = [t.name for t in load_config(run / "config.yaml").tasks]
+    assert list(report["tasks"]) == own  # the run's own task list
+    assert "greedy_pass@1" not in report["tasks"][own[0]]["metrics"]["myrun@start"]
+    assert report["tasks"][own[0]]["prompts"] == 3
 
 
 @pytest.mark.parametrize(
