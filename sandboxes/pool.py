@@ -151,6 +151,7 @@ class SlotPool:
         self._state = {id(s): "starting" for s in slots}
         self._reason: dict[int, str] = {}
         self._closed = False
+        self._closing = threading.Event()  # backoff sleeps wait on this, not on _cv, so notify() reaches idle workers
         self._threads = [threading.Thread(target=self._worker, args=(s,), name=f"{name}-slot{i}", daemon=True)
                          for i, s in enumerate(slots)]
         for t in self._threads:
@@ -199,6 +200,7 @@ class SlotPool:
             if self._closed:
                 return
             self._closed = True
+            self._closing.set()
             pending = list(self._queue)
             self._queue.clear()
             self._cv.notify_all()
@@ -256,11 +258,8 @@ class SlotPool:
             item.future.set_result(ExecutionResult.infra(reason, item.job.id))
 
     def _sleep(self, seconds: float) -> None:
-        """Wait `seconds` or until the pool closes (the condition is notified often, so loop on the clock)."""
-        until = time.monotonic() + seconds
-        with self._cv:
-            while not self._closed and time.monotonic() < until:
-                self._cv.wait(until - time.monotonic())
+        """Wait `seconds` or until the pool closes."""
+        self._closing.wait(seconds)
 
     def _worker(self, slot: Slot) -> None:
         backoff = 0.5
