@@ -103,7 +103,8 @@ def read_rows(path: str | Path) -> list[Row]:
 def load_task_rows(source: str, split: str, *, eval_size: int) -> list[Row]:
     """Rows of a task for `split` ('train' or 'eval'). Files: the first `eval_size` rows are held out."""
     if source.startswith("builtin:"):
-        return builtin_split(source.split(":", 1)[1], split)
+        rows = builtin_split(source.split(":", 1)[1], split)
+        return rows[:eval_size] if split == "eval" else rows
     rows = read_rows(source)
     if not rows:
         raise UserError(f"{source}: dataset is empty")

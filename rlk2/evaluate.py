@@ -276,7 +276,7 @@ def evaluate_policy(
                     t0 = time.perf_counter()
                     ro = generate_rollouts(
                         model, tokenizer, [ids[i] for i in chunk], max_new_tokens=task.max_new_tokens,
-                        temperature=temperature, greedy=mode == "greedy", seed=seed + start,
+                        temperature=temperature, greedy=mode == "greedy", seed=seed + start, record_logprobs=False,
                     )
                     t_gen += time.perf_counter() - t0
                     cols = {k: [v[i] for i in chunk] for k, v in task.columns.items()}

@@ -78,44 +78,99 @@ def generate_rollouts(
     greedy: bool = False,
     seed: int | None = None,
 ) -> Rollout:
-    """Sample one completion per prompt (repeat prompts K times for groups) and record old log-probs."""
+    """Sample one completion per prompt (repeat prompts K times for groups) and record old log-probs.
+
+    A lean decoding loop over the model's forward and KV cache instead of `model.generate` (profiling showed
+    generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
+    - each distinct prompt is prefilled once and its cache row copied to the K samples of its group;
+    - a sequence that emits EOS leaves the batch (its cache rows are dropped), so later tokens cost less;
+    - tokens are drawn by an exponential race, argmax(log p - log E) with E ~ Exp(1), which is exactly a draw
+      from p, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
+    - the log-prob of each sampled token is read from the same log-softmax it was drawn from: no `output_scores`.
+    The sampling distribution is softmax(logits / temperature) restricted to the top-p nucleus (HF's
+    TopPLogitsWarper rule, keeping at least one token) — or the argmax with raw-logit log-probs when `greedy` —
+    and nothing else from the checkpoint's generation_config. Stops when every sequence has emitted EOS or
+    `max_new_tokens` tokens, so T is the longest completion, as with `generate`.
+    """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    ids, mask = left_pad(prompt_ids, pad_id)
+    ids, mask = left_pad(prompt_ids, pad_id)  # [B, P]
     ids, mask = ids.to(device), mask.to(device)
-    eos = _eos_ids(model, tokenizer)
-    if seed is not None:
-        # generate() draws from the global RNG: seed it from an explicit per-call seed so rollouts are reproducible.
-        torch.manual_seed(seed)
+    B, P = ids.shape
+    eos_ids = _eos_ids(model, tokenizer)
+    eos = torch.tensor(eos_ids, device=device)
+    rng = None
+    if seed is not None and not greedy:
+        rng = torch.Generator(device=device).manual_seed(seed)
+
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
+    old_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad_id,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    model.train(was_training)
-    completion = out.sequences[:, ids.shape[1] :]  # [B, T]
-    scores = torch.stack(out.scores, dim=1).float()  # [B, T, V] processed (tempered, nucleus-masked) logits
-    old_logp = torch.gather(F.log_softmax(scores, dim=-1), 2, completion.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    try:
+        # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
+        distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
+        d_ids, d_mask = distinct[:, :P], distinct[:, P:]
+        out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        cache.reorder_cache(row_of)
+        logits = out.logits[row_of, -1]  # [B, V]
+        active = torch.arange(B, device=device)  # batch rows still generating, in cache order
+        attn = mask  # [n, P + t] attention mask of the active rows
+        pos = mask.sum(dim=1)  # [n] position id of the token about to be sampled (same rule as policy_logprobs)
+        steps = 0
+        for t in range(max_new_tokens):
+            logprobs = _sampling_logprobs(logits, temperature=temperature, top_p=top_p, greedy=greedy)  # [n, V]
+            if greedy:
+                nxt = logprobs.argmax(dim=-1)
+            else:
+                race = torch.empty_like(logprobs).exponential_(generator=rng)
+                nxt = (logprobs - race.log()).argmax(dim=-1)  # [n]
+            tokens[active, t] = nxt
+            old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
+            steps = t + 1
+            going = ~torch.isin(nxt, eos)
+            if t == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():  # drop finished sequences from the batch and the cache
+                keep = going.nonzero().squeeze(1)
+                cache.reorder_cache(keep)
+                active, nxt, attn, pos = active[keep], nxt[keep], attn[keep], pos[keep]
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=pos.unsqueeze(1),
+                        cache=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            pos = pos + 1
+    finally:
+        model.train(was_training)
 
-    is_eos = torch.isin(completion, torch.tensor(eos, device=device))
+    completion, old_logp = tokens[:, :steps], old_logp[:, :steps]  # [B, T]
+    is_eos = torch.isin(completion, eos)
     # mask = 1 up to and including the first EOS: count EOS strictly before each position.
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     cmask = (before == 0).long()
     truncated = ~is_eos.any(dim=1)
     completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad_id))
     old_logp = old_logp * cmask
-    texts = tokenizer.batch_decode(completion * cmask + pad_id * (1 - cmask), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts)
+
+
+def _sampling_logprobs(logits: torch.Tensor, *, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+    """Log-probs [n, V] of the distribution tokens are drawn from (float32; -inf outside the top-p nucleus)."""
+    scores = logits.float()
+    if greedy:
+        return F.log_softmax(scores, dim=-1)
+    scores = scores / temperature
+    if top_p < 1.0:
+        # HF's TopPLogitsWarper: drop the tokens whose ascending cumulative probability is <= 1 - top_p,
+        # always keeping the most likely one.
+        sorted_scores, order = torch.sort(scores, dim=-1)
+        drop_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_sorted[:, -1] = False
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return F.log_softmax(scores, dim=-1)
 
 
 def policy_logprobs(
