@@ -28,7 +28,8 @@ misjudges fewer pairs than `verify(parse(gold), parse(pred))`. Known limits, eac
 - `\sqrt(2)` (not LaTeX) is read as `\sqrt{}` of nothing; `\sqrt{1/n}` vs `1/\sqrt{n}` is not proved equal
   (sympy does not assume n > 0); an interval gold vs an inequality prediction is not compared (Math-Verify's
   deliberate asymmetry).
-- Units and text are stripped (`5 \text{ cm}` equals `5`); an unboxed completion is judged on the last number.
+- Units and text are stripped (`5 \text{ cm}` equals `5`); an unboxed completion is judged on the last number;
+  a percent written outside the box (`\boxed{28}$ pct` for 28%) is not matched.
 - A timeout verdict is cached like any other: a check that timed out under heavy load stays 0.0 for the same
   (gold, answer) in that worker. The cache lives in each worker process.
 - When the *gold* hangs inside one C call (never seen in practice), the engine's kill charges the sample as a
