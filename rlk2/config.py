@@ -184,6 +184,8 @@ class TrainerConfig:
     """Write rollouts/step-<N>.jsonl."""
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers, e.g. [tensorboard]."""
+    max_bad_steps: int = 3
+    """A step whose loss or gradient is NaN/inf is skipped; this many in a row stop the run with an error."""
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,35 @@ def _build_optimizer(cfg: Config, model):
     return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.95))
 
 
+class _GracefulStop:
+    """SIGINT/SIGTERM finish the current step, write a checkpoint and exit 0 (instead of dying mid-step)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.requested: str | None = None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        if self.requested:  # a second signal: the user really wants out now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class MetricsFile:
     """Append-only metrics.jsonl; every row is flushed so a crash loses nothing already logged."""
 
@@ -212,7 +241,17 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             EvalTask(task.name, [r["prompt"] for r in held], {c: [r.get(c) for r in held] for c in columns},
                      specs[task.name], task.max_new_tokens)
         )
-    model, tokenizer, policy_source = _prepare_policy(cfg, train_rows, accelerator)
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UserError(f"--resume {run_dir}: no complete checkpoint to resume from")
+        from rlk2.policy import load_policy
+
+        model, tokenizer = load_policy(ckpt, dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
+        policy_source = str(ckpt)
+    else:
+        model, tokenizer, policy_source = _prepare_policy(cfg, train_rows, accelerator)
     if cfg.policy.chat_template and getattr(tokenizer, "chat_template", None) is None and cfg.policy.path:
         accelerator.print("note: tokenizer has no chat template; prompts are used as plain text")
 
@@ -235,14 +274,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     K = cfg.rollout.group_size
     start_step = 0
 
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UserError(f"--resume {run_dir}: no complete checkpoint to resume from")
+    if ckpt is not None:
+        # The weights came from the checkpoint itself; restore the rest of the trainer's state.
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        from safetensors.torch import load_file
-
-        accelerator.unwrap_model(model).load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -280,6 +314,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     bar = tqdm(range(start_step + 1, cfg.trainer.steps + 1), desc="rl", disable=not accelerator.is_main_process,
                dynamic_ncols=True, initial=start_step, total=cfg.trainer.steps)
     history: list[dict] = []
+    bad_in_a_row = bad_total = 0
+    stop = _GracefulStop()
     for step in bar:
         step_seed = cfg.run.seed * 1_000_003 + step
         # ---------------------------------------------------------------- rollout
@@ -343,15 +379,30 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         t0 = time.perf_counter()
         hp = {"tau": cfg.algo.tau, "length_norm": cfg.algo.length_norm,
               "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
+        skipped = 0
         for _ in range(cfg.algo.inner_steps):
             logp, entropy = policy_logprobs(model, ro, temperature=cfg.rollout.temperature, with_entropy=True)
             loss, loss_metrics = loss_fn(logp, ro.old_logp, adv, mask, **hp)
             accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else \
-                torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in model.parameters() if p.grad is not None))
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                # A NaN/inf loss or gradient would poison the weights and the optimizer state: skip the update.
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            if cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        bad_total += 1 if skipped else 0
+        if bad_in_a_row >= cfg.trainer.max_bad_steps:
+            raise UserError(
+                f"step {step}: loss or gradient not finite for {bad_in_a_row} steps in a row "
+                f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); lower optim.lr or check the rewards"
+            )
         t_update = time.perf_counter() - t0
 
         # ---------------------------------------------------------------- log
@@ -369,6 +420,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             "completion/clipped_ratio": float(ro.truncated.float().mean()),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
+            "skipped_steps": bad_total,
             **loss_metrics,
             "time/rollout": t_rollout,
             "time/reward": t_reward,
@@ -406,6 +458,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             run_eval(step)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step != cfg.trainer.steps:
             checkpoint(step)
+        if stop.requested and step != cfg.trainer.steps:
+            checkpoint(step)
+            stop.restore()
+            engine.close()
+            accelerator.print(f"stopped by {stop.requested} after step {step}; resume with: rlk2 train --resume {run_dir}")
+            return {"before": before, "after": {}, "run_dir": str(run_dir), "stopped_at": step}
+    stop.restore()
 
     # ------------------------------------------------------------------------------------ finish
     after = run_eval(cfg.trainer.steps)
