@@ -77,8 +77,11 @@ def generate_rollouts(
     top_p: float = 1.0,
     greedy: bool = False,
     seed: int | None = None,
+    record_logprobs: bool = True,
 ) -> Rollout:
     """Sample one completion per prompt (repeat prompts K times for groups) and record old log-probs.
+
+    `record_logprobs=False` (evaluation) leaves `old_logp` at zero.
 
     A lean decoding loop over the model's forward and KV cache instead of `model.generate` (profiling showed
     generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
@@ -128,7 +131,8 @@ def generate_rollouts(
                 race = torch.empty_like(logprobs).exponential_(generator=rng)
                 nxt = (logprobs - race.log()).argmax(dim=-1)  # [n]
             tokens[active, t] = nxt
-            old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
+            if record_logprobs:
+                old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
             steps = t + 1
             going = ~torch.isin(nxt, eos)
             if t == max_new_tokens - 1 or not going.any():

@@ -53,3 +53,35 @@ def test_concat_rollouts_pads_to_common_width(tiny_policy):
     assert c.completion_ids.shape == (5, 9) and c.prompt_ids.shape[0] == 5
     logp, _ = policy_logprobs(model, c, temperature=1.0)
     assert ((logp - c.old_logp) * c.completion_mask).abs().max().item() < 1e-4
+
+
+def test_top_p_logprobs_are_the_nucleus_distribution(tiny_policy):
+    """With top_p < 1, old_logp is the log-prob under HF's TopPLogitsWarper nucleus, renormalised (not the full softmax)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    model, tok = load_policy(tiny_policy)
+    ids = encode_prompts(tok, ["1+2=?", "45+67=?"] * 8, chat_template=True)
+    ro = generate_rollouts(model, tok, ids, max_new_tokens=10, temperature=0.8, top_p=0.5, seed=5)
+    full = torch.cat([ro.prompt_ids, ro.completion_ids], dim=1)
+    attn = torch.cat([ro.prompt_mask, ro.completion_mask], dim=1)
+    T = ro.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0),
+                       logits_to_keep=T + 1).logits[:, :-1].float() / 0.8  # [B, T, V]
+    warp = TopPLogitsWarper(0.5)
+    nucleus = torch.stack([warp(None, logits[:, t]) for t in range(T)], dim=1).log_softmax(-1)
+    want = nucleus.gather(2, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
+    m = ro.completion_mask.bool()
+    assert torch.isfinite(want[m]).all()  # every sampled token lies inside its step's nucleus
+    assert (want[m] - ro.old_logp[m]).abs().max().item() < 1e-4
+
+
+def test_seeded_rollouts_leave_the_global_rng_alone(tiny_policy):
+    model, tok = load_policy(tiny_policy)
+    ids = encode_prompts(tok, ["5+6=?"] * 4, chat_template=True)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    ro = generate_rollouts(model, tok, ids, max_new_tokens=6, seed=11, record_logprobs=False)
+    assert torch.equal(torch.rand(3), want)
+    assert torch.all(ro.old_logp == 0)
