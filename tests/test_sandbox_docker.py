@@ -133,6 +133,9 @@ def test_container_killed_mid_job_is_retried_on_a_fresh_one():
 
 
 # ------------------------------------------------------------------------------------------------ two engines
+DATA_ROOT = "/var/lib/rlk2-test-docker2"  # kept between runs so the image copy is reused
+
+
 class SecondEngine:
     """A second dockerd on its own socket, data root and exec root, with the sandbox image copied in."""
 
@@ -145,7 +148,7 @@ class SecondEngine:
     def start(self) -> None:
         log = open(self.run_dir / "dockerd.log", "ab")
         self.proc = subprocess.Popen(
-            ["dockerd", "--iptables=false", "--bridge=none", "-H", self.url, "--data-root", "/var/lib/rlk2-test-docker2",
+            ["dockerd", "--iptables=false", "--bridge=none", "-H", self.url, "--data-root", DATA_ROOT,
              "--exec-root", str(self.run_dir / "exec"), "--pidfile", str(self.run_dir / "docker.pid")],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
@@ -198,6 +201,8 @@ def second_engine(tmp_path_factory):
     finally:
         engine.stop()
         shutil.rmtree(engine.run_dir, ignore_errors=True)
+        if os.path.ismount(DATA_ROOT):  # dockerd bind-mounts its data root onto itself and leaves it mounted
+            subprocess.run(["umount", DATA_ROOT], check=False)
 
 
 def _engine_of(result):
