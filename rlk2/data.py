@@ -8,6 +8,7 @@ comparable across runs.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -65,7 +66,7 @@ def builtin_split(name: str, split: str) -> list[Row]:
 
 # ----------------------------------------------------------------------------------------------- files
 def read_jsonl(path: str | Path) -> list[Row]:
-    """Read a JSONL file; a malformed line is a one-line error naming the file and line number.
+    """Read a JSONL file (or .jsonl.gz); a malformed line is a one-line error naming the file and line number.
 
     Hand-written rather than `datasets.load_dataset("json")` because that reports parse errors without the line.
     """
@@ -73,7 +74,8 @@ def read_jsonl(path: str | Path) -> list[Row]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -89,7 +91,7 @@ def read_jsonl(path: str | Path) -> list[Row]:
 
 def read_rows(path: str | Path) -> list[Row]:
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
         return read_jsonl(path)
     if path.suffix == ".parquet":
         if not path.is_file():

@@ -18,8 +18,6 @@ inside an installed Python package. Every mistake is one line naming the file an
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,23 +164,6 @@ def _anchor(source: str, folder: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- rows
-def _read_gz_jsonl(path: Path) -> list[dict]:
-    """`.jsonl.gz` rows; bad lines are one-line errors with the line number (rlk2.data reads plain files)."""
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
 def _package_file(source: str) -> Path:
     import importlib.util
 
@@ -207,7 +188,7 @@ def read_task_rows(cfg: EvalTaskConfig) -> list[dict]:
         path = _package_file(cfg.source) if cfg.source.startswith("package:") else Path(cfg.source)
         if not path.is_file():
             raise UserError(f"task '{cfg.name}': source {path}: file not found")
-        rows = _read_gz_jsonl(path) if path.name.endswith(".gz") else read_rows(path)
+        rows = read_rows(path)
     if not rows:
         raise UserError(f"task '{cfg.name}': source {cfg.source} has no rows")
     return rows[: cfg.limit] if cfg.limit else rows
