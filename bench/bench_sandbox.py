@@ -10,6 +10,12 @@ Every side runs the same program + tests and must pass them all (checked, so no 
   program on stdin; serial, and 4 at a time. Timed on a sample (it is ~100x slower), same programs.
 - baseline fresh process: `python3 -I -` per program on stdin, no isolation at all; serial, sample.
 
+CPU efficiency (robust to other load on the machine, which depresses every wall-clock rate above): programs per
+CPU-second, counting every process involved - this one, dockerd, containerd, the shims and everything in the
+sandboxes for the pool; the child processes for the fresh-process baseline. Two cores times that figure is the
+CPU-bound ceiling of the rate on this machine. Not reported for `docker run`: the per-run shim and container exit
+under init, so their CPU cannot be attributed (measured, it swung by 10x between repetitions).
+
 Latency: p50 / p99 of one job's round trip (submit to result) with as many concurrent clients as the pool has
 sandboxes (a saturated pool without queueing), reported against the median `docker run` round trip.
 
@@ -48,20 +54,58 @@ def _jobs(items: list[dict]) -> list[dict]:
     return [{k: it[k] for k in ("code", "tests", "entry_point")} for it in items]
 
 
-def pool_rate(backend: str, items: list[dict], reps: int) -> tuple[list[float], int]:
+def _tree_cpu_s(roots: list[int]) -> float:
+    """CPU seconds (user + system, including reaped children) of the given processes and all their descendants."""
+    kids: dict[int, list[int]] = {}
+    cpu: dict[int, int] = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(fields[1]), []).append(int(p))
+        cpu[int(p)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime (clock ticks)
+    total, stack, seen = 0, list(roots), set()
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            total += cpu.get(pid, 0)
+            stack += kids.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _engine_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "dockerd|containerd"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def pool_rate(backend: str, items: list[dict], reps: int) -> tuple[list[float], int, list[float]]:
+    """Rates (programs/s) and CPU efficiencies (programs per CPU-second) over `reps` batches."""
     import sandboxes
 
     with sandboxes.open_backend(backend) as pool:
         pool.run_batch(_jobs(items[:50]))
-        rates = []
+        roots = _engine_pids() if backend == "docker" else [s.proc.pid for s in pool.slots]
+        rates, per_cpu = [], []
         for _ in range(reps):
+            cpu0 = _tree_cpu_s(roots) + _self_cpu_s()
             t0 = time.perf_counter()
             results = pool.run_batch(_jobs(items))
             rates.append(len(items) / (time.perf_counter() - t0))
+            per_cpu.append(len(items) / (_tree_cpu_s(roots) + _self_cpu_s() - cpu0))
             bad = [r for r in results if r.status is not sandboxes.Status.PASSED]
             if bad:
                 raise RuntimeError(f"{backend}: {len(bad)} canonical solutions did not pass: {bad[0].error}")
-        return rates, len(pool.slots)
+        return rates, len(pool.slots), per_cpu
 
 
 def pool_latency(backend: str, items: list[dict]) -> list[float]:
@@ -103,11 +147,15 @@ def _one(cmd: list[str], script: str) -> float:
     return time.perf_counter() - t0
 
 
-def process_rate(cmd: list[str], items: list[dict], parallel: int) -> tuple[float, list[float]]:
+def process_rate(cmd: list[str], items: list[dict], parallel: int) -> tuple[float, list[float], float]:
+    """(programs/s, per-program latencies, programs per CPU-second incl. the engine for `docker run`)."""
+    roots = _engine_pids() if cmd[0] == "docker" else []
+    cpu0 = _tree_cpu_s(roots) + _self_cpu_s()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=parallel) as ex:
         lat = list(ex.map(lambda it: _one(cmd, it["script"]), items))
-    return len(items) / (time.perf_counter() - t0), lat
+    rate = len(items) / (time.perf_counter() - t0)
+    return rate, lat, len(items) / (_tree_cpu_s(roots) + _self_cpu_s() - cpu0)
 
 
 def _row(name: str, value: list[float], unit: str, baseline: str, base: list[float], reps: int) -> dict:
@@ -127,32 +175,37 @@ def run(quick: bool) -> list[dict]:
     rows = []
 
     docker_ok = sandboxes.docker_problem() is None
-    fresh = [process_rate([sys.executable, "-I", "-"], items[r * fresh_n:(r + 1) * fresh_n], 1)[0] for r in range(reps)]
+    fresh_runs = [process_rate([sys.executable, "-I", "-"], items[r * fresh_n:(r + 1) * fresh_n], 1) for r in range(reps)]
+    fresh, fresh_eff = [r[0] for r in fresh_runs], [r[2] for r in fresh_runs]
     if docker_ok:
-        pool, slots = pool_rate("docker", items, reps)
+        pool, slots, pool_eff = pool_rate("docker", items, reps)
         serial, parallel, serial_lat = [], [], []
         for r in range(reps):
-            rate, lat = process_rate(docker_run_cmd(image), items[r * serial_n:(r + 1) * serial_n], 1)
+            rate, lat, _ = process_rate(docker_run_cmd(image), items[r * serial_n:(r + 1) * serial_n], 1)
             serial.append(rate)
             serial_lat += lat
             parallel.append(process_rate(docker_run_cmd(image), items[r * parallel_n:(r + 1) * parallel_n], 4)[0])
-        rows.append(_row(f"sandbox/docker_pool_{slots}x/programs_per_s[{n}]", pool, "programs/s",
-                         "docker run per program, serial", serial, reps))
-        rows.append(_row(f"sandbox/docker_pool_{slots}x/programs_per_s[{n}]", pool, "programs/s",
-                         "docker run per program, 4 parallel", parallel, reps))
-        rows.append(_row(f"sandbox/docker_pool_{slots}x/programs_per_s[{n}]", pool, "programs/s",
-                         "fresh unisolated python3 per program, serial", fresh, reps))
+        name = f"sandbox/docker_pool_{slots}x"
+        rows.append(_row(f"{name}/programs_per_s[{n}]", pool, "programs/s", "docker run per program, serial", serial, reps))
+        rows.append(_row(f"{name}/programs_per_s[{n}]", pool, "programs/s", "docker run per program, 4 parallel",
+                         parallel, reps))
+        rows.append(_row(f"{name}/programs_per_s[{n}]", pool, "programs/s", "fresh unisolated python3 per program, serial",
+                         fresh, reps))
+        rows.append(_row(f"{name}/programs_per_cpu_s", pool_eff, "prog/cpu-s", "fresh unisolated python3 per program",
+                         fresh_eff, reps))
         lat = sorted(pool_latency("docker", items))
         p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))]
         med_run = statistics.median(serial_lat)
         for q, v in (("p50", p50), ("p99", p99)):
-            rows.append({"name": f"sandbox/docker_pool_{slots}x/latency_{q}", "value": v, "unit": "s",
+            rows.append({"name": f"{name}/latency_{q}", "value": v, "unit": "s",
                          "baseline": "docker run per program, median", "baseline_value": med_run,
                          "ratio": v / med_run, "spread": 0.0, "reps": 1})
     if sandboxes.probe()["bwrap"] is None:
-        bw, slots = pool_rate("bwrap", items, reps)
+        bw, slots, bw_eff = pool_rate("bwrap", items, reps)
         rows.append(_row(f"sandbox/bwrap_pool_{slots}x/programs_per_s[{n}]", bw, "programs/s",
                          "fresh unisolated python3 per program, serial", fresh, reps))
+        rows.append(_row(f"sandbox/bwrap_pool_{slots}x/programs_per_cpu_s", bw_eff, "prog/cpu-s",
+                         "fresh unisolated python3 per program", fresh_eff, reps))
     if not rows:
         raise SystemExit("bench_sandbox: no sandbox backend works here (see `rlk2 sandbox doctor`)")
     return rows
@@ -171,4 +224,6 @@ if __name__ == "__main__":
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sandbox.json").write_text(json.dumps(rows, indent=1))
-    print(f"cpus: {os.cpu_count()}")
+    load = os.getloadavg()[0]
+    print(f"cpus: {os.cpu_count()}, load average at the end: {load:.1f} (other work on the machine depresses the rates;"
+          f" 2 x programs_per_cpu_s is the CPU-bound ceiling)")
