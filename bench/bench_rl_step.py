@@ -329,7 +329,7 @@ def _category(filename: str, name: str) -> str | None:
     # generate_rollouts is wrapped by torch.no_grad, so train's direct callee is the decorator's wrapper; it is
     # the only no_grad-decorated function train calls itself (evaluation calls it from run_eval).
     if name in ("generate_rollouts", "decorate_context"):
-        return "generation (HF generate, old log-probs from its scores, decode)"
+        return "generation (sampling loop, old log-probs, decode)"
     if name == "policy_logprobs":
         return "log-probs forward (training pass)"
     if name in {f.__name__ for f in LOSSES.values()} | {"group_advantages"}:
@@ -356,7 +356,11 @@ def profile(steps: int, threads: int | None) -> dict:
         workdir = pathlib.Path(tmp)
         prof = workdir / "train.prof"
         res = _spawn("rlk2", policy, 0, steps, workdir, threads, profile=prof)
-        stats = pstats.Stats(str(prof)).stats
+        return breakdown(pstats.Stats(str(prof)).stats, res, steps)
+
+
+def breakdown(stats: dict, res: dict, steps: int) -> dict:
+    """Seconds per step of each part, from pstats' raw stats of a profiled rlk2 worker and its result."""
     train_key = next(k for k in stats if k[2] == "train" and k[0].endswith(os.path.join("rlk2", "train.py")))
     parts: dict[str, float] = {}
     for (filename, _, name), (*_, callers) in stats.items():
