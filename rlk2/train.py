@@ -359,9 +359,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             penalty = budget_penalty(ntok, trunc, budget=task.max_new_tokens, penalty=task.overlong_penalty)
             totals += [None if r is None else r + p for r, p in zip(scored.total, penalty)]
             for rname, vals in scored.rewards.items():
-                per_reward.setdefault(rname, []).extend(vals)
+                per_reward.setdefault(_metric_name(rname), []).extend(vals)
             for rname, cnt in scored.errors.items():
-                errors[rname] = errors.get(rname, 0) + cnt
+                errors[_metric_name(rname)] = errors.get(_metric_name(rname), 0) + cnt
             for msg in scored.messages[:3]:
                 accelerator.print(f"step {step}: reward error: {msg}")
             offset += n
@@ -481,6 +481,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         print(table)
         print(f"run directory: {run_dir}")
     return {"before": before, "after": after, "run_dir": str(run_dir)}
+
+
+def _metric_name(reward_name: str) -> str:
+    """`rewards/<name>/...` uses the function's own name for `pkg.module:fn` and `path/file.py:fn` rewards."""
+    return reward_name.rsplit(":", 1)[-1]
 
 
 def _required(reward_name: str) -> list[str]:

@@ -116,3 +116,29 @@ def test_non_causal_lm_checkpoint(tmp_path):
     proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"policy.path={tmp_path / 'bert'}")
     assert proc.returncode == 2
     assert "not a causal language model" in proc.stderr, proc.stderr
+
+
+def test_misbehaving_rewards_inside_a_real_run(tmp_path):
+    """A reward that raises on some rows, one that sleeps forever, one that spins the CPU forever and an async one,
+    all in one real 2-step run: the run finishes, the stuck ones are cut at their timeout, the counts say so."""
+    path = Path(__file__).parent / "data" / "fault_rewards.py"
+    rewards = (
+        f'[{{name: math, weight: 1.0}}, {{name: "{path}:raises_on_some", weight: 1.0, timeout_s: 20}}, '
+        f'{{name: "{path}:sleeps_forever", weight: 0.0, timeout_s: 2}}, '
+        f'{{name: "{path}:spins_forever", weight: 0.0, timeout_s: 2}}, '
+        f'{{name: "{path}:async_length", weight: 0.0}}]'
+    )
+    proc = rlk2("train", *tiny_overrides(tmp_path, "faults"), "tasks.0.source=builtin:max", f"tasks.0.rewards={rewards}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "faults" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2
+    n = 16  # 4 prompts x 4 samples
+    for r in steps:
+        assert r["rewards/sleeps_forever/errors"] == n and r["rewards/spins_forever/errors"] == n
+        assert 0 < r["rewards/raises_on_some/errors"] < n  # only the rows it raised on
+        assert 0 < r["frac_unscorable"] < 1  # those rows are unscorable, not 0.0
+        assert r["rewards/async_length/mean"] > 0
+    rollouts = [json.loads(l) for l in (tmp_path / "faults" / "rollouts" / "step-1.jsonl").read_text().splitlines()]
+    raised = [x for x in rollouts if x["rewards"]["raises_on_some"] is None]
+    assert raised and all(x["reward"] is None for x in raised)
