@@ -117,6 +117,8 @@ class TaskConfig:
     """K2 budget control: the token budget of a response to this task; longer ones are truncated."""
     overlong_penalty: float = 0.0
     """Reward added (usually negative) to a response truncated at the budget."""
+    mask_truncated: bool = False
+    """Budget control: give responses truncated at the budget no loss at all (DAPO's overlong filtering)."""
     eval_size: int = 200
     """Held-out prompts for evaluation (taken from the eval split of builtin tasks, or the file's first rows)."""
 

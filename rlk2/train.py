@@ -374,6 +374,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         adv, zero_std = group_advantages(rewards, valid, scale=scale_adv)
         adv = adv.view(-1).to(accelerator.device)
         mask = ro.completion_mask.float()
+        masked_tasks = {name for name, t in tasks_by_name.items() if t.mask_truncated}
+        if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
+            drop = torch.tensor([task_of_group[j // K] in masked_tasks for j in range(len(totals))], device=mask.device)
+            mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
 
         # ---------------------------------------------------------------- update
         t0 = time.perf_counter()
