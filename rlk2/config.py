@@ -51,8 +51,8 @@ class LoraConfig:
     """LoRA rank."""
     alpha: int = 16
     """LoRA alpha."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module names to adapt."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    """Module names to adapt (defaults: the MLA projections of DeepSeek-V3; Llama/Qwen use q_proj, k_proj, ...)."""
 
 
 @dataclass(frozen=True)

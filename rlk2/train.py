@@ -262,6 +262,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source}, indent=2))
 
+    if cfg.policy.lora.enabled and ckpt is None:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        lora = cfg.policy.lora
+        model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules)))
     model.train()
     optimizer = _build_optimizer(cfg, model)
     warmup = cfg.optim.warmup_steps

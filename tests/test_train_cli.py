@@ -142,3 +142,15 @@ def test_misbehaving_rewards_inside_a_real_run(tmp_path):
     rollouts = [json.loads(l) for l in (tmp_path / "faults" / "rollouts" / "step-1.jsonl").read_text().splitlines()]
     raised = [x for x in rollouts if x["rewards"]["raises_on_some"] is None]
     assert raised and all(x["reward"] is None for x in raised)
+
+
+def test_lora_run_saves_a_peft_adapter_that_loads(tmp_path):
+    from rlk2.policy import load_policy
+
+    proc = rlk2("train", *tiny_overrides(tmp_path, "lora"), "policy.lora.enabled=true", "policy.lora.r=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "lora" / "checkpoints" / "step-2"
+    assert (ckpt / "adapter_config.json").exists()
+    model, _ = load_policy(ckpt)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
