@@ -207,7 +207,7 @@ def run(quick: bool) -> list[dict]:
     rows += newton_schulz_rows(reps_small)
     for attn in ("eager", "sdpa"):
         rows += forward_rows("demo", None, attn, (128, 28), reps_small)
-    rows += forward_rows("deepseek_v3_50M", _shape_50m(), "sdpa", (4, 256), reps_large + 2)
+    rows += forward_rows("deepseek_v3_53M", _shape_50m(), "sdpa", (4, 256), reps_large + 2)
     rows += share_rows(reps_small)
     return rows
 
