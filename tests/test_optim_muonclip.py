@@ -145,6 +145,29 @@ def test_lora_adapters_train_with_adamw_and_the_base_is_not_clipped():
     assert opt.metrics()["qk_clip/max_logit"] > 1e-3 and opt.metrics()["qk_clip/clipped_heads"] == 0
 
 
+def test_lora_on_mla_projections_records_the_adapted_logits():
+    # The project's default LoRA targets are the MLA projections; the recording hooks must see the adapted outputs.
+    from unittest import mock
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(deepseek(), LoraConfig(r=4, target_modules=["q_proj", "kv_a_proj_with_mqa", "kv_b_proj"]))
+    opt = MuonClip(model, lr=0.05, qk_clip_tau=None)
+    train(model, opt, 1)  # lora_B leaves zero, so the adapters now change q, k
+    model.base_model.model.config._attn_implementation = "eager"
+    seen, real = [], torch.nn.functional.softmax
+
+    def spy(x, *args, **kwargs):
+        if x.ndim == 4:
+            seen.append(x.detach().amax(dim=(0, 2, 3)))
+        return real(x, *args, **kwargs)
+
+    ids = ids_for(7)
+    with mock.patch.object(torch.nn.functional, "softmax", spy):
+        model(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(torch.stack([a.running_max for a in opt.attentions]), torch.stack(seen))
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"lr": -1.0}, "lr"), ({"lr": 0.1, "momentum": 1.0}, "momentum"), ({"lr": 0.1, "ns_steps": 0}, "ns_steps"),
     ({"lr": 0.1, "qk_clip_tau": 0.0}, "qk_clip_tau"), ({"lr": 0.1, "adamw_betas": (0.9, 1.0)}, "adamw_betas"),
