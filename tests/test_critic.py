@@ -95,7 +95,8 @@ def test_held_out_pairs_from_eval_records():
 
 
 def test_agreement_reward_and_metrics():
-    assert [agreement_reward(v, "A") for v in ("A", "B", "tie", None)] == [1.0, 0.0, 0.0, None]
+    assert [agreement_reward(v, "A") for v in ("A", "B", "tie", None)] == [1.0, 0.0, 0.0, 0.0]
+    assert agreement_reward(None, "A", unparsable=None) is None  # opt-in: left out of the group baseline
     # always "B": right exactly once per pair -> 0.5, and never picks the same response in both orders
     m = agreement_metrics(["B", "B"] * 3, ["A", "B"] * 3)
     assert m == {"critic/agreement": 0.5, "critic/unparsable": 0.0, "critic/position_consistency": 0.0}
