@@ -15,8 +15,8 @@ from rlk2.critic import (CheckpointCritic, CriticRefiner, SelfCritic, VerifiedPa
 from rlk2.critic_refine import agreement_metrics, agreement_reward
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY = {"template": str(ROOT / "configs/critic/arith_prompt.txt"),
-       "rubrics": [str(ROOT / "configs/critic/arith_rubric.toml")]}
+TOY = {"template": str(ROOT / "configs/critic/toy_prompt.txt"),
+       "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")]}
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from rlk2.critic import OpenAICritic, generate_texts
 pytestmark = pytest.mark.integration  # starts the real `rlk2 serve` CLI on a tiny checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY = {"template": str(ROOT / "configs/critic/arith_prompt.txt"),
-       "rubrics": [str(ROOT / "configs/critic/arith_rubric.toml")]}
+TOY = {"template": str(ROOT / "configs/critic/toy_prompt.txt"),
+       "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")]}
 
 
 @pytest.fixture(scope="module")
