@@ -32,6 +32,8 @@ misjudges fewer pairs than `verify(parse(gold), parse(pred))`. Known limits, eac
   a percent written outside the box (`\boxed{28}$ pct` for 28%) is not matched.
 - A timeout verdict is cached like any other: a check that timed out under heavy load stays 0.0 for the same
   (gold, answer) in that worker. The cache lives in each worker process.
+- A completion with brackets nested deeper than 64 levels scores 0.0 ("too deeply nested") without being
+  parsed: such nesting made the parsers' recursion, and so the verdict, depend on machine load.
 - When the *gold* hangs inside one C call (never seen in practice), the engine's kill charges the sample as a
   prediction timeout (0.0), because the kill cannot tell which side hung.
 
@@ -307,6 +309,20 @@ def check(gold: Any, completion: str, *, check_timeout_s: float = 2.0) -> tuple[
         sys.set_int_max_str_digits(previous)
 
 
+_MAX_NESTING = 64  # brackets nested deeper than this are not an answer anyone writes; parsers recurse on them
+
+
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "})]":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, str | None]:
     from math_verify.errors import TimeoutException
 
@@ -322,6 +338,9 @@ def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, 
         gold_parsed = ()
     if not gold_parsed:
         return None, "unparsable gold"
+    if _nesting_depth(completion) > _MAX_NESTING:
+        # Decided before parsing: deep nesting makes the parsers' recursion (and their deadline) unpredictable.
+        return 0.0, "too deeply nested"
     try:
         with _deadline(timeout_s):
             span = answer_span(completion)
