@@ -3,10 +3,11 @@ r"""`rubric`: Kimi K2's self-critique rubric reward, for prompts that no verifie
 A critic model compares the K responses to one prompt **pairwise** against rubrics and the comparisons become one
 scalar per response.
 
-- **Rubrics are data** (`rewards.rubrics`): TOML or YAML files of `[[rubric]]` tables (`name`, `title`, `description`, `weight` > 0,
-  optional `mandatory`), validated on load with one-line errors naming the file and the field. Shipped sets, by
-  name: `core` (clarity and relevance; conversational fluency and engagement; objective and grounded interaction)
-  and `prescriptive` (no initial praise; no explicit self-justification; both mandatory). Anything else is a path.
+- **Rubrics are data** (`rewards.rubrics`): TOML or YAML files of `[[rubric]]` tables (`name`, `title`,
+  `description`, `weight` > 0, optional `mandatory`), validated on load with one-line errors naming the file and
+  the field. Shipped sets, by name: `core` (clarity and relevance; conversational fluency and engagement;
+  objective and grounded interaction) and `prescriptive` (no initial praise; no explicit self-justification; both
+  mandatory). Anything else is a path to the user's own file.
 - **Template**: `critic_prompt.txt` beside this file (or `template=PATH`), with placeholders `{prompt}`,
   `{response_a}`, `{response_b}` (required), `{rubrics}` and `{rubric_names}`. The critic writes a short reason,
   then a last line `Verdict: A`, `Verdict: B` or `Verdict: tie`. No such line -> the verdict is None, counted.
@@ -27,7 +28,13 @@ scalar per response.
 Critic backends are looked up by name (`self`, `checkpoint`, `openai`, in `rlk2.critic`: they need the model
 stack, so this module imports them only when a call needs one), by `pkg.module:factory`, or passed as an object
 with a `complete(prompts, *, max_new_tokens, temperature, seed) -> list[Reply]` method. Reasons and verdicts come
-back as extras (`rubric/judgments`: per sample, every judgment it took part in; `rubric/unparsable`).
+back as extras (`rubric/judgments`: per sample, every judgment it took part in; `rubric/unparsable`);
+`summarize` turns one call's judgments into counts and position consistency for logging.
+
+The reward runs in the caller's process (`run_in="caller"`, the `self` critic is the live model) on the whole
+batch (groups must stay together). Critic generation is slow next to a verifier: give it a generous
+`timeout_s`. `check_options(**kwargs)` validates the options (rubric files, template) without calling a critic,
+for start-up checks.
 
 >>> class Scripted:  # a stand-in critic that always prefers the reply shown first
 ...     def complete(self, prompts, **_):
@@ -194,7 +201,8 @@ def get_critic(backend: Any, options: dict[str, Any] | None = None) -> Critic:
     if hasattr(backend, "complete"):
         return backend
     if not isinstance(backend, str) or not (backend in BACKENDS or ":" in backend):
-        raise RubricError(f"rubric: unknown critic backend {backend!r} (use {', '.join(BACKENDS)} or pkg.module:factory)")
+        raise RubricError(f"rubric: unknown critic backend {backend!r} "
+                          f"(use {', '.join(BACKENDS)} or pkg.module:factory)")
     target = BACKENDS.get(backend, backend)
     options = dict(options or {})
     key = json.dumps([target, options], sort_keys=True, default=str)

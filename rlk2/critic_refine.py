@@ -214,9 +214,9 @@ def format_warmup_rows(rows: Sequence[dict], *, n: int, refiner: CriticRefiner, 
     compare) followed by a verdict. `verdicts="both"` writes every critic prompt twice, once with each verdict:
     the rows teach the reply format and no judgement, and the model learns P(A) = P(B) = 1/2 for every prompt,
     so the critic starts at chance *and* explores (one random verdict per prompt would be memorised: confident
-    arbitrary verdicts, K identical samples per critic prompt, no group signal). `verdicts="gold"` names the gold: a critic
-    initialised on synthetic preference pairs (K2 initialised its critic on preference data), whose wrong
-    answers are other rows' answers, not the near misses the policy makes.
+    arbitrary verdicts, K identical samples per critic prompt, no group signal; measured). `verdicts="gold"`
+    names the gold: a critic initialised on synthetic preference pairs (K2 initialised its critic on preference
+    data), whose wrong answers are other rows' answers, not the near misses the policy makes.
     """
     if verdicts not in ("both", "gold"):
         raise ValueError(f"verdicts must be 'both' or 'gold', got {verdicts!r}")

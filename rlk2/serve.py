@@ -174,7 +174,8 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
     if body.get("stream"):
         raise _BadRequest(400, "'stream' is not supported by rlk2 serve")
     if body.get("model") not in (None, model_name):
-        raise _BadRequest(404, f"model {body['model']!r} is not served here (serving {model_name!r})", "not_found_error")
+        raise _BadRequest(404, f"model {body['model']!r} is not served here (serving {model_name!r})",
+                          "not_found_error")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _BadRequest(400, "'messages' must be a non-empty list")
@@ -198,7 +199,8 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
     if limit and not asked:  # no max_tokens given: up to the default, within the context
         max_new = max(1, min(max_new, limit - len(ids)))
     if limit and len(ids) + max_new > limit:
-        raise _BadRequest(400, f"prompt is {len(ids)} tokens; with {max_key}={max_new} it exceeds the context of {limit}")
+        raise _BadRequest(400, f"prompt is {len(ids)} tokens; with {max_key}={max_new} it exceeds the context "
+                               f"of {limit}")
     return {"ids": ids, "key": (max_new, temperature, top_p, seed), "n": n, "stop": stop}
 
 

@@ -96,7 +96,8 @@ def load_rubric_file(path: str | Path) -> list[Rubric]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", entry["name"]):
             raise RubricError(f"{where}.name: use letters, digits, '_', '-' or '.' only")
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (weight > 0 and math.isfinite(weight)):
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not number or not (weight > 0 and math.isfinite(weight)):
             raise RubricError(f"{where}.weight: must be a number > 0, got {weight!r}")
         mandatory = entry.get("mandatory", False)
         if not isinstance(mandatory, bool):
