@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rewards": ("rlk2.cli_rewards", "list the available rewards and the dataset columns each one needs"),
     "sandbox": ("sandboxes.cli", "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP"),
     "serve": ("rlk2.serve", "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)"),
-    "eval": ("rlk2.evaluate", "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95% intervals, report and plots"),
+    "eval": ("rlk2.evaluate", "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95 %% intervals, report and plots"),
 }
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlk2", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"))
         module = importlib.import_module(module_name)
         adder = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
         adder(sp)
