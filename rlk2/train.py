@@ -364,7 +364,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             penalty = budget_penalty(ntok, trunc, budget=task.max_new_tokens, penalty=task.overlong_penalty)
             totals += [None if r is None else r + p for r, p in zip(scored.total, penalty)]
             for rname, vals in scored.rewards.items():
-                per_reward.setdefault(_metric_name(rname), []).extend(vals)
+                # A reward another task lacks is None (not scored) on that task's rows: lists stay aligned.
+                per_reward.setdefault(_metric_name(rname), [None] * offset).extend(vals)
+            for vals in per_reward.values():
+                vals.extend([None] * (offset + n - len(vals)))
             for rname, cnt in scored.errors.items():
                 errors[_metric_name(rname)] = errors.get(_metric_name(rname), 0) + cnt
             for msg in scored.messages[:3]:
