@@ -45,11 +45,9 @@ def unbind_policy() -> None:
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
-    return eos
+    from rlk2.rollout import _eos_ids as rollout_eos_ids  # one definition of "which tokens end a reply"
+
+    return rollout_eos_ids(model, tokenizer)
 
 
 def encode_messages(tokenizer, messages: list[dict], *, chat_template: bool = True) -> list[int]:
