@@ -256,7 +256,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise UserError(f"config file not found: {path}")
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise UserError(f"override '{item}': expected key=value, e.g. rollout.group_size=4")
+            raise UserError(f"override {item!r}: expected key=value, e.g. rollout.group_size=4")
     try:
         schema = OmegaConf.structured(Config)
         file_cfg = OmegaConf.load(path)
@@ -285,10 +285,10 @@ def _set_dotted(tree: dict, key: str, value) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' has {len(node)} entries; '{part}' is not an index")
+                raise UserError(f"override {key!r}: '{'.'.join(parts[:i])}' has {len(node)} entries; '{part}' is not an index")
             part = int(part)
         elif not isinstance(node, dict):
-            raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
+            raise UserError(f"override {key!r}: '{'.'.join(parts[:i])}' is a value, not a section")
         if last:
             node[part] = value
         else:

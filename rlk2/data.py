@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -75,17 +76,24 @@ def read_jsonl(path: str | Path) -> list[Row]:
         raise UserError(f"{path}: file not found")
     rows = []
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a truncated / corrupt gzip stream
+        raise UserError(f"{path}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     return rows
 
 
