@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--max-batch", type=int, default=32, help="most sequences generated together (default 32)")
     parser.add_argument("--batch-window-ms", type=float, default=5.0, help="wait for more requests to batch")
+    parser.add_argument("--plain-prompts", action="store_true",
+                        help="for a tokenizer without a chat template: join the messages' contents as plain text")
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none")
 
 
@@ -54,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch < 1:
         raise UserError("--max-batch: must be >= 1")
     model, tokenizer = load_policy(args.checkpoint, dtype=args.dtype)
+    if not getattr(tokenizer, "chat_template", None) and not args.plain_prompts:
+        raise UserError(f"{args.checkpoint}: the tokenizer has no chat template, which chat completions need "
+                        "(add one to its tokenizer_config.json, or pass --plain-prompts for a base model)")
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine = Generator(model, tokenizer, max_batch=args.max_batch, window_s=args.batch_window_ms / 1000)

@@ -252,8 +252,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         policy_source = str(ckpt)
     else:
         model, tokenizer, policy_source = _prepare_policy(cfg, train_rows, accelerator)
-    if cfg.policy.chat_template and getattr(tokenizer, "chat_template", None) is None and cfg.policy.path:
-        accelerator.print("note: tokenizer has no chat template; prompts are used as plain text")
+    if cfg.policy.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"policy.chat_template=true but the tokenizer of {policy_source} has no chat template; "
+                        "set policy.chat_template=false to use prompts as plain text, or add one to its tokenizer_config.json")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "rollouts").mkdir(exist_ok=True)

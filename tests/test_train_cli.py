@@ -154,3 +154,35 @@ def test_lora_run_saves_a_peft_adapter_that_loads(tmp_path):
     model, _ = load_policy(ckpt)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def _without_chat_template(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = dst / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    return dst
+
+
+def test_tokenizer_without_a_chat_template_where_one_is_asked_for(tmp_path, tiny_policy):
+    plain = _without_chat_template(tiny_policy, tmp_path / "plain")
+    proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"policy.path={plain}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "policy.chat_template" in proc.stderr and "no chat template" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    served = subprocess.run([sys.executable, "-m", "rlk2.cli", "serve", str(plain), "--port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert served.returncode == 2 and "no chat template" in served.stderr and "--plain-prompts" in served.stderr
+
+
+def test_empty_dataset(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n\n")
+    proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"tasks.0.source={data}")
+    assert proc.returncode == 2
+    assert f"{data}: dataset is empty" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
