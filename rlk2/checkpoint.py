@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def rng_state() -> dict:
@@ -75,8 +76,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, trainer_st
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        # safetensors reports a failed write (e.g. a full disk) as its own error type; surface it as the OSError it is
+        found = _OS_ERROR.search(str(exc)) if not isinstance(exc, OSError) else None
+        if found:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(tmp)) from exc
         raise
     if keep_last > 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:

@@ -185,9 +185,13 @@ class MetricsFile:
 
     def write(self, row: dict) -> None:
         if self.enabled:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(row, allow_nan=True) + "\n")
-                fh.flush()
+            try:
+                with self.path.open("a") as fh:
+                    fh.write(json.dumps(row, allow_nan=True) + "\n")
+                    fh.flush()
+            except OSError as exc:
+                raise UserError(f"{self.path}: cannot append step {row.get('step')} ({exc.strerror or exc}); "
+                                f"resume from the last checkpoint with: rlk2 train --resume {self.path.parent}") from None
 
     def read(self) -> list[dict]:
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
@@ -309,7 +313,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "sampler": sampler.state_dict(), "rng": rng_state(), "config": to_yaml(cfg)}
-            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, state, keep_last=cfg.trainer.keep_last)
+            try:
+                save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, state,
+                                keep_last=cfg.trainer.keep_last)
+            except OSError as exc:  # disk full, quota, permissions: the partial copy is gone, older ones intact
+                prev = latest_checkpoint(run_dir)
+                kept = f"the last complete checkpoint is {prev}" if prev else "no earlier checkpoint exists"
+                raise UserError(f"checkpoint at step {step} could not be written ({exc.strerror or exc}); {kept}; "
+                                f"free space and resume with: rlk2 train --resume {run_dir}") from None
         accelerator.wait_for_everyone()
 
     if cfg.trainer.trackers:
