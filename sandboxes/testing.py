@@ -77,3 +77,99 @@ class UnisolatedRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SecondEngine:
+    """A second dockerd on its own socket, data root and exec root (root only), for multi-engine and fault tests.
+
+    `start()` after an abrupt `stop(SIGKILL)` first ends the killed engine's orphaned containerd, as a service
+    manager would when it restarts the unit; otherwise the new dockerd waits on the old one's lock and gives up.
+    """
+
+    DATA_ROOT = "/var/lib/rlk2-test-docker2"  # kept between runs so the image copy is reused
+
+    def __init__(self, base) -> None:
+        from pathlib import Path
+
+        self.run_dir = Path(base)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"unix://{self.run_dir}/docker.sock"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import time
+
+        from sandboxes.docker_backend import engine_client
+
+        self._end_orphaned_containerd()
+        # A killed containerd can stay a zombie when nothing reaps orphans; its pid file would make the new dockerd
+        # wait for it forever ("containerd is still running"), so a stopped engine's pid file goes.
+        (self.run_dir / "exec" / "containerd" / "containerd.pid").unlink(missing_ok=True)
+        log = open(self.run_dir / "dockerd.log", "ab")
+        self.proc = subprocess.Popen(
+            ["dockerd", "--iptables=false", "--bridge=none", "-H", self.url, "--data-root", self.DATA_ROOT,
+             "--exec-root", str(self.run_dir / "exec"), "--pidfile", str(self.run_dir / "docker.pid")],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                engine_client(self.url, timeout=5).ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop(signal_number=9)
+                    raise RuntimeError(f"second dockerd did not come up; see {self.run_dir / 'dockerd.log'}")
+                time.sleep(0.3)
+
+    def ensure_image(self, tag: str, source_url: str) -> None:
+        """Copy `tag` from the engine at `source_url` unless present; keep only that tag of the repository."""
+        from sandboxes.docker_backend import engine_client
+
+        target = engine_client(self.url, timeout=300)
+        try:
+            target.images.get(tag)
+        except Exception:
+            source = engine_client(source_url, timeout=300)
+            target.images.load(b"".join(source.images.get(tag).save(named=True)))
+        for image in target.images.list(name=tag.rpartition(":")[0]):
+            if tag not in image.tags:
+                target.images.remove(image.id, force=True)
+
+    def stop(self, signal_number: int = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal_number)
+            self.proc.wait(timeout=60)
+
+    def close(self) -> None:
+        """Stop the engine and remove its runtime directory (the data root stays, unmounted)."""
+        import shutil
+
+        self.stop()
+        self._end_orphaned_containerd()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if os.path.ismount(self.DATA_ROOT):  # dockerd bind-mounts its data root onto itself and leaves it mounted
+            subprocess.run(["umount", self.DATA_ROOT], check=False)
+
+    def _end_orphaned_containerd(self) -> None:
+        import signal
+        import time
+        from pathlib import Path
+
+        marker = str(self.run_dir / "exec")
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and Path(argv[0].decode(errors="replace")).name == "containerd" and marker.encode() in b" ".join(argv):
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                for _ in range(100):
+                    if not (proc / "cmdline").exists():
+                        break
+                    time.sleep(0.05)

@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,3 +17,28 @@ def tiny_policy(tmp_path_factory):
     corpus = [f"Q: {r['prompt']}\nA: " for r in rows] + [r["completion"] for r in rows]
     shape = TinyMoEShape(hidden_size=32, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=16)
     return build_demo_policy(tmp_path_factory.mktemp("policy"), corpus, seed=0, shape=shape)
+
+
+@pytest.fixture
+def second_engine():
+    """A second Docker engine on its own socket with the sandbox image (root only; fails instead of skipping in CI)."""
+    from sandboxes import DEFAULT_IMAGE
+    from sandboxes.testing import SecondEngine, require, required
+
+    require("docker")
+    problem = None
+    if os.geteuid() != 0:
+        problem = "a second dockerd needs root"
+    elif shutil.which("dockerd") is None:
+        problem = "dockerd is not installed"
+    if problem:
+        if required("docker"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    engine = SecondEngine(Path("/run") / f"rlk2-test-docker2-{os.getpid()}")
+    try:
+        engine.start()
+        engine.ensure_image(DEFAULT_IMAGE, os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
+        yield engine
+    finally:
+        engine.close()

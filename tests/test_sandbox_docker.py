@@ -6,7 +6,6 @@ socket (root only).
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -18,7 +17,7 @@ import pytest
 
 from sandboxes import Limits, SandboxUnavailable, Status, open_backend
 from sandboxes.docker_backend import LABEL, DockerOptions, engine_client
-from sandboxes.testing import require, required
+from sandboxes.testing import require
 
 pytestmark = pytest.mark.docker
 
@@ -133,78 +132,7 @@ def test_container_killed_mid_job_is_retried_on_a_fresh_one():
 
 
 # ------------------------------------------------------------------------------------------------ two engines
-DATA_ROOT = "/var/lib/rlk2-test-docker2"  # kept between runs so the image copy is reused
-
-
-class SecondEngine:
-    """A second dockerd on its own socket, data root and exec root, with the sandbox image copied in."""
-
-    def __init__(self, base: Path) -> None:
-        self.run_dir = base
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.url = f"unix://{self.run_dir}/docker.sock"
-        self.proc = None
-
-    def start(self) -> None:
-        log = open(self.run_dir / "dockerd.log", "ab")
-        self.proc = subprocess.Popen(
-            ["dockerd", "--iptables=false", "--bridge=none", "-H", self.url, "--data-root", DATA_ROOT,
-             "--exec-root", str(self.run_dir / "exec"), "--pidfile", str(self.run_dir / "docker.pid")],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                engine_client(self.url, timeout=5).ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop(signal.SIGKILL)
-                    raise RuntimeError("second dockerd did not come up; see " + str(self.run_dir / "dockerd.log"))
-                time.sleep(0.3)
-
-    def ensure_image(self, tag: str) -> None:
-        target = engine_client(self.url, timeout=300)
-        try:
-            target.images.get(tag)
-        except Exception:
-            source = engine_client(_engine1(), timeout=300)
-            target.images.load(b"".join(source.images.get(tag).save(named=True)))
-        for image in target.images.list(name=tag.rpartition(":")[0]):  # this test engine keeps only the current one
-            if tag not in image.tags:
-                target.images.remove(image.id, force=True)
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
-
-
-@pytest.fixture
-def second_engine(tmp_path_factory):
-    require("docker")
-    problem = None
-    if os.geteuid() != 0:
-        problem = "a second dockerd needs root"
-    elif shutil.which("dockerd") is None:
-        problem = "dockerd is not installed"
-    if problem:
-        if required("docker"):
-            pytest.fail(problem)
-        pytest.skip(problem)
-    from sandboxes import DEFAULT_IMAGE
-
-    engine = SecondEngine(Path("/run") / f"rlk2-test-docker2-{os.getpid()}")
-    try:
-        engine.start()
-        engine.ensure_image(DEFAULT_IMAGE)
-        yield engine
-    finally:
-        engine.stop()
-        shutil.rmtree(engine.run_dir, ignore_errors=True)
-        if os.path.ismount(DATA_ROOT):  # dockerd bind-mounts its data root onto itself and leaves it mounted
-            subprocess.run(["umount", DATA_ROOT], check=False)
-
-
+# `second_engine` (tests/conftest.py): a second dockerd on its own socket, the sandbox image copied in.
 def _engine_of(result):
     return result.backend.rsplit("/", 1)[0].removeprefix("docker:")
 
