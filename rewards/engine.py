@@ -288,6 +288,9 @@ def _assemble(specs: Sequence[RewardSpec], outcomes: list, n: int) -> ScoreBatch
     sample_errors: dict[str, list[str | None]] = {}
     for spec, (values, errs, ext) in zip(specs, outcomes):
         rewards[spec.name] = list(values)
+        # A reward may itself answer None (e.g. no sandbox could run the program): unscorable, so counted too.
+        errs = [e if e is not None or v is not None else "unscorable (the reward returned None)"
+                for v, e in zip(values, errs)]
         sample_errors[spec.name] = list(errs)
         by_reason: dict[str, list[int]] = {}
         for i, e in enumerate(errs):

@@ -386,6 +386,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 accelerator.print(f"step {step}: reward error: {msg}")
             offset += n
         t_reward = time.perf_counter() - t0
+        n_unscorable = sum(r is None for r in totals)
+        if n_unscorable:  # loud on purpose: a sandbox or verifier outage must not pass silently
+            counts = ", ".join(f"{k}: {v}" for k, v in errors.items() if v)
+            accelerator.print(f"warning: step {step}: {n_unscorable}/{len(totals)} responses unscorable "
+                              f"({counts or 'no reward error counted'}); they are left out of their groups' baselines")
 
         # ---------------------------------------------------------------- advantage
         P = len(rows_in_order)
@@ -393,7 +398,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32).view(P, K)
         adv, zero_std = group_advantages(rewards, valid, scale=scale_adv)
         adv = adv.view(-1).to(accelerator.device)
-        mask = ro.completion_mask.float()
+        # Unscorable responses (reward None) carry no loss at all: nothing is learned from a sandbox outage.
+        mask = ro.completion_mask.float() * valid.view(-1, 1).to(ro.completion_mask.device)
         masked_tasks = {name for name, t in tasks_by_name.items() if t.mask_truncated}
         if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
             drop = torch.tensor([task_of_group[j // K] in masked_tasks for j in range(len(totals))], device=mask.device)
