@@ -287,10 +287,14 @@ def _assemble(specs: Sequence[RewardSpec], outcomes: list, n: int) -> ScoreBatch
     extras: dict[str, list] = {}
     sample_errors: dict[str, list[str | None]] = {}
     for spec, (values, errs, ext) in zip(specs, outcomes):
-        rewards[spec.name] = list(values)
-        # A reward may itself answer None (e.g. no sandbox could run the program): unscorable, so counted too.
-        errs = [e if e is not None or v is not None else "unscorable (the reward returned None)"
-                for v, e in zip(values, errs)]
+        # A reward may itself answer None (e.g. no sandbox could run the program) or a NaN/inf: unscorable, counted.
+        values, errs = list(values), list(errs)
+        for i, v in enumerate(values):
+            if errs[i] is None and v is None:
+                errs[i] = "unscorable (the reward returned None)"
+            elif v is not None and not math.isfinite(v):
+                values[i], errs[i] = None, errs[i] or f"the reward returned {v}"
+        rewards[spec.name] = values
         sample_errors[spec.name] = list(errs)
         by_reason: dict[str, list[int]] = {}
         for i, e in enumerate(errs):

@@ -274,3 +274,18 @@ def test_close_leaves_no_worker_behind():
     assert all(p.poll() is not None for p in procs)
     with pytest.raises(RuntimeError, match="closed"):
         engine.score([RewardSpec("format")], ["a"], ["p"], {})
+
+
+def _none_nan_inf(completions, **_):
+    return [None, float("nan"), float("inf"), 0.5][: len(completions)]
+
+
+def test_none_nan_and_inf_from_a_reward_are_unscorable_and_counted():
+    from rewards.engine import RewardEngine, RewardSpec
+
+    with RewardEngine(num_workers=1) as engine:
+        out = engine.score([RewardSpec(f"{__name__}:_none_nan_inf")], ["a", "b", "c", "d"], ["p"] * 4, {})
+    (name,) = out.rewards
+    assert out.rewards[name] == [None, None, None, 0.5] and out.total == [None, None, None, 0.5]
+    assert out.errors[name] == 3
+    assert "returned nan" in out.sample_errors[name][1] and "None" in out.sample_errors[name][0]

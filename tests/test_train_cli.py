@@ -186,3 +186,16 @@ def test_empty_dataset(tmp_path):
     assert proc.returncode == 2
     assert f"{data}: dataset is empty" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_non_finite_loss_skips_steps_then_stops_with_a_clear_message(tmp_path):
+    """An absurd learning rate blows the weights up after the first update: every later loss is NaN/inf, each of
+    those steps is skipped (the weights are not touched again) and the run stops after max_bad_steps in a row."""
+    proc = rlk2("train", *tiny_overrides(tmp_path, "nan"), "trainer.steps=8", "trainer.max_bad_steps=3",
+                "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "not finite for 3 steps in a row" in last and "trainer.max_bad_steps=3" in last, last
+    rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["skipped_steps"] for r in steps][-2:] == [1, 2]  # the third bad step raised before it was logged
