@@ -89,7 +89,8 @@ def test_existing_run_dir_is_refused_without_resume(two_step_run):
         (["rollout.group_sise=4"], "rollout.group_sise"),
         (["policy.path=/nonexistent/ckpt"], "policy.path"),
         (["tasks.0.source=/nonexistent.jsonl"], "nonexistent.jsonl"),
-        (["tasks.0.rewards.0.name=mathh"], "mathh"),
+        (["tasks.0.rewards.0.name=mathh"], "did you mean 'math'"),
+        (["optim.lr=fast"], "optim.lr"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, extra, needle):
@@ -199,3 +200,11 @@ def test_non_finite_loss_skips_steps_then_stops_with_a_clear_message(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["skipped_steps"] for r in steps][-2:] == [1, 2]  # the third bad step raised before it was logged
+
+
+def test_malformed_dataset_line_is_named(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=?", "answer": "2"}\n' * 2 + '{"prompt": "2+2=?", "answer": 4\n')
+    proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"tasks.0.source={data}")
+    assert proc.returncode == 2 and f"{data}:3: malformed JSON" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
