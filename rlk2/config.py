@@ -155,8 +155,8 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"
-    """Optimizer: adamw | muonclip."""
+    name: str = "muonclip"
+    """Optimizer: muonclip (K2's Muon + QK-Clip, the default; see rlk2/optim/README.md) | adamw."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
