@@ -150,7 +150,7 @@ def load_cv(counts: torch.Tensor) -> torch.Tensor:
 
 
 def routing_mismatch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
-    """(rows whose top-k *sets* differ, rows compared) between `a` and `b` [..., N, k], over rows where mask [..., N]."""
+    """(rows whose top-k *sets* differ, rows compared) between `a`, `b` [..., N, k], over rows where mask [..., N]."""
     differ = (a.sort(dim=-1).values != b.sort(dim=-1).values).any(dim=-1) & mask.bool()
     return int(differ.sum()), int(mask.bool().sum())
 
