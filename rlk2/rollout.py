@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rlk2.moe import RouterProbe, find_routers
+
 
 @dataclass
 class Rollout:
@@ -26,6 +28,9 @@ class Rollout:
     old_logp: torch.Tensor  # [B, T] log-prob of each sampled token under the sampling distribution
     truncated: torch.Tensor  # [B] bool: hit the token budget without EOS
     texts: list[str] = field(default_factory=list)  # decoded completions (special tokens dropped)
+    # [L, B, P+T, k] int16: the experts each token was routed to in each MoE layer during generation, -1 where
+    # nothing was recorded (padding, the never-fed-back last token); None unless recorded (rlk2.moe router replay).
+    routed_experts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> torch.Tensor:  # [B]
@@ -34,6 +39,8 @@ class Rollout:
     def to(self, device: torch.device) -> "Rollout":
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp", "truncated"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.routed_experts is not None:
+            self.routed_experts = self.routed_experts.to(device)
         return self
 
 
@@ -78,10 +85,12 @@ def generate_rollouts(
     greedy: bool = False,
     seed: int | None = None,
     record_logprobs: bool = True,
+    record_routing: bool = False,
 ) -> Rollout:
     """Sample one completion per prompt (repeat prompts K times for groups) and record old log-probs.
 
-    `record_logprobs=False` (evaluation) leaves `old_logp` at zero.
+    `record_logprobs=False` (evaluation) leaves `old_logp` at zero. `record_routing=True` stores the top-k experts
+    of every fed token in every MoE layer as `routed_experts` (router replay, rlk2.moe; nothing for dense models).
 
     A lean decoding loop over the model's forward and KV cache instead of `model.generate` (profiling showed
     generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
@@ -108,15 +117,25 @@ def generate_rollouts(
 
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
     old_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    routers = find_routers(model) if record_routing else []
+    probe = RouterProbe(routers)
+    routes = None
+    if routers:  # [L, B, P + T_max, k]; experts fit int16 (the largest MoEs have a few hundred)
+        top_k = routers[0][1].top_k
+        routes = torch.full((len(routers), B, P + max_new_tokens, top_k), -1, dtype=torch.int16, device=device)
     was_training = model.training
     model.eval()
     try:
+        probe.__enter__()
         # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
         distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
         d_ids, d_mask = distinct[:, :P], distinct[:, P:]
         out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
         cache = out.cache
+        if routes is not None:  # prefill rows are the U distinct prompts: expand to B; left padding is not a token
+            used = probe.take().view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
+            routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
         cache.reorder_cache(row_of)
         logits = out.logits[row_of, -1]  # [B, V]
         active = torch.arange(B, device=device)  # batch rows still generating, in cache order
@@ -146,7 +165,10 @@ def generate_rollouts(
                         cache=cache, use_cache=True)
             logits = out.logits[:, -1]
             pos = pos + 1
+            if routes is not None:  # the forward just fed completion token t of the active rows
+                routes[:, active, P + t] = probe.take().to(routes.dtype)
     finally:
+        probe.__exit__(None, None, None)
         model.train(was_training)
 
     completion, old_logp = tokens[:, :steps], old_logp[:, :steps]  # [B, T]
@@ -158,7 +180,9 @@ def generate_rollouts(
     completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad_id))
     old_logp = old_logp * cmask
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-    return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts)
+    if routes is not None:
+        routes = routes[:, :, : P + steps]
+    return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts, routes)
 
 
 def _sampling_logprobs(logits: torch.Tensor, *, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
@@ -216,4 +240,19 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         old_logp=torch.cat([pad(r.old_logp, T, 0.0, False) for r in parts]),
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
+        routed_experts=_concat_routes(parts, P, T),
     )
+
+
+def _concat_routes(parts: list[Rollout], P: int, T: int) -> torch.Tensor | None:
+    """Recorded routing [L, B, P+T, k] of joined rollouts: prompt part left padded, completion part right padded."""
+    if any(r.routed_experts is None for r in parts):
+        return None
+    out = []
+    for r in parts:
+        p = r.prompt_ids.shape[1]
+        prompt, completion = r.routed_experts[:, :, :p], r.routed_experts[:, :, p:]  # [L, b, p, k], [L, b, t, k]
+        prompt = F.pad(prompt, (0, 0, P - p, 0), value=-1)
+        completion = F.pad(completion, (0, 0, 0, T - completion.shape[2]), value=-1)
+        out.append(torch.cat([prompt, completion], dim=2))
+    return torch.cat(out, dim=1)

@@ -216,6 +216,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from rlk2.data import PromptSampler, check_columns, load_task_rows
     from rlk2.evaluate import EvalTask, evaluate_policy
+    from rlk2.moe import RouterControl
     from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
 
     # ------------------------------------------------------------------------------------ setup
@@ -256,6 +257,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         policy_source = str(ckpt)
     else:
         model, tokenizer, policy_source = _prepare_policy(cfg, train_rows, accelerator)
+    # MoE router health and replay (rlk2.moe); every call below is a no-op for a dense policy.
+    moe = RouterControl(model, router_replay=cfg.moe.router_replay, bias_update_rate=cfg.moe.bias_update_rate,
+                        aux_loss_coef=cfg.moe.aux_loss_coef, reduce=lambda t: accelerator.reduce(t, "sum"))
     if cfg.policy.chat_template and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"policy.chat_template=true but the tokenizer of {policy_source} has no chat template; "
                         "set policy.chat_template=false to use prompts as plain text, or add one to its tokenizer_config.json")
@@ -348,7 +352,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             parts.append(generate_rollouts(
                 unwrapped, tokenizer, [i for i in ids for _ in range(K)],
                 max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p, seed=step_seed + len(parts),
+                top_p=cfg.rollout.top_p, seed=step_seed + len(parts), record_routing=moe.enabled,
             ))
             rows_in_order += group_rows
             task_of_group += [name] * len(group_rows)
@@ -410,9 +414,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         hp = {"tau": cfg.algo.tau, "length_norm": cfg.algo.length_norm,
               "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
         skipped = 0
+        moe_row: dict = {}
         for _ in range(cfg.algo.inner_steps):
-            logp, entropy = policy_logprobs(model, ro, temperature=cfg.rollout.temperature, with_entropy=True)
+            with moe.training_forward(ro) as routed:  # replays the rollout's experts when moe.router_replay
+                logp, entropy = policy_logprobs(model, ro, temperature=cfg.rollout.temperature, with_entropy=True)
             loss, loss_metrics = loss_fn(logp, ro.old_logp, adv, mask, **hp)
+            loss = loss + routed.aux_loss
+            moe_row = moe_row or routed.metrics()  # routing of the step's first forward (pi_old's weights)
             accelerator.backward(loss)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
@@ -424,6 +432,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             if cfg.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            moe.update_bias(routed)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
@@ -452,6 +461,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             "grad_norm": float(grad_norm),
             "skipped_steps": bad_total,
             **loss_metrics,
+            **moe_row,
             "time/rollout": t_rollout,
             "time/reward": t_reward,
             "time/update": t_update,
