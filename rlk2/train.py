@@ -112,7 +112,7 @@ def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
             if ws.enabled:
                 accelerator.print(f"warm start: SFT {ws.steps} steps on built-in tasks (cached in {out})")
                 _, tok = load_policy(base)
-                rows = [r for rs in task_rows.values() for r in rs if "completion" in r][: ws.examples]
+                rows = _interleave([[r for r in rs if "completion" in r] for rs in task_rows.values()])[: ws.examples]
                 from rlk2.rollout import encode_prompts
 
                 texts = [tok.decode(ids) for ids in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=cfg.policy.chat_template)]
@@ -124,6 +124,14 @@ def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
         accelerator.print(f"warm start: reusing {out}")
     model, tok = load_policy(out, dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
     return model, tok, str(out)
+
+
+def _interleave(lists: list[list]) -> list:
+    """Round-robin over the lists, so every task is in the warm start however long the others are."""
+    out = []
+    for i in range(max(map(len, lists), default=0)):
+        out += [rows[i] for rows in lists if i < len(rows)]
+    return out
 
 
 def _demo_corpus(task_rows: dict) -> list[str]:
@@ -226,6 +234,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         raise UserError(f"run.dir {run_dir} exists and is not empty (use --resume {run_dir}, or run.overwrite=true)")
     accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_dir))
     set_seed(cfg.run.seed)
+    cfg = _drop_tasks_without_sandbox(cfg, accelerator)
     engine = RewardEngine(num_workers=2)
     specs = {t.name: [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in t.rewards] for t in cfg.tasks}
 
@@ -521,6 +530,46 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         print(table)
         print(f"run directory: {run_dir}")
     return {"before": before, "after": after, "run_dir": str(run_dir)}
+
+
+def _drop_tasks_without_sandbox(cfg: Config, accelerator) -> Config:
+    """Tasks scored by the `code` reward need a sandbox backend. Without one, a built-in task (the demo's) is left
+    out with a one-line note; a user's task is an error naming it (never a run whose code rewards are all None)."""
+    import dataclasses
+
+    from rewards import resolve_reward
+    from rewards.code import code
+
+    problem: str | None = None
+    checked = False
+    kept = []
+    for i, task in enumerate(cfg.tasks):
+        if any(resolve_reward(r.name) is code for r in task.rewards):
+            if not checked:
+                problem, checked = _sandbox_problem(), True
+            if problem and task.source.startswith("builtin:"):
+                accelerator.print(f"note: no sandbox backend works here ({problem}); the '{task.name}' code task is "
+                                  "left out (see `rlk2 sandbox doctor`)")
+                continue
+            if problem:
+                raise UserError(f"tasks[{i}] ({task.name}): the code reward needs a sandbox and none works here "
+                                f"({problem}); see `rlk2 sandbox doctor`")
+        kept.append(task)
+    if not kept:
+        raise UserError("tasks: no task left to train (every task needs a sandbox, and none works here)")
+    return cfg if len(kept) == len(cfg.tasks) else dataclasses.replace(cfg, tasks=kept)
+
+
+def _sandbox_problem() -> str | None:
+    """None when the sandbox backend the code reward would open works here, else why not (one line)."""
+    from sandboxes import SandboxError, choose_backend, probe
+
+    try:
+        name = choose_backend()
+    except SandboxError as exc:
+        return " ".join(str(exc).split())
+    problem = probe()[name]
+    return f"{name}: {' '.join(problem.split())}" if problem else None
 
 
 def _metric_name(reward_name: str) -> str:
