@@ -49,10 +49,23 @@ def ddp_kwargs() -> list:
     return [DistributedDataParallelKwargs(find_unused_parameters=True)]
 
 
+def cpu_only_launch() -> bool:
+    """True when a launcher started several processes on a machine without GPUs (or other accelerators).
+
+    Accelerate then needs `cpu=True` to join them with gloo; without it each process runs alone (and they all write
+    the same run directory). `accelerate launch --cpu` starts a single process unless MPI is set up, so several
+    CPU processes come from its torchrun path (`--multi_gpu`, configs/accelerate/cpu_2proc.yaml) or torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+
+
 def check_launch(*, distributed_type: str, num_processes: int, prompts_per_step: int, optimizer: str,
                  loss: str) -> None:
     """Refuse, in one line, the launches the loop cannot run exactly (before anything is written)."""
     kind = str(getattr(distributed_type, "value", distributed_type)).upper()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes == 1:
+        raise UserError(f"{launched} processes were launched but Accelerate joined {num_processes} "
+                        f"({kind}); each would run alone and write the same run directory")
     if kind in _SHARDED:
         if optimizer == "muonclip":
             raise UserError(f"optim.name=muonclip: parameters sharded by {kind} are not supported (Newton-Schulz needs "

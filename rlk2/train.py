@@ -215,8 +215,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from rlk2.data import PromptSampler, check_columns, load_task_rows
-    from rlk2.distributed import (check_launch, ddp_kwargs, gather_step, global_loss, local_groups, loss_scale,
-                                  pad_to_global_width, sequence_seeds)
+    from rlk2.distributed import (check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss, local_groups,
+                                  loss_scale, pad_to_global_width, sequence_seeds)
     from rlk2.evaluate import EvalTask, evaluate_policy
     from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
 
@@ -226,10 +226,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     if not resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
         raise UserError(f"run.dir {run_dir} exists and is not empty (use --resume {run_dir}, or run.overwrite=true)")
     accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_dir),
-                              kwargs_handlers=ddp_kwargs())
+                              kwargs_handlers=ddp_kwargs(), cpu=cpu_only_launch())
     check_launch(distributed_type=accelerator.distributed_type, num_processes=accelerator.num_processes,
                  prompts_per_step=cfg.rollout.prompts_per_step, optimizer=cfg.optim.name, loss=cfg.algo.loss)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
+    if accelerator.num_processes > 1:
+        accelerator.print(f"data parallel: {accelerator.num_processes} processes ({accelerator.distributed_type.value})")
     set_seed(cfg.run.seed)
     engine = RewardEngine(num_workers=2)
     specs = {t.name: [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in t.rewards] for t in cfg.tasks}
@@ -270,7 +272,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     metrics_file = MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
     if accelerator.is_main_process and not resume:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source}, indent=2))
+        (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source,
+                                                       "processes": accelerator.num_processes}, indent=2))
 
     if cfg.policy.lora.enabled and ckpt is None:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model

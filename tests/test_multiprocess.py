@@ -36,6 +36,12 @@ def test_sharded_launches_are_refused_in_one_line(kind):
         check_launch(distributed_type=kind, num_processes=2, prompts_per_step=4, optimizer="adamw", loss="k2")
 
 
+def test_processes_that_did_not_join_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="2 processes were launched but Accelerate joined 1"):
+        check_launch(distributed_type="NO", num_processes=1, prompts_per_step=4, optimizer="adamw", loss="k2")
+
+
 def test_prompts_must_split_into_whole_groups():
     check_launch(distributed_type="MULTI_CPU", num_processes=2, prompts_per_step=4, optimizer="muonclip", loss="k2")
     with pytest.raises(UserError, match=r"rollout.prompts_per_step: 5 .* 2 processes"):
@@ -114,7 +120,7 @@ def test_launch_file_loads_with_accelerate(path):
         for key in getattr(cfg, section):
             name = key if key.startswith(prefix) else prefix + key
             assert name in known, f"{path.name}: {section}.{key} is not an accelerate launch argument"
-    expected = {"ddp.yaml": ("MULTI_GPU", {}), "cpu_2proc.yaml": ("MULTI_CPU", {}),
+    expected = {"ddp.yaml": ("MULTI_GPU", {}), "cpu_2proc.yaml": ("MULTI_GPU", {}),
                 "fsdp2.yaml": ("FSDP", {"fsdp_version": 2}), "deepspeed_zero3.yaml": ("DEEPSPEED", {"zero_stage": 3})}
     kind, plugin = expected[path.name]
     assert cfg.distributed_type.value == kind
@@ -178,8 +184,12 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one(tmp_path, extra):
     # Two processes first: their warm start runs in its own process (then cached for the one-process run).
     two = _train(tmp_path, "two", extra, 2)
+    assert "data parallel: 2 processes (MULTI_CPU)" in two.stdout  # really two ranks joined by gloo
     assert "warm start: SFT done" in two.stdout + two.stderr
-    _train(tmp_path, "one", extra, 1)
+    one = _train(tmp_path, "one", extra, 1)
+    assert "data parallel" not in one.stdout
+    for run, n in [("one", 1), ("two", 2)]:
+        assert json.loads((tmp_path / run / "env.json").read_text())["processes"] == n
 
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 3]  # one row per step: rank 0 only
@@ -201,13 +211,24 @@ def test_two_processes_match_one(tmp_path, extra):
         assert len(rb) == 16 and [r["completion"] for r in rb] == [r["completion"] for r in ra]
         assert [r["reward"] for r in rb] == [r["reward"] for r in ra]
 
+    # Final weights: the same update. Compared as updates (final - warm start), relative to their size: AdamW divides
+    # each element's gradient by its own running RMS, so an element whose gradient nearly cancels (float rounding
+    # of a two-rank sum vs a one-rank sum, ~1e-7 of the larger terms) can move by a visible fraction of lr in one
+    # run and not the other; element-wise tolerances would measure that rounding, not the update. Measured:
+    # worst tensor 0.4 %, whole model 0.06 % (k2-adamw); a wrong gradient average is off by tens of percent.
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     start = _weights_of_warm_start(tmp_path / "cache")
-    assert wa.keys() == wb.keys()
-    moved = 0
+    assert wa.keys() == wb.keys() == start.keys()
+    moved, diff2, norm2 = 0, 0.0, 0.0
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
-        moved += not torch.equal(wa[name], start[name])
+        da, db = wa[name] - start[name], wb[name] - start[name]
+        if not da.any():  # e.g. an expert no token was routed to: untouched in both runs
+            assert not db.any(), name
+            continue
+        moved += 1
+        assert (db - da).norm() <= 0.02 * da.norm(), f"{name}: updates differ by {(db - da).norm() / da.norm():.3%}"
+        diff2, norm2 = diff2 + float((db - da).norm()) ** 2, norm2 + float(da.norm()) ** 2
+    assert diff2 ** 0.5 <= 0.005 * norm2 ** 0.5
     assert moved > len(wa) // 2  # most tensors were trained
 
 
