@@ -43,10 +43,15 @@ _SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 def ddp_kwargs() -> list:
-    """Accelerate kwargs handlers for the policy's DDP wrapper (MoE experts may get no tokens on a rank)."""
-    from accelerate.utils import DistributedDataParallelKwargs
+    """Accelerate kwargs handlers: DDP that tolerates parameters without a gradient on a rank (MoE experts no token
+    of its slice was routed to), and a process-group timeout long enough for the others to wait while the main
+    process evaluates or saves a large model alone (the default is 10 minutes for NCCL)."""
+    from datetime import timedelta
 
-    return [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True),
+            InitProcessGroupKwargs(timeout=timedelta(hours=2))]
 
 
 def cpu_only_launch() -> bool:
@@ -159,6 +164,13 @@ def gather_step(accelerator, *, ro: Rollout, entropy: torch.Tensor, mask: torch.
             errors_all[name] = errors_all.get(name, 0) + count
     return (whole, cat(entropy), cat(mask), cat(adv), cat(zero_std.long()).bool(), gather_object(list(totals)),
             rewards_all, errors_all, gather_object(list(rows)), gather_object(list(task_of_group)))
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (a stop signal may reach only some ranks: they must agree)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), reduction="sum").item())
 
 
 # ----------------------------------------------------------------------------------------------- one process

@@ -125,7 +125,7 @@ def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
                 os.replace(base, out)
     else:
         accelerator.print(f"warm start: reusing {out}")
-    accelerator.wait_for_everyone()  # every rank, whichever branch it took: ranks may see the cache appear at different times
+    accelerator.wait_for_everyone()  # on every rank, whichever branch it took (ranks may see the cache at different times)
     model, tok = load_policy(out, dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
     return model, tok, str(out)
 
@@ -215,8 +215,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from rlk2.data import PromptSampler, check_columns, load_task_rows
-    from rlk2.distributed import (check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss, local_groups,
-                                  loss_scale, pad_to_global_width, sequence_seeds)
+    from rlk2.distributed import (any_rank, check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss,
+                                  local_groups, loss_scale, pad_to_global_width, sequence_seeds)
     from rlk2.evaluate import EvalTask, evaluate_policy
     from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
 
@@ -231,7 +231,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                  prompts_per_step=cfg.rollout.prompts_per_step, optimizer=cfg.optim.name, loss=cfg.algo.loss)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
-        accelerator.print(f"data parallel: {accelerator.num_processes} processes ({accelerator.distributed_type.value})")
+        accelerator.print(f"data parallel: {accelerator.num_processes} processes "
+                          f"({accelerator.distributed_type.value})")
     set_seed(cfg.run.seed)
     engine = RewardEngine(num_workers=2)
     specs = {t.name: [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in t.rewards] for t in cfg.tasks}
@@ -355,7 +356,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             parts.append(generate_rollouts(
                 unwrapped, tokenizer, [i for i in ids for _ in range(K)],
                 max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p, seeds=sequence_seeds(step_seed, first + len(rows_in_order), len(group_rows), K),
+                top_p=cfg.rollout.top_p,
+                seeds=sequence_seeds(step_seed, first + len(rows_in_order), len(group_rows), K),
             ))
             rows_in_order += group_rows
             task_of_group += [name] * len(group_rows)
@@ -497,7 +499,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             run_eval(step)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step != cfg.trainer.steps:
             checkpoint(step)
-        if stop.requested and step != cfg.trainer.steps:
+        if any_rank(accelerator, bool(stop.requested)) and step != cfg.trainer.steps:
             checkpoint(step)
             stop.restore()
             engine.close()
