@@ -84,6 +84,7 @@ def generate_rollouts(
     top_p: float = 1.0,
     greedy: bool = False,
     seed: int | None = None,
+    seeds: list[int] | None = None,
     record_logprobs: bool = True,
     record_routing: bool = False,
 ) -> Rollout:
@@ -98,6 +99,9 @@ def generate_rollouts(
     - a sequence that emits EOS leaves the batch (its cache rows are dropped), so later tokens cost less;
     - tokens are drawn by an exponential race, argmax(log p - log E) with E ~ Exp(1), which is exactly a draw
       from p, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
+    - or, with `seeds` (one per sequence), from counter-based noise: sequence i's draw at position t is a pure
+      function of (seeds[i], t), whatever else is in the batch, so a prompt group sampled on one of N processes
+      gets exactly the tokens it would get in a one-process batch (up to float ties);
     - the log-prob of each sampled token is read from the same log-softmax it was drawn from: no `output_scores`.
     The sampling distribution is softmax(logits / temperature) restricted to the top-p nucleus (HF's
     TopPLogitsWarper rule, keeping at least one token) — or the argmax with raw-logit log-probs when `greedy` —
@@ -111,8 +115,12 @@ def generate_rollouts(
     B, P = ids.shape
     eos_ids = _eos_ids(model, tokenizer)
     eos = torch.tensor(eos_ids, device=device)
-    rng = None
-    if seed is not None and not greedy:
+    rng = keys = None
+    if seeds is not None:
+        if seed is not None or len(seeds) != B:
+            raise ValueError(f"generate_rollouts: pass `seed` or one of `seeds` per sequence ({B}), not both")
+        keys = _mix64(torch.tensor([_to_int64(s) for s in seeds], dtype=torch.long, device=device))  # [B]
+    elif seed is not None and not greedy:
         rng = torch.Generator(device=device).manual_seed(seed)
 
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
@@ -147,7 +155,8 @@ def generate_rollouts(
             if greedy:
                 nxt = logprobs.argmax(dim=-1)
             else:
-                race = torch.empty_like(logprobs).exponential_(generator=rng)
+                race = torch.empty_like(logprobs).exponential_(generator=rng) if keys is None \
+                    else _sequence_exponentials(keys[active], t, logprobs.shape[1])
                 nxt = (logprobs - race.log()).argmax(dim=-1)  # [n]
             tokens[active, t] = nxt
             if record_logprobs:
@@ -183,6 +192,36 @@ def generate_rollouts(
     if routes is not None:
         routes = routes[:, :, : P + steps]
     return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts, routes)
+
+
+# Counter-based noise (the splitmix64 generator, as a pure function of (key, counter)) on int64 tensors.
+# torch's int64 multiply wraps modulo 2**64 and `>>` is arithmetic, so shifts are masked to be logical.
+_GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _to_int64(x: int) -> int:
+    x %= 1 << 64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function: a bijection on 64-bit words that scrambles every input bit."""
+    z = (z ^ _shr(z, 30)) * _to_int64(_M1)
+    z = (z ^ _shr(z, 27)) * _to_int64(_M2)
+    return z ^ _shr(z, 31)
+
+
+def _sequence_exponentials(keys: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
+    """[n, V] Exp(1) draws for decoding position t of n sequences: element (i, v) is word number t * V + v of the
+    splitmix64 stream that starts at keys[i], so a row depends on its own key only (not on the batch)."""
+    counter = torch.arange(t * vocab, (t + 1) * vocab, dtype=torch.long, device=keys.device)  # [V]
+    z = _mix64(keys.unsqueeze(1) + counter * _to_int64(_GOLDEN))  # [n, V]
+    uniform = (_shr(z, 11).double() + 0.5) * 2.0**-53  # 53 random bits -> (0, 1), never 0 or 1
+    return -torch.log(uniform)
 
 
 def _sampling_logprobs(logits: torch.Tensor, *, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:

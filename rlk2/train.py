@@ -13,7 +13,8 @@ Algorithm (one optimizer step):
 
 Deliberate simplifications: rollouts come from HF `generate` on the training process (no separate inference
 engine); one rollout batch per step (no partial rollouts); the KL-to-reference term is not implemented
-(off by default in DESIGN.md); multi-process runs split prompts across ranks (see issue on scale-out).
+(off by default in DESIGN.md); multi-process (DDP) runs split the prompt groups across ranks and reproduce
+the one-process run (rlk2.distributed); sharded parameters (FSDP, DeepSpeed) are refused.
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
                 from rlk2.rollout import encode_prompts
 
                 texts = [tok.decode(ids) for ids in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=cfg.policy.chat_template)]
-                run_sft(base, out, rows, prompt_texts=texts, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=cfg.run.seed)
+                from rlk2.distributed import run_alone
+
+                run_alone(accelerator.num_processes, run_sft, base, out, rows, prompt_texts=texts, steps=ws.steps,
+                          batch_size=ws.batch_size, lr=ws.lr, seed=cfg.run.seed)
             else:
                 os.replace(base, out)
-        accelerator.wait_for_everyone()
     else:
         accelerator.print(f"warm start: reusing {out}")
+    accelerator.wait_for_everyone()  # on every rank, whichever branch it took (ranks may see the cache at different times)
     model, tok = load_policy(out, dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
     return model, tok, str(out)
 
@@ -223,6 +227,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from rlk2.data import PromptSampler, check_columns, load_task_rows
+    from rlk2.distributed import (any_rank, check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss,
+                                  local_groups, loss_scale, pad_to_global_width, sequence_seeds)
     from rlk2.evaluate import EvalTask, evaluate_policy
     from rlk2.moe import RouterControl
     from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
@@ -232,7 +238,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     run_dir = cfg.run_dir
     if not resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
         raise UserError(f"run.dir {run_dir} exists and is not empty (use --resume {run_dir}, or run.overwrite=true)")
-    accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_dir))
+    accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_dir),
+                              kwargs_handlers=ddp_kwargs(), cpu=cpu_only_launch())
+    check_launch(distributed_type=accelerator.distributed_type, num_processes=accelerator.num_processes,
+                 prompts_per_step=cfg.rollout.prompts_per_step, optimizer=cfg.optim.name, loss=cfg.algo.loss)
+    accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
+    if accelerator.num_processes > 1:
+        accelerator.print(f"data parallel: {accelerator.num_processes} processes "
+                          f"({accelerator.distributed_type.value})")
     set_seed(cfg.run.seed)
     cfg = _drop_tasks_without_sandbox(cfg, accelerator)
     engine = RewardEngine(num_workers=2)
@@ -278,7 +291,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     metrics_file = MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
     if accelerator.is_main_process and not resume:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source}, indent=2))
+        (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source,
+                                                       "processes": accelerator.num_processes}, indent=2))
 
     if cfg.policy.lora.enabled and ckpt is None:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
@@ -309,6 +323,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
 
     def run_eval(step: int) -> dict:
+        if not accelerator.is_main_process:  # replicas are identical: the main process evaluates, the rest wait
+            accelerator.wait_for_everyone()
+            return {}
         t0 = time.perf_counter()
         res = evaluate_policy(
             accelerator.unwrap_model(model), tokenizer, eval_tasks, engine,
@@ -320,6 +337,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         metrics_file.write(row)
         if cfg.trainer.trackers:
             accelerator.log(res.metrics, step=step)
+        accelerator.wait_for_everyone()
         return res.metrics
 
     def checkpoint(step: int) -> None:
@@ -350,7 +368,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         step_seed = cfg.run.seed * 1_000_003 + step
         # ---------------------------------------------------------------- rollout
         t0 = time.perf_counter()
-        picked = sampler.sample(cfg.rollout.prompts_per_step, step)
+        # This rank's whole groups of the global batch; `first` is the global index of its first group.
+        picked, first = local_groups(sampler.sample(cfg.rollout.prompts_per_step, step), list(tasks_by_name),
+                                     rank=accelerator.process_index, world=accelerator.num_processes)
         parts, rows_in_order, task_of_group = [], [], []
         unwrapped = accelerator.unwrap_model(model)
         for name in tasks_by_name:
@@ -361,11 +381,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             parts.append(generate_rollouts(
                 unwrapped, tokenizer, [i for i in ids for _ in range(K)],
                 max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p, seed=step_seed + len(parts), record_routing=moe.enabled,
+                top_p=cfg.rollout.top_p, record_routing=moe.enabled,
+                seeds=sequence_seeds(step_seed, first + len(rows_in_order), len(group_rows), K),
             ))
             rows_in_order += group_rows
             task_of_group += [name] * len(group_rows)
         ro = concat_rollouts(parts, tokenizer.pad_token_id).to(accelerator.device)
+        ro = pad_to_global_width(accelerator, ro, tokenizer.pad_token_id)
         t_rollout = time.perf_counter() - t0
 
         # ---------------------------------------------------------------- score
@@ -424,13 +446,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
               "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
         skipped = 0
         moe_row: dict = {}
+        scale = loss_scale(accelerator, cfg.algo.loss, mask)  # 1.0 on one process (see rlk2.distributed)
         for _ in range(cfg.algo.inner_steps):
             with moe.training_forward(ro) as routed:  # replays the rollout's experts when moe.router_replay
                 logp, entropy = policy_logprobs(model, ro, temperature=cfg.rollout.temperature, with_entropy=True)
             loss, loss_metrics = loss_fn(logp, ro.old_logp, adv, mask, **hp)
             loss = loss + routed.aux_loss
             moe_row = moe_row or routed.metrics()  # routing of the step's first forward (pi_old's weights)
-            accelerator.backward(loss)
+            accelerator.backward(loss * scale if scale != 1.0 else loss)
+            if accelerator.num_processes > 1:  # log (and judge finiteness by) the global batch's loss, on every rank
+                loss, loss_metrics = global_loss(accelerator, loss_fn, logp, ro.old_logp, adv, mask, hp)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -454,6 +479,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         t_update = time.perf_counter() - t0
 
         # ---------------------------------------------------------------- log
+        if accelerator.num_processes > 1:  # from here on every name holds the global batch, as on one process
+            ro, entropy, mask, adv, zero_std, totals, per_reward, errors, rows_in_order, task_of_group = gather_step(
+                accelerator, ro=ro, entropy=entropy, mask=mask, adv=adv, zero_std=zero_std, totals=totals,
+                per_reward=per_reward, errors=errors, rows=rows_in_order, task_of_group=task_of_group)
         n_samples = len(totals)
         good = [r for r in totals if r is not None]
         ntokens = int(ro.completion_mask.sum())
@@ -507,7 +536,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             run_eval(step)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step != cfg.trainer.steps:
             checkpoint(step)
-        if stop.requested and step != cfg.trainer.steps:
+        if any_rank(accelerator, bool(stop.requested)) and step != cfg.trainer.steps:
             checkpoint(step)
             stop.restore()
             engine.close()
