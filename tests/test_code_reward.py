@@ -167,3 +167,17 @@ def test_through_the_reward_engine_in_the_callers_pool(backend):
     assert fraction == [1.0, 0.5, 0.0]  # sq(2) == 4 also holds for x + x
     assert binary == [1.0, 0.0, 0.0]
     assert code_reward._SHARED._pool is not None  # the engine ran it here, in this process's pool
+
+
+def test_builtin_pyfunc_gold_programs_pass_and_altered_ones_fail(backend):
+    from rlk2.data import builtin_split
+
+    rows = builtin_split("pyfunc", "eval")
+    gold = code([r["completion"] for r in rows], prompts=[r["prompt"] for r in rows], tests=[r["tests"] for r in rows],
+                binary=True)
+    assert gold == [1.0] * len(rows)
+    # The same programs with the last constant off by one fail their hidden tests.
+    altered = [r["completion"][:-1] + str((int(r["completion"][-1]) + 1) % 10) if r["completion"][-1].isdigit()
+               else r["completion"].replace("return ", "return 1 + ") for r in rows]
+    bad = code(altered, prompts=[r["prompt"] for r in rows], tests=[r["tests"] for r in rows], binary=True)
+    assert bad == [0.0] * len(rows)

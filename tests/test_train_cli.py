@@ -224,3 +224,29 @@ def test_malformed_dataset_line_is_named(tmp_path):
     proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"tasks.0.source={data}")
     assert proc.returncode == 2 and f"{data}:3: malformed JSON" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def _two_tasks(source: str) -> str:
+    return (f"tasks=[{{name: max, source: 'builtin:max', eval_size: 4, rewards: [{{name: math}}]}}, "
+            f"{{name: pyfunc, source: '{source}', eval_size: 4, max_new_tokens: 8, rewards: [{{name: code}}]}}]")
+
+
+def test_without_any_sandbox_the_builtin_code_task_is_left_out_and_user_code_tasks_refused(tmp_path):
+    import os
+
+    env = {**os.environ, "RLK2_SANDBOX_BACKEND": "docker", "RLK2_SANDBOX_ENGINES": "unix:///nonexistent/docker.sock"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "rlk2.cli", "train", *a], capture_output=True, text=True,
+                                    timeout=600, env=env)
+    data = Path(__file__).parent / "data" / "code_tasks.jsonl"
+    refused = run(*tiny_overrides(tmp_path, "user"), _two_tasks(str(data)))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "tasks[1] (pyfunc): the code reward needs a sandbox and none works here (docker:" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "user").exists()
+
+    demo = run(*tiny_overrides(tmp_path, "demo"), _two_tasks("builtin:pyfunc"))
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    notes = [l for l in demo.stdout.splitlines() if "no sandbox backend works here" in l]
+    assert len(notes) == 1 and "the 'pyfunc' code task is left out" in notes[0]
+    rows = [json.loads(l) for l in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith(("eval/pyfunc", "rewards/code")) for r in rows for k in r)
+    assert any("eval/max/pass@1" in r for r in rows)
