@@ -214,6 +214,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     from rewards.format import budget_penalty
     from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from rlk2.controls import (group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, select_rows,
+                               temperature_at)
     from rlk2.data import PromptSampler, check_columns, load_task_rows
     from rlk2.evaluate import EvalTask, evaluate_policy
     from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
@@ -245,6 +247,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             EvalTask(task.name, [r["prompt"] for r in held], {c: [r.get(c) for r in held] for c in columns},
                      specs[task.name], task.max_new_tokens)
         )
+    ptx_rows = load_ptx_rows(cfg.algo.ptx.source) if cfg.algo.ptx.weight > 0 else None
     ckpt = None
     if resume:
         ckpt = latest_checkpoint(run_dir)
@@ -277,7 +280,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    sampler = PromptSampler(train_rows, {t.name: t.weight for t in cfg.tasks}, seed=cfg.run.seed)
+    sampler = PromptSampler(train_rows, {t.name: t.weight for t in cfg.tasks}, seed=cfg.run.seed,
+                            sampling=cfg.rollout.sampling, priority_floor=cfg.rollout.priority_floor)
+    ptx_sampler = PromptSampler({"ptx": ptx_rows}, {"ptx": 1.0}, seed=cfg.run.seed + 1) if ptx_rows else None
     tasks_by_name = {t.name: t for t in cfg.tasks}
     loss_fn = LOSSES[cfg.algo.loss]
     scale_adv = SCALE_ADVANTAGES[cfg.algo.loss]
@@ -290,6 +295,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        if ptx_sampler is not None and "ptx_sampler" in state:
+            ptx_sampler.load_state_dict(state["ptx_sampler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
         metrics_file.truncate_after(start_step)
@@ -313,6 +320,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "sampler": sampler.state_dict(), "rng": rng_state(), "config": to_yaml(cfg)}
+            if ptx_sampler is not None:
+                state["ptx_sampler"] = ptx_sampler.state_dict()
             try:
                 save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, state,
                                 keep_last=cfg.trainer.keep_last)
@@ -335,6 +344,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     stop = _GracefulStop()
     for step in bar:
         step_seed = cfg.run.seed * 1_000_003 + step
+        # K2 temperature decay: this step samples AND computes training log-probs at this temperature.
+        temperature = temperature_at(step, start=cfg.rollout.temperature, end=cfg.rollout.temperature_end,
+                                     decay_steps=cfg.rollout.temperature_decay_steps or cfg.trainer.steps - 1,
+                                     schedule=cfg.rollout.temperature_schedule)
         # ---------------------------------------------------------------- rollout
         t0 = time.perf_counter()
         picked = sampler.sample(cfg.rollout.prompts_per_step, step)
@@ -347,7 +360,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             ids = encode_prompts(tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
             parts.append(generate_rollouts(
                 unwrapped, tokenizer, [i for i in ids for _ in range(K)],
-                max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=cfg.rollout.temperature,
+                max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=temperature,
                 top_p=cfg.rollout.top_p, seed=step_seed + len(parts),
             ))
             rows_in_order += group_rows
@@ -391,6 +404,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             counts = ", ".join(f"{k}: {v}" for k, v in errors.items() if v)
             accelerator.print(f"warning: step {step}: {n_unscorable}/{len(totals)} responses unscorable "
                               f"({counts or 'no reward error counted'}); they are left out of their groups' baselines")
+        for g, (succ, scored) in enumerate(group_success(totals, K, threshold=cfg.rollout.success_threshold)):
+            sampler.record(task_of_group[g], rows_in_order[g], succ, scored)
 
         # ---------------------------------------------------------------- advantage
         P = len(rows_in_order)
@@ -404,15 +419,32 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
             drop = torch.tensor([task_of_group[j // K] in masked_tasks for j in range(len(totals))], device=mask.device)
             mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
+        train_ro, train_adv, train_mask = ro, adv, mask  # the sequences the policy loss sees
+        if cfg.algo.filter_zero_std:  # dynamic filtering: groups whose rewards all tie leave the loss
+            keep = kept_sequences(zero_std, K).to(accelerator.device)
+            train_ro, train_adv, train_mask = select_rows(ro, keep), adv[keep], mask[keep]
+        ptx = None
+        if ptx_sampler is not None:
+            ptx_rows_now = [row for _, row in ptx_sampler.sample(cfg.algo.ptx.batch_size, step)]
+            ptx = ptx_batch(tokenizer, ptx_rows_now, chat_template=cfg.policy.chat_template).to(accelerator.device)
 
         # ---------------------------------------------------------------- update
         t0 = time.perf_counter()
         hp = {"tau": cfg.algo.tau, "length_norm": cfg.algo.length_norm,
               "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
         skipped = 0
-        for _ in range(cfg.algo.inner_steps):
-            logp, entropy = policy_logprobs(model, ro, temperature=cfg.rollout.temperature, with_entropy=True)
-            loss, loss_metrics = loss_fn(logp, ro.old_logp, adv, mask, **hp)
+        has_rl = train_ro.completion_ids.shape[0] > 0
+        loss, loss_metrics, entropy, grad_norm = torch.zeros(()), {}, None, torch.tensor(0.0)
+        # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
+        for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
+            loss, loss_metrics = torch.zeros((), device=accelerator.device), {}
+            if has_rl:
+                logp, entropy = policy_logprobs(model, train_ro, temperature=temperature, with_entropy=True)
+                loss, loss_metrics = loss_fn(logp, train_ro.old_logp, train_adv, train_mask, **hp)
+            if ptx is not None:
+                lm = ptx_loss(model, ptx)
+                loss_metrics = {**loss_metrics, "loss/policy": float(loss.detach()), "loss/ptx": float(lm.detach())}
+                loss = loss + cfg.algo.ptx.weight * lm
             accelerator.backward(loss)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
@@ -445,12 +477,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             "reward/mean": sum(good) / len(good) if good else float("nan"),
             "frac_reward_zero_std": float(zero_std.float().mean()),
             "frac_unscorable": 1.0 - len(good) / n_samples,
-            "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+            "entropy": float((entropy * train_mask).sum() / train_mask.sum().clamp(min=1)) if has_rl else float("nan"),
             "completion/mean_length": float(ro.num_tokens.float().mean()),
             "completion/clipped_ratio": float(ro.truncated.float().mean()),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "skipped_steps": bad_total,
+            "rollout/temperature": temperature,
+            "groups/kept": len(train_adv) // K,
             **loss_metrics,
             "time/rollout": t_rollout,
             "time/reward": t_reward,
