@@ -89,3 +89,31 @@ def test_temperature_decay_prioritized_sampling_and_filtering_in_one_run(tmp_pat
     rows_max = builtin_split("max", "train")
     solved = [i for i in success if int(rows_max[i]["prompt"][4:6]) % 2 == 0]
     assert solved and all(success[i] == [4, 4] for i in solved)  # tied at 1.0: success rate 1 -> weight = floor
+
+
+@pytest.mark.slow
+def test_resume_with_every_control_on_matches_an_uninterrupted_run(tmp_path):
+    """Success counts, the PTX data position and the temperature schedule all continue exactly after a resume."""
+    controls = [f"tasks.0.rewards={TIES}", "tasks.0.overlong_penalty=0", "rollout.temperature=1.5",
+                "rollout.temperature_end=0.5", "rollout.temperature_decay_steps=3", "rollout.sampling=prioritized",
+                "algo.filter_zero_std=true", "algo.ptx.weight=0.5", "algo.ptx.source=builtin:max",
+                "algo.ptx.batch_size=3", "trainer.save_every=1", "trainer.keep_last=0"]
+    full = rlk2("train", *tiny(tmp_path, "full", steps=4), *controls)
+    assert full.returncode == 0, full.stderr[-2000:]
+    part = rlk2("train", *tiny(tmp_path, "part", steps=2), *controls)
+    assert part.returncode == 0, part.stderr[-2000:]
+    resumed = rlk2("train", "--resume", str(tmp_path / "part"), "trainer.steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def stable(run):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in step_rows(run)]
+
+    a, b = stable(tmp_path / "full"), stable(tmp_path / "part")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+    assert [r["rollout/temperature"] for r in a] == pytest.approx([1.5, 1.5 - 1 / 3, 0.5 + 1 / 3, 0.5])
+    states = [torch.load(tmp_path / run / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=False)
+              for run in ("full", "part")]
+    assert states[0]["sampler"]["success"] == states[1]["sampler"]["success"]  # 4 steps of counts in both
+    assert sum(n for _, n in states[1]["sampler"]["success"]["max"].values()) == 4 * 4 * 4
+    assert states[0]["ptx_sampler"] == states[1]["ptx_sampler"]
