@@ -10,6 +10,9 @@ Algorithm (one optimizer step):
   4. the policy loss (`algo.loss`, default `k2`: the squared mirror-descent objective of Kimi k1.5 / K2),
      `inner_steps` optimizer steps on the batch (AdamW or MuonClip), then QK-Clip inside MuonClip's step;
   5. log (metrics.jsonl, trackers, progress bar), evaluate every `eval.every` steps, checkpoint.
+K2 training controls (rlk2/controls.py; all off by default): a decaying sampling temperature (used for sampling and
+for the training log-probs alike), prioritized prompt sampling by tracked success rate, dropping groups whose
+rewards all tie from the loss, and the PTX loss on curated (prompt, completion) data added with a weight.
 
 Deliberate simplifications: rollouts come from HF `generate` on the training process (no separate inference
 engine); one rollout batch per step (no partial rollouts); the KL-to-reference term is not implemented
