@@ -9,9 +9,7 @@ comparable across runs.
 from __future__ import annotations
 
 import gzip
-import heapq
 import json
-import math
 import random
 import zlib
 from pathlib import Path
@@ -188,15 +186,21 @@ class PromptSampler:
 
     def _prioritized(self, name: str, count: int, step: int) -> list[Row]:
         # Weighted draw without replacement (Efraimidis-Spirakis): the `take` rows with the largest
-        # log(u) / weight, u ~ U(0, 1). More than a task's row count in one step: further rounds.
-        rng = random.Random(f"{self.seed}/prioritized/{name}/{step}")
+        # log(u) / weight, u ~ U(0, 1]. More than a task's row count in one step: further rounds.
+        import numpy as np
+
         rows = self.task_rows[name]
-        weights = [self.priority(name, i) for i in range(len(rows))]
+        weights = np.ones(len(rows))  # unseen rows: success 0, weight 1
+        for i in self.success[name]:
+            weights[i] = self.priority(name, i)
+        seed = random.Random(f"{self.seed}/prioritized/{name}/{step}").getrandbits(64)
+        rng = np.random.default_rng(seed)
         out: list[Row] = []
         while len(out) < count:
             take = min(count - len(out), len(rows))
-            keys = [math.log(1.0 - rng.random()) / w for w in weights]
-            out += [rows[i] for i in heapq.nlargest(take, range(len(rows)), key=keys.__getitem__)]
+            keys = np.log1p(-rng.random(len(rows))) / weights  # [N], all <= 0
+            top = np.argpartition(-keys, take - 1)[:take]
+            out += [rows[i] for i in top[np.argsort(-keys[top], kind="stable")]]
         return out
 
     def sample(self, n: int, step: int) -> list[tuple[str, Row]]:
