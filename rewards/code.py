@@ -154,7 +154,17 @@ def code(completions: list[str], *, prompts: list[str], tests: list[str | None] 
     except SandboxError as exc:
         log.error("code reward: no sandbox (%s); %d rows unscorable", exc, len(jobs))
         return rewards
-    futures = {i: pool.submit(job) for i, job in jobs.items()}
+    # Identical programs with identical tests run once per call: the K samples of a group often coincide once the
+    # policy has converged, and a verdict does not depend on which row asked for it.
+    first_of: dict[tuple, int] = {}
+    futures = {}
+    for i, job in jobs.items():
+        key = (job.code, job.tests, repr(job.test_cases), job.entry_point)
+        if key not in first_of:
+            first_of[key] = i
+            futures[i] = pool.submit(job)
+        else:
+            futures[i] = futures[first_of[key]]
     unscorable = 0
     for i, fut in futures.items():
         result = fut.result()

@@ -194,8 +194,8 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"
-    """Optimizer: adamw | muonclip."""
+    name: str = "muonclip"
+    """Optimizer: muonclip (K2's Muon + QK-Clip, the default; see rlk2/optim/README.md) | adamw."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
@@ -244,6 +244,26 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    router_replay: bool = True
+    """Force the experts recorded during generation in the training forward (gate weights still come from the
+    current router, which keeps its gradient). On by default: a top-k flip between the sampling and the training
+    forward makes pi_theta / pi_old compare two different networks. No effect on dense policies (rlk2.moe)."""
+    bias_update_rate: float = 1e-3
+    """DeepSeek-V3 auxiliary-loss-free balancing: after each optimizer step, e_score_correction_bias_i +=
+    rate * sign(mean load - load_i) in every MoE layer that has the buffer (0 = off; the paper used 1e-3)."""
+    aux_loss_coef: float = 0.0
+    """Weight of transformers' load-balancing loss over the training forward's router logits (Qwen3-MoE,
+    Mixtral, ...; 0 = off). DeepSeek-V3-family routers have none: use bias_update_rate."""
+
+    def __post_init__(self) -> None:
+        if self.bias_update_rate < 0:
+            raise UserError("moe.bias_update_rate: must be >= 0 (0 turns the bias update off)")
+        if self.aux_loss_coef < 0:
+            raise UserError("moe.aux_loss_coef: must be >= 0 (0 turns the loss off)")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -254,6 +274,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         if not self.tasks:

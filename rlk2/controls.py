@@ -5,7 +5,7 @@
   computed between two distributions at the same temperature.
 - `group_success`: per prompt, how many of its K responses succeeded — fed to the prioritized prompt sampler
   (rlk2.data.PromptSampler, Kimi k1.5's "sample prompt i with probability proportional to 1 - success_i").
-- `kept_sequences` / `select_rows`: DAPO-style dynamic filtering of groups whose rewards all tie.
+- `kept_sequences`: DAPO-style dynamic filtering of groups whose rewards all tie (the rows the loss keeps).
 - `load_ptx_rows`, `ptx_batch`, `ptx_loss`: K2's PTX loss, an auxiliary next-token loss on curated
   (prompt, completion) pairs added to the RL loss with a weight.
 
@@ -19,7 +19,9 @@ policy-gradient term; it only enters through normalisation and, for k2, through 
   zero-advantage response has no gradient either way).
 - `dapo`: one token-level mean, so the gradient is scaled by (tokens in the batch) / (tokens in kept groups).
 With AdamW or Muon the overall scale matters little (both normalise the update), but it changes the balance
-against the PTX loss and what gradient clipping sees, and it spares the training forward for the dropped groups.
+against the PTX loss and what gradient clipping sees. The training forward still covers the whole batch (every
+process of a multi-process run keeps the same shapes, and MoE router replay works on the recorded rollout); the
+dropped rows are cut from the loss only.
 Unscorable responses (None) are left out of the tie test by `group_advantages`; a group with fewer than two
 valid rewards counts as tied and is dropped too. Refilling the batch with new prompts (DAPO's over-sampling) is
 not done: a step trains on the groups it kept, and on none when every group tied.
@@ -78,17 +80,6 @@ def kept_sequences(zero_std: torch.Tensor, group_size: int) -> torch.Tensor:
     """Indices [B'] of the sequences whose group has a reward spread (zero_std [P] bool, groups of K consecutive)."""
     keep = (~zero_std.bool()).repeat_interleave(group_size)  # [P * K]
     return keep.nonzero().squeeze(1)
-
-
-def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
-    """The rollout restricted to the sequences in `index` (prompt / completion widths unchanged)."""
-    idx = index.to(rollout.completion_ids.device)
-    return Rollout(
-        prompt_ids=rollout.prompt_ids[idx], prompt_mask=rollout.prompt_mask[idx],
-        completion_ids=rollout.completion_ids[idx], completion_mask=rollout.completion_mask[idx],
-        old_logp=rollout.old_logp[idx], truncated=rollout.truncated[idx],
-        texts=[rollout.texts[i] for i in index.tolist()],
-    )
 
 
 # ----------------------------------------------------------------------------------------------- PTX loss

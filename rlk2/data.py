@@ -50,7 +50,40 @@ def _max_rows() -> list[Row]:
     return rows
 
 
-BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {"arith": _arith_rows, "max": _max_rows}
+# The steps of `pyfunc` programs: (words in the prompt, how the step rewrites the expression so far).
+_PYFUNC_STEPS: list[tuple[str, Callable[[str, int], str]]] = [
+    ("add {k}", lambda e, k: f"{e} + {k}"),
+    ("subtract {k}", lambda e, k: f"{e} - {k}"),
+    ("multiply by {k}", lambda e, k: f"({e}) * {k}" if " " in e else f"{e} * {k}"),
+    ("take the max with {k}", lambda e, k: f"max({e}, {k})"),
+    ("take the min with {k}", lambda e, k: f"min({e}, {k})"),
+]
+
+
+def _pyfunc_rows() -> list[Row]:
+    """Small Python functions checked by hidden unit tests (the `code` reward, in a sandbox).
+
+    'Write f(x): add 7, then multiply by 3.' -> `def f(x): return (x + 7) * 3` (no fence, to keep responses short:
+    the reward takes the whole completion as the program when it has no fenced block); the hidden tests call f on
+    four inputs the prompt does not show. Two steps over five operations and constants 2..9: 1,600 problems.
+    """
+    rng = random.Random(_SPLIT_SEED + 2)
+    rows = []
+    for i, (first, f1) in enumerate(_PYFUNC_STEPS):
+        for j, (second, f2) in enumerate(_PYFUNC_STEPS):
+            for a in range(2, 10):
+                for b in range(2, 10):
+                    expr = f2(f1("x", a), b)
+                    fn = eval(f"lambda x: {expr}")  # noqa: S307 - our own generated expression
+                    xs = rng.sample(range(-20, 21), 4)
+                    tests = "\n".join(f"assert f({x}) == {fn(x)}" for x in xs)
+                    prompt = f"Write f(x): {first.format(k=a)}, then {second.format(k=b)}."
+                    rows.append({"prompt": prompt, "tests": tests,
+                                 "completion": f"def f(x):\n    return {expr}"})
+    return rows
+
+
+BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {"arith": _arith_rows, "max": _max_rows, "pyfunc": _pyfunc_rows}
 
 
 def builtin_split(name: str, split: str) -> list[Row]:
@@ -215,9 +248,13 @@ class PromptSampler:
             return [(t, row) for t in names for row in self._prioritized(t, counts[t], step)]
         return [(t, self._next(t)) for t in names for _ in range(counts[t])]
 
-    def record(self, name: str, row: Row, successes: int, scored: int) -> None:
-        """Add one visit's outcome for a row returned by `sample`: `successes` of its `scored` responses succeeded."""
-        stats = self.success[name].setdefault(self._row_index[name][id(row)], [0, 0])
+    def index_of(self, name: str, row: Row) -> int:
+        """Position in its task of a row returned by `sample` (the key of its success counts)."""
+        return self._row_index[name][id(row)]
+
+    def record(self, name: str, index: int, successes: int, scored: int) -> None:
+        """Add one visit's outcome for row `index` of task `name`: `successes` of its `scored` responses succeeded."""
+        stats = self.success[name].setdefault(index, [0, 0])
         stats[0] += successes
         stats[1] += scored
 

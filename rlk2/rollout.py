@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rlk2.moe import RouterProbe, find_routers
+
 
 @dataclass
 class Rollout:
@@ -26,6 +28,9 @@ class Rollout:
     old_logp: torch.Tensor  # [B, T] log-prob of each sampled token under the sampling distribution
     truncated: torch.Tensor  # [B] bool: hit the token budget without EOS
     texts: list[str] = field(default_factory=list)  # decoded completions (special tokens dropped)
+    # [L, B, P+T, k] int16: the experts each token was routed to in each MoE layer during generation, -1 where
+    # nothing was recorded (padding, the never-fed-back last token); None unless recorded (rlk2.moe router replay).
+    routed_experts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> torch.Tensor:  # [B]
@@ -34,6 +39,8 @@ class Rollout:
     def to(self, device: torch.device) -> "Rollout":
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp", "truncated"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.routed_experts is not None:
+            self.routed_experts = self.routed_experts.to(device)
         return self
 
 
@@ -77,11 +84,14 @@ def generate_rollouts(
     top_p: float = 1.0,
     greedy: bool = False,
     seed: int | None = None,
+    seeds: list[int] | None = None,
     record_logprobs: bool = True,
+    record_routing: bool = False,
 ) -> Rollout:
     """Sample one completion per prompt (repeat prompts K times for groups) and record old log-probs.
 
-    `record_logprobs=False` (evaluation) leaves `old_logp` at zero.
+    `record_logprobs=False` (evaluation) leaves `old_logp` at zero. `record_routing=True` stores the top-k experts
+    of every fed token in every MoE layer as `routed_experts` (router replay, rlk2.moe; nothing for dense models).
 
     A lean decoding loop over the model's forward and KV cache instead of `model.generate` (profiling showed
     generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
@@ -89,6 +99,9 @@ def generate_rollouts(
     - a sequence that emits EOS leaves the batch (its cache rows are dropped), so later tokens cost less;
     - tokens are drawn by an exponential race, argmax(log p - log E) with E ~ Exp(1), which is exactly a draw
       from p, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
+    - or, with `seeds` (one per sequence), from counter-based noise: sequence i's draw at position t is a pure
+      function of (seeds[i], t), whatever else is in the batch, so a prompt group sampled on one of N processes
+      gets exactly the tokens it would get in a one-process batch (up to float ties);
     - the log-prob of each sampled token is read from the same log-softmax it was drawn from: no `output_scores`.
     The sampling distribution is softmax(logits / temperature) restricted to the top-p nucleus (HF's
     TopPLogitsWarper rule, keeping at least one token) — or the argmax with raw-logit log-probs when `greedy` —
@@ -102,21 +115,35 @@ def generate_rollouts(
     B, P = ids.shape
     eos_ids = _eos_ids(model, tokenizer)
     eos = torch.tensor(eos_ids, device=device)
-    rng = None
-    if seed is not None and not greedy:
+    rng = keys = None
+    if seeds is not None:
+        if seed is not None or len(seeds) != B:
+            raise ValueError(f"generate_rollouts: pass `seed` or one of `seeds` per sequence ({B}), not both")
+        keys = _mix64(torch.tensor([_to_int64(s) for s in seeds], dtype=torch.long, device=device))  # [B]
+    elif seed is not None and not greedy:
         rng = torch.Generator(device=device).manual_seed(seed)
 
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
     old_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    routers = find_routers(model) if record_routing else []
+    probe = RouterProbe(routers)
+    routes = None
+    if routers:  # [L, B, P + T_max, k]; experts fit int16 (the largest MoEs have a few hundred)
+        top_k = routers[0][1].top_k
+        routes = torch.full((len(routers), B, P + max_new_tokens, top_k), -1, dtype=torch.int16, device=device)
     was_training = model.training
     model.eval()
     try:
+        probe.__enter__()
         # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
         distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
         d_ids, d_mask = distinct[:, :P], distinct[:, P:]
         out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
         cache = out.cache
+        if routes is not None:  # prefill rows are the U distinct prompts: expand to B; left padding is not a token
+            used = probe.take().view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
+            routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
         cache.reorder_cache(row_of)
         logits = out.logits[row_of, -1]  # [B, V]
         active = torch.arange(B, device=device)  # batch rows still generating, in cache order
@@ -128,7 +155,8 @@ def generate_rollouts(
             if greedy:
                 nxt = logprobs.argmax(dim=-1)
             else:
-                race = torch.empty_like(logprobs).exponential_(generator=rng)
+                race = torch.empty_like(logprobs).exponential_(generator=rng) if keys is None \
+                    else _sequence_exponentials(keys[active], t, logprobs.shape[1])
                 nxt = (logprobs - race.log()).argmax(dim=-1)  # [n]
             tokens[active, t] = nxt
             if record_logprobs:
@@ -146,7 +174,10 @@ def generate_rollouts(
                         cache=cache, use_cache=True)
             logits = out.logits[:, -1]
             pos = pos + 1
+            if routes is not None:  # the forward just fed completion token t of the active rows
+                routes[:, active, P + t] = probe.take().to(routes.dtype)
     finally:
+        probe.__exit__(None, None, None)
         model.train(was_training)
 
     completion, old_logp = tokens[:, :steps], old_logp[:, :steps]  # [B, T]
@@ -158,7 +189,39 @@ def generate_rollouts(
     completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad_id))
     old_logp = old_logp * cmask
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-    return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts)
+    if routes is not None:
+        routes = routes[:, :, : P + steps]
+    return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts, routes)
+
+
+# Counter-based noise (the splitmix64 generator, as a pure function of (key, counter)) on int64 tensors.
+# torch's int64 multiply wraps modulo 2**64 and `>>` is arithmetic, so shifts are masked to be logical.
+_GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _to_int64(x: int) -> int:
+    x %= 1 << 64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function: a bijection on 64-bit words that scrambles every input bit."""
+    z = (z ^ _shr(z, 30)) * _to_int64(_M1)
+    z = (z ^ _shr(z, 27)) * _to_int64(_M2)
+    return z ^ _shr(z, 31)
+
+
+def _sequence_exponentials(keys: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
+    """[n, V] Exp(1) draws for decoding position t of n sequences: element (i, v) is word number t * V + v of the
+    splitmix64 stream that starts at keys[i], so a row depends on its own key only (not on the batch)."""
+    counter = torch.arange(t * vocab, (t + 1) * vocab, dtype=torch.long, device=keys.device)  # [V]
+    z = _mix64(keys.unsqueeze(1) + counter * _to_int64(_GOLDEN))  # [n, V]
+    uniform = (_shr(z, 11).double() + 0.5) * 2.0**-53  # 53 random bits -> (0, 1), never 0 or 1
+    return -torch.log(uniform)
 
 
 def _sampling_logprobs(logits: torch.Tensor, *, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
@@ -216,4 +279,19 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         old_logp=torch.cat([pad(r.old_logp, T, 0.0, False) for r in parts]),
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
+        routed_experts=_concat_routes(parts, P, T),
     )
+
+
+def _concat_routes(parts: list[Rollout], P: int, T: int) -> torch.Tensor | None:
+    """Recorded routing [L, B, P+T, k] of joined rollouts: prompt part left padded, completion part right padded."""
+    if any(r.routed_experts is None for r in parts):
+        return None
+    out = []
+    for r in parts:
+        p = r.prompt_ids.shape[1]
+        prompt, completion = r.routed_experts[:, :, :p], r.routed_experts[:, :, p:]  # [L, b, p, k], [L, b, t, k]
+        prompt = F.pad(prompt, (0, 0, P - p, 0), value=-1)
+        completion = F.pad(completion, (0, 0, 0, T - completion.shape[2]), value=-1)
+        out.append(torch.cat([prompt, completion], dim=2))
+    return torch.cat(out, dim=1)

@@ -16,7 +16,8 @@ rewards all tie from the loss, and the PTX loss on curated (prompt, completion) 
 
 Deliberate simplifications: rollouts come from HF `generate` on the training process (no separate inference
 engine); one rollout batch per step (no partial rollouts); the KL-to-reference term is not implemented
-(off by default in DESIGN.md); multi-process runs split prompts across ranks (see issue on scale-out).
+(off by default in DESIGN.md); multi-process (DDP) runs split the prompt groups across ranks and reproduce
+the one-process run (rlk2.distributed); sharded parameters (FSDP, DeepSpeed) are refused.
 """
 
 from __future__ import annotations
@@ -115,18 +116,29 @@ def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
             if ws.enabled:
                 accelerator.print(f"warm start: SFT {ws.steps} steps on built-in tasks (cached in {out})")
                 _, tok = load_policy(base)
-                rows = [r for rs in task_rows.values() for r in rs if "completion" in r][: ws.examples]
+                rows = _interleave([[r for r in rs if "completion" in r] for rs in task_rows.values()])[: ws.examples]
                 from rlk2.rollout import encode_prompts
 
                 texts = [tok.decode(ids) for ids in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=cfg.policy.chat_template)]
-                run_sft(base, out, rows, prompt_texts=texts, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=cfg.run.seed)
+                from rlk2.distributed import run_alone
+
+                run_alone(accelerator.num_processes, run_sft, base, out, rows, prompt_texts=texts, steps=ws.steps,
+                          batch_size=ws.batch_size, lr=ws.lr, seed=cfg.run.seed)
             else:
                 os.replace(base, out)
-        accelerator.wait_for_everyone()
     else:
         accelerator.print(f"warm start: reusing {out}")
+    accelerator.wait_for_everyone()  # on every rank, whichever branch it took (ranks may see the cache at different times)
     model, tok = load_policy(out, dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
     return model, tok, str(out)
+
+
+def _interleave(lists: list[list]) -> list:
+    """Round-robin over the lists, so every task is in the warm start however long the others are."""
+    out = []
+    for i in range(max(map(len, lists), default=0)):
+        out += [rows[i] for rows in lists if i < len(rows)]
+    return out
 
 
 def _demo_corpus(task_rows: dict) -> list[str]:
@@ -210,17 +222,19 @@ class MetricsFile:
 def train(cfg: Config, *, resume: bool = False) -> dict:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     from rewards.engine import RewardEngine, RewardSpec
     from rewards.format import budget_penalty
     from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from rlk2.controls import (group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, select_rows,
-                               temperature_at)
+    from rlk2.controls import group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, temperature_at
     from rlk2.data import PromptSampler, check_columns, load_task_rows
+    from rlk2.distributed import (any_rank, check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss,
+                                  local_groups, loss_scale, pad_to_global_width, sequence_seeds)
     from rlk2.evaluate import EvalTask, evaluate_policy
+    from rlk2.moe import RouterControl
     from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
 
     # ------------------------------------------------------------------------------------ setup
@@ -228,8 +242,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     run_dir = cfg.run_dir
     if not resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
         raise UserError(f"run.dir {run_dir} exists and is not empty (use --resume {run_dir}, or run.overwrite=true)")
-    accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_dir))
+    accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_dir),
+                              kwargs_handlers=ddp_kwargs(), cpu=cpu_only_launch())
+    check_launch(distributed_type=accelerator.distributed_type, num_processes=accelerator.num_processes,
+                 prompts_per_step=cfg.rollout.prompts_per_step, optimizer=cfg.optim.name, loss=cfg.algo.loss)
+    accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
+    if accelerator.num_processes > 1:
+        accelerator.print(f"data parallel: {accelerator.num_processes} processes "
+                          f"({accelerator.distributed_type.value})")
     set_seed(cfg.run.seed)
+    cfg = _drop_tasks_without_sandbox(cfg, accelerator)
     engine = RewardEngine(num_workers=2)
     specs = {t.name: [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in t.rewards] for t in cfg.tasks}
 
@@ -262,6 +284,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         policy_source = str(ckpt)
     else:
         model, tokenizer, policy_source = _prepare_policy(cfg, train_rows, accelerator)
+    # MoE router health and replay (rlk2.moe); every call below is a no-op for a dense policy.
+    moe = RouterControl(model, router_replay=cfg.moe.router_replay, bias_update_rate=cfg.moe.bias_update_rate,
+                        aux_loss_coef=cfg.moe.aux_loss_coef, reduce=lambda t: accelerator.reduce(t, "sum"))
     if cfg.policy.chat_template and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"policy.chat_template=true but the tokenizer of {policy_source} has no chat template; "
                         "set policy.chat_template=false to use prompts as plain text, or add one to its tokenizer_config.json")
@@ -271,7 +296,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     metrics_file = MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
     if accelerator.is_main_process and not resume:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source}, indent=2))
+        (run_dir / "env.json").write_text(json.dumps({**_env_info(), "policy_source": policy_source,
+                                                       "processes": accelerator.num_processes}, indent=2))
 
     if cfg.policy.lora.enabled and ckpt is None:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
@@ -306,6 +332,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
 
     def run_eval(step: int) -> dict:
+        if not accelerator.is_main_process:  # replicas are identical: the main process evaluates, the rest wait
+            accelerator.wait_for_everyone()
+            return {}
         t0 = time.perf_counter()
         res = evaluate_policy(
             accelerator.unwrap_model(model), tokenizer, eval_tasks, engine,
@@ -317,6 +346,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         metrics_file.write(row)
         if cfg.trainer.trackers:
             accelerator.log(res.metrics, step=step)
+        accelerator.wait_for_everyone()
         return res.metrics
 
     def checkpoint(step: int) -> None:
@@ -353,7 +383,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                                      schedule=cfg.rollout.temperature_schedule)
         # ---------------------------------------------------------------- rollout
         t0 = time.perf_counter()
-        picked = sampler.sample(cfg.rollout.prompts_per_step, step)
+        # This rank's whole groups of the global batch; `first` is the global index of its first group.
+        picked, first = local_groups(sampler.sample(cfg.rollout.prompts_per_step, step), list(tasks_by_name),
+                                     rank=accelerator.process_index, world=accelerator.num_processes)
         parts, rows_in_order, task_of_group = [], [], []
         unwrapped = accelerator.unwrap_model(model)
         for name in tasks_by_name:
@@ -364,11 +396,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             parts.append(generate_rollouts(
                 unwrapped, tokenizer, [i for i in ids for _ in range(K)],
                 max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=temperature,
-                top_p=cfg.rollout.top_p, seed=step_seed + len(parts),
+                top_p=cfg.rollout.top_p, record_routing=moe.enabled,
+                seeds=sequence_seeds(step_seed, first + len(rows_in_order), len(group_rows), K),
             ))
             rows_in_order += group_rows
             task_of_group += [name] * len(group_rows)
         ro = concat_rollouts(parts, tokenizer.pad_token_id).to(accelerator.device)
+        ro = pad_to_global_width(accelerator, ro, tokenizer.pad_token_id)
         t_rollout = time.perf_counter() - t0
 
         # ---------------------------------------------------------------- score
@@ -407,8 +441,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             counts = ", ".join(f"{k}: {v}" for k, v in errors.items() if v)
             accelerator.print(f"warning: step {step}: {n_unscorable}/{len(totals)} responses unscorable "
                               f"({counts or 'no reward error counted'}); they are left out of their groups' baselines")
-        for g, (succ, scored) in enumerate(group_success(totals, K, threshold=cfg.rollout.success_threshold)):
-            sampler.record(task_of_group[g], rows_in_order[g], succ, scored)
+        # Success counts for prioritized sampling; every rank records every group so the samplers stay identical.
+        outcomes = [(t, sampler.index_of(t, r), succ, n) for t, r, (succ, n) in
+                    zip(task_of_group, rows_in_order, group_success(totals, K, threshold=cfg.rollout.success_threshold))]
+        for t, i, succ, n in (gather_object(outcomes) if accelerator.num_processes > 1 else outcomes):
+            sampler.record(t, i, succ, n)
 
         # ---------------------------------------------------------------- advantage
         P = len(rows_in_order)
@@ -422,10 +459,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
             drop = torch.tensor([task_of_group[j // K] in masked_tasks for j in range(len(totals))], device=mask.device)
             mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
-        train_ro, train_adv, train_mask = ro, adv, mask  # the sequences the policy loss sees
-        if cfg.algo.filter_zero_std:  # dynamic filtering: groups whose rewards all tie leave the loss
-            keep = kept_sequences(zero_std, K).to(accelerator.device)
-            train_ro, train_adv, train_mask = select_rows(ro, keep), adv[keep], mask[keep]
+        # Dynamic filtering: groups whose rewards all tie leave the loss. The forward still covers the whole batch
+        # (the same shapes on every process, router replay on the recorded rollout); only the loss is cut.
+        keep = kept_sequences(zero_std, K).to(accelerator.device) if cfg.algo.filter_zero_std else None  # [B']
+        train_adv, train_mask = (adv, mask) if keep is None else (adv[keep], mask[keep])
+        has_rl = any_rank(accelerator, len(train_adv) > 0)
         ptx = None
         if ptx_sampler is not None:
             ptx_rows_now = [row for _, row in ptx_sampler.sample(cfg.algo.ptx.batch_size, step)]
@@ -436,19 +474,30 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         hp = {"tau": cfg.algo.tau, "length_norm": cfg.algo.length_norm,
               "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
         skipped = 0
-        has_rl = train_ro.completion_ids.shape[0] > 0
-        loss, loss_metrics, entropy, grad_norm = torch.zeros(()), {}, None, torch.tensor(0.0)
+        moe_row: dict = {}
+        scale = loss_scale(accelerator, cfg.algo.loss, train_mask)  # 1.0 on one process (see rlk2.distributed)
+        loss, loss_metrics, entropy, grad_norm = torch.zeros(()), {}, torch.full_like(mask, math.nan), torch.tensor(0.0)
         # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
         for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
-            loss, loss_metrics = torch.zeros((), device=accelerator.device), {}
-            if has_rl:
-                logp, entropy = policy_logprobs(model, train_ro, temperature=temperature, with_entropy=True)
-                loss, loss_metrics = loss_fn(logp, train_ro.old_logp, train_adv, train_mask, **hp)
-            if ptx is not None:
+            with moe.training_forward(ro) as routed:  # replays the rollout's experts when moe.router_replay
+                logp, entropy = policy_logprobs(model, ro, temperature=temperature, with_entropy=True)
+            if len(train_adv):
+                kept_logp, kept_old = (logp, ro.old_logp) if keep is None else (logp[keep], ro.old_logp[keep])
+                loss, loss_metrics = loss_fn(kept_logp, kept_old, train_adv, train_mask, **hp)
+            else:  # no group kept on this process (others may have some): a zero loss, DDP still gets a backward
+                loss, loss_metrics = logp.sum() * 0.0, {}
+            loss = loss + routed.aux_loss
+            moe_row = moe_row or routed.metrics()  # routing of the step's first forward (pi_old's weights)
+            total = loss * scale if scale != 1.0 else loss
+            if ptx is not None:  # the same PTX batch on every process: DDP's average is the one-process gradient
                 lm = ptx_loss(model, ptx)
+                total = total + cfg.algo.ptx.weight * lm
+            accelerator.backward(total)
+            if accelerator.num_processes > 1 and has_rl:  # log (and judge finiteness by) the global batch's loss
+                loss, loss_metrics = global_loss(accelerator, loss_fn, logp, ro.old_logp, adv, mask, hp, rows=keep)
+            if ptx is not None:
                 loss_metrics = {**loss_metrics, "loss/policy": float(loss.detach()), "loss/ptx": float(lm.detach())}
-                loss = loss + cfg.algo.ptx.weight * lm
-            accelerator.backward(loss)
+                loss = loss.detach() + cfg.algo.ptx.weight * lm.detach()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -459,6 +508,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             if cfg.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            moe.update_bias(routed)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
@@ -471,6 +521,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         t_update = time.perf_counter() - t0
 
         # ---------------------------------------------------------------- log
+        if accelerator.num_processes > 1:  # from here on every name holds the global batch, as on one process
+            ro, entropy, mask, adv, zero_std, totals, per_reward, errors, rows_in_order, task_of_group = gather_step(
+                accelerator, ro=ro, entropy=entropy, mask=mask, adv=adv, zero_std=zero_std, totals=totals,
+                per_reward=per_reward, errors=errors, rows=rows_in_order, task_of_group=task_of_group)
         n_samples = len(totals)
         good = [r for r in totals if r is not None]
         ntokens = int(ro.completion_mask.sum())
@@ -480,15 +534,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             "reward/mean": sum(good) / len(good) if good else float("nan"),
             "frac_reward_zero_std": float(zero_std.float().mean()),
             "frac_unscorable": 1.0 - len(good) / n_samples,
-            "entropy": float((entropy * train_mask).sum() / train_mask.sum().clamp(min=1)) if has_rl else float("nan"),
+            "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
             "completion/mean_length": float(ro.num_tokens.float().mean()),
             "completion/clipped_ratio": float(ro.truncated.float().mean()),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "skipped_steps": bad_total,
             "rollout/temperature": temperature,
-            "groups/kept": len(train_adv) // K,
+            "groups/kept": int((~zero_std).sum()) if cfg.algo.filter_zero_std else len(zero_std),
             **loss_metrics,
+            **moe_row,
             "time/rollout": t_rollout,
             "time/reward": t_reward,
             "time/update": t_update,
@@ -525,7 +580,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             run_eval(step)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step != cfg.trainer.steps:
             checkpoint(step)
-        if stop.requested and step != cfg.trainer.steps:
+        if any_rank(accelerator, bool(stop.requested)) and step != cfg.trainer.steps:
             checkpoint(step)
             stop.restore()
             engine.close()
@@ -548,6 +603,46 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         print(table)
         print(f"run directory: {run_dir}")
     return {"before": before, "after": after, "run_dir": str(run_dir)}
+
+
+def _drop_tasks_without_sandbox(cfg: Config, accelerator) -> Config:
+    """Tasks scored by the `code` reward need a sandbox backend. Without one, a built-in task (the demo's) is left
+    out with a one-line note; a user's task is an error naming it (never a run whose code rewards are all None)."""
+    import dataclasses
+
+    from rewards import resolve_reward
+    from rewards.code import code
+
+    problem: str | None = None
+    checked = False
+    kept = []
+    for i, task in enumerate(cfg.tasks):
+        if any(resolve_reward(r.name) is code for r in task.rewards):
+            if not checked:
+                problem, checked = _sandbox_problem(), True
+            if problem and task.source.startswith("builtin:"):
+                accelerator.print(f"note: no sandbox backend works here ({problem}); the '{task.name}' code task is "
+                                  "left out (see `rlk2 sandbox doctor`)")
+                continue
+            if problem:
+                raise UserError(f"tasks[{i}] ({task.name}): the code reward needs a sandbox and none works here "
+                                f"({problem}); see `rlk2 sandbox doctor`")
+        kept.append(task)
+    if not kept:
+        raise UserError("tasks: no task left to train (every task needs a sandbox, and none works here)")
+    return cfg if len(kept) == len(cfg.tasks) else dataclasses.replace(cfg, tasks=kept)
+
+
+def _sandbox_problem() -> str | None:
+    """None when the sandbox backend the code reward would open works here, else why not (one line)."""
+    from sandboxes import SandboxError, choose_backend, probe
+
+    try:
+        name = choose_backend()
+    except SandboxError as exc:
+        return " ".join(str(exc).split())
+    problem = probe()[name]
+    return f"{name}: {' '.join(problem.split())}" if problem else None
 
 
 def _metric_name(reward_name: str) -> str:

@@ -55,6 +55,26 @@ def test_rows_without_tests_are_none_without_touching_a_sandbox(monkeypatch):
     assert code(["x = 1", "y = 2"], prompts=["a", "b"], tests=[None, "  "]) == [None, None]
 
 
+def test_identical_programs_in_one_call_run_once(monkeypatch):
+    from concurrent.futures import Future
+
+    submitted = []
+
+    class CountingPool:
+        def submit(self, job):
+            submitted.append(job)
+            fut = Future()
+            ok = "+" in job.code
+            fut.set_result(ExecutionResult(Status.PASSED if ok else Status.FAILED, passed=int(ok), total=1, id=job.id))
+            return fut
+
+    monkeypatch.setattr(code_reward, "get_pool", lambda: CountingPool())
+    add, sub = "def f(x):\n    return x + 1", "def f(x):\n    return x - 1"
+    out = code([add, add, sub, add, sub], prompts=["p"] * 5, tests=["assert f(1) == 2"] * 4 + ["assert f(0) == 1"])
+    assert out == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert len(submitted) == 3  # add, sub, and sub again under different tests
+
+
 def test_misaligned_columns_are_an_error():
     with pytest.raises(ValueError, match="tests"):
         code(["x = 1"], prompts=["a"], tests=["assert 1", "assert 2"])

@@ -8,8 +8,7 @@ import torch
 
 from rlk2.algorithms import LOSSES, group_advantages
 from rlk2.config import load_config
-from rlk2.controls import (group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, select_rows,
-                           temperature_at)
+from rlk2.controls import group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, temperature_at
 from rlk2.data import PromptSampler
 from rlk2.errors import UserError
 
@@ -55,7 +54,7 @@ def _simulate(sampling, steps=60, n=10, k=8):
         for task, row in sampler.sample(n, step):
             idx = int(row["prompt"][1:])
             drawn.append(idx)
-            sampler.record(task, row, k if idx % 2 == 0 else 0, k)
+            sampler.record(task, sampler.index_of(task, row), k if idx % 2 == 0 else 0, k)
     return sampler, drawn
 
 
@@ -74,8 +73,8 @@ def test_prioritized_sampling_draws_solved_prompts_much_less_often():
 def test_prioritized_sampling_explores_unseen_prompts_first():
     rows = _rows(30)
     sampler = PromptSampler({"t": rows}, {"t": 1.0}, seed=0, sampling="prioritized", priority_floor=0.05)
-    for row in rows[:20]:
-        sampler.record("t", row, 4, 4)  # 20 solved prompts; the other 10 never seen (weight 1 each)
+    for i in range(20):
+        sampler.record("t", i, 4, 4)  # 20 solved prompts; the other 10 never seen (weight 1 each)
     picked = [int(r["prompt"][1:]) for _, r in sampler.sample(10, step=1)]
     assert len(set(picked)) == 10  # without replacement within a step
     assert sum(i >= 20 for i in picked) >= 7
@@ -154,15 +153,19 @@ def test_filtering_a_real_rollout_gives_the_gradient_of_the_smaller_batch(tiny_p
     adv, zero_std = group_advantages(rewards, torch.ones(3, K, dtype=torch.bool), scale=False)
     adv = adv.view(-1)
 
-    def grads(rollout, a):
+    def grads(rollout, a, keep=None):  # the loop's filtering: forward on the whole batch, loss on the kept rows
         model.zero_grad()
         logp, _ = policy_logprobs(model, rollout, temperature=1.0)
-        loss, _ = LOSSES["k2"](logp, rollout.old_logp, a, rollout.completion_mask.float(), tau=0.1)
+        old, mask = rollout.old_logp, rollout.completion_mask.float()
+        if keep is not None:
+            logp, old, mask, a = logp[keep], old[keep], mask[keep], a[keep]
+        loss, _ = LOSSES["k2"](logp, old, a, mask, tau=0.1)
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     keep = kept_sequences(zero_std, K)
-    filtered = grads(select_rows(ro, keep), adv[keep])
+    assert keep.tolist() == [0, 1, 4, 5]
+    filtered = grads(ro, adv, keep)
     # the batch with the tied group removed, packed afresh from its token lists (its own padding widths)
     rows = [0, 1, 4, 5]
     prompts_kept = [ro.prompt_ids[j][ro.prompt_mask[j].bool()].tolist() for j in rows]

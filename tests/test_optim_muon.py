@@ -92,7 +92,7 @@ def test_matches_torch_muon_with_rms_matching_when_run_in_bfloat16(monkeypatch):
     # normalises the scale away, but bfloat16 rounds the two differently scaled inputs differently.
     import rlk2.optim.muon as muon
 
-    monkeypatch.setattr(muon, "ns_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(muon, "ns_dtype", lambda device, shape=None: torch.bfloat16)
     torch.manual_seed(0)
     ours = torch.nn.Linear(64, 48, bias=False)
     ref = torch.nn.Linear(64, 48, bias=False)
@@ -110,9 +110,17 @@ def test_matches_torch_muon_with_rms_matching_when_run_in_bfloat16(monkeypatch):
     torch.testing.assert_close(ours.weight, ref.weight, rtol=0, atol=1e-6)
 
 
-def test_newton_schulz_precision_is_chosen_per_device():
-    assert ns_dtype(torch.device("cpu")) == torch.float32
+def test_newton_schulz_precision_is_chosen_per_device(monkeypatch):
+    import rlk2.optim.muon as muon
+
+    monkeypatch.delenv("RLK2_NS_DTYPE", raising=False)
     assert ns_dtype(torch.device("cuda")) == torch.bfloat16
+    assert ns_dtype(torch.device("cpu"), (96, 96)) == torch.float32  # small: float32 on every CPU
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(muon, "_cpu_has_native_bf16", lambda native=native: native)
+        assert ns_dtype(torch.device("cpu"), (8, 512, 1408)) == expected
+    monkeypatch.setenv("RLK2_NS_DTYPE", "float32")
+    assert ns_dtype(torch.device("cuda")) == torch.float32
     assert newton_schulz(torch.randn(4, 8, dtype=torch.float64)).dtype == torch.float64  # returned in input dtype
 
 

@@ -48,6 +48,21 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         assert a[step] == b[step], f"step {step} differs"
 
 
+def test_resume_restores_muonclip_state(tmp_path):
+    """MuonClip's momentum buffers, its AdamW moments and its QK-Clip counters come back exactly on resume."""
+    extra = ["optim.name=muonclip", "optim.lr=0.02"]
+    full = rlk2("train", *base(tmp_path, "full", 3), *extra)
+    assert full.returncode == 0, full.stderr[-2000:]
+    part = rlk2("train", *base(tmp_path, "part", 1), *extra)
+    assert part.returncode == 0, part.stderr[-2000:]
+    resumed = rlk2("train", "--resume", str(tmp_path / "part"), "trainer.steps=3")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = train_rows(tmp_path / "full"), train_rows(tmp_path / "part")
+    assert sorted(b) == [1, 2, 3] and "qk_clip/max_logit" in a[3]
+    for step in (1, 2, 3):
+        assert a[step] == b[step], f"step {step} differs"
+
+
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     proc = rlk2("train", "--resume", str(tmp_path))
     assert proc.returncode == 2

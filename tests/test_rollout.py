@@ -85,3 +85,51 @@ def test_seeded_rollouts_leave_the_global_rng_alone(tiny_policy):
     ro = generate_rollouts(model, tok, ids, max_new_tokens=6, seed=11, record_logprobs=False)
     assert torch.equal(torch.rand(3), want)
     assert torch.all(ro.old_logp == 0)
+
+
+def test_counter_noise_is_splitmix64():
+    """The int64 tensor arithmetic (wrapping multiply, masked shifts) equals splitmix64 on Python integers."""
+    from rlk2.rollout import _mix64, _to_int64
+
+    def reference(z: int) -> int:  # splitmix64's output function, on unbounded ints reduced mod 2**64
+        m = (1 << 64) - 1
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    words = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x0123456789ABCDEF]
+    got = _mix64(torch.tensor([_to_int64(w) for w in words], dtype=torch.long)).tolist()
+    assert [g % 2**64 for g in got] == [reference(w) for w in words]
+
+
+def test_counter_noise_is_exponential():
+    from rlk2.rollout import _mix64, _sequence_exponentials
+
+    e = _sequence_exponentials(_mix64(torch.arange(64)), 3, 4096)  # [64, 4096]
+    # Exp(1): mean 1, P(E > 1) = e^-1 = 0.368; 262k draws put both within ~0.01 of their value.
+    assert abs(e.mean().item() - 1.0) < 0.01
+    assert abs((e > 1).double().mean().item() - 0.3679) < 0.01
+    # rows (keys) and positions (t) get different draws
+    assert not torch.equal(e[0], e[1])
+    assert not torch.equal(e, _sequence_exponentials(_mix64(torch.arange(64)), 4, 4096))
+
+
+def test_per_sequence_seeds_do_not_depend_on_the_batch(tiny_policy):
+    """A sequence's tokens depend on its own seed only: sampling a subset of the batch (as one of several
+    processes would) gives those sequences exactly the completions they had in the full batch."""
+    model, tok = load_policy(tiny_policy)
+    prompts = ["1+2=?", "45+67=?", "9+99=?", "12+3=?"]
+    ids = [i for i in encode_prompts(tok, prompts, chat_template=True) for _ in range(4)]
+    seeds = list(range(100, 116))
+    full = generate_rollouts(model, tok, ids, max_new_tokens=12, seeds=seeds)
+    part = generate_rollouts(model, tok, ids[8:], max_new_tokens=12, seeds=seeds[8:])
+    width = part.completion_ids.shape[1]
+    assert torch.equal(full.completion_ids[8:, :width], part.completion_ids)
+    assert torch.all(full.completion_ids[8:, width:] == tok.pad_token_id)
+    assert full.texts[8:] == part.texts
+    m = part.completion_mask.bool()
+    assert (full.old_logp[8:, :width][m] - part.old_logp[m]).abs().max().item() < 1e-5
+    # the samples of one group differ (different seeds), and a different seed changes the draw
+    assert len(set(full.texts[:4])) > 1
+    other = generate_rollouts(model, tok, ids[8:], max_new_tokens=12, seeds=[s + 1000 for s in seeds[8:]])
+    assert other.texts != part.texts

@@ -69,6 +69,22 @@ def test_parameters_changed_and_checkpoint_loads(two_step_run):
     assert changed, "RL steps did not change any parameter"
 
 
+def test_moe_router_metrics_and_bias_update(two_step_run):
+    from transformers import AutoModelForCausalLM
+
+    run, _ = two_step_run
+    steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    for r in steps:  # the demo: 2 layers, the first dense, so one MoE layer (index 1)
+        keys = {"moe/expert_load_cv", "moe/expert_load_cv/layer_1", "moe/expert_load_cv/max", "moe/router_mismatch"}
+        assert keys <= set(r)
+        assert 0 < r["moe/expert_load_cv"] == r["moe/expert_load_cv/layer_1"] <= 3**0.5  # <= sqrt(E/k - 1), E=8, k=2
+        assert r["moe/router_mismatch"] == 0.0  # same float32 weights sample and train
+    # moe.bias_update_rate (default 1e-3) moved DeepSeek-V3's correction bias: 2 steps -> entries in {0, +-1e-3, +-2e-3}
+    trained = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-2")
+    bias = trained.model.layers[1].mlp.gate.e_score_correction_bias
+    assert {round(abs(float(x)) * 1e4) for x in bias} <= {0, 10, 20} and (bias != 0).any()
+
+
 def test_warm_start_is_cached(two_step_run):
     _, tmp = two_step_run
     proc = rlk2("train", *tiny_overrides(tmp, "again"))
@@ -89,7 +105,8 @@ def test_existing_run_dir_is_refused_without_resume(two_step_run):
         (["rollout.group_sise=4"], "rollout.group_sise"),
         (["policy.path=/nonexistent/ckpt"], "policy.path"),
         (["tasks.0.source=/nonexistent.jsonl"], "nonexistent.jsonl"),
-        (["tasks.0.rewards.0.name=mathh"], "mathh"),
+        (["tasks.0.rewards.0.name=mathh"], "did you mean 'math'"),
+        (["optim.lr=fast"], "optim.lr"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, extra, needle):
@@ -199,3 +216,11 @@ def test_non_finite_loss_skips_steps_then_stops_with_a_clear_message(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["skipped_steps"] for r in steps][-2:] == [1, 2]  # the third bad step raised before it was logged
+
+
+def test_malformed_dataset_line_is_named(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=?", "answer": "2"}\n' * 2 + '{"prompt": "2+2=?", "answer": 4\n')
+    proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"tasks.0.source={data}")
+    assert proc.returncode == 2 and f"{data}:3: malformed JSON" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -15,10 +15,20 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw
 
+from rlk2.errors import UserError
 from rlk2.optim.muon import muon_scale, newton_schulz, route_parameters
 from rlk2.optim.qk_clip import find_attention, qk_clip
 
 logger = logging.getLogger("rlk2.optim")
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    """FSDP2 keeps a shard of each parameter in a DTensor; DeepSpeed ZeRO-3 leaves an empty tensor tagged `ds_id`."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return hasattr(p, "ds_id")
+    return isinstance(p, DTensor) or hasattr(p, "ds_id")
 
 
 class MuonClip(torch.optim.Optimizer):
@@ -59,6 +69,10 @@ class MuonClip(torch.optim.Optimizer):
             if not ok:
                 raise ValueError(f"MuonClip: invalid {name}={value!r}")
 
+        sharded = [n for n, p in model.named_parameters() if p.requires_grad and _is_sharded(p)]
+        if sharded:
+            raise UserError(f"MuonClip: parameter '{sharded[0]}' is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3) and "
+                            "Newton-Schulz needs whole matrices; supported: a single process or DDP")
         routing = route_parameters(model)
         logger.info("MuonClip parameter routing: %s", routing.summary())
         self.routing = routing

@@ -1,0 +1,242 @@
+"""Data-parallel training: `accelerate launch --num_processes 2 --cpu` takes the same steps as one process.
+
+Also: the shipped accelerate launch files load with accelerate's own config classes, the launch checks refuse what
+the loop cannot run exactly, and MuonClip refuses sharded (FSDP2) parameters with a one-line error."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlk2.distributed import LOSS_UNIT, check_launch, local_groups, loss_scale, sequence_seeds
+from rlk2.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH_FILES = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+VOLATILE = ("time/", "throughput/")  # wall-clock figures differ between any two runs
+
+
+# ------------------------------------------------------------------------------------------------ launch checks
+def test_every_loss_says_what_it_averages_over():
+    from rlk2.algorithms import LOSSES
+
+    assert set(LOSS_UNIT) == set(LOSSES) and set(LOSS_UNIT.values()) <= {"sequence", "token"}
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_launches_are_refused_in_one_line(kind):
+    with pytest.raises(UserError, match="optim.name=muonclip.*single process or DDP") as err:
+        check_launch(distributed_type=kind, num_processes=2, prompts_per_step=4, optimizer="muonclip", loss="k2")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=f"{kind} launches are not supported"):
+        check_launch(distributed_type=kind, num_processes=2, prompts_per_step=4, optimizer="adamw", loss="k2")
+
+
+def test_processes_that_did_not_join_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="2 processes were launched but Accelerate joined 1"):
+        check_launch(distributed_type="NO", num_processes=1, prompts_per_step=4, optimizer="adamw", loss="k2")
+
+
+def test_prompts_must_split_into_whole_groups():
+    check_launch(distributed_type="MULTI_CPU", num_processes=2, prompts_per_step=4, optimizer="muonclip", loss="k2")
+    with pytest.raises(UserError, match=r"rollout.prompts_per_step: 5 .* 2 processes"):
+        check_launch(distributed_type="MULTI_CPU", num_processes=2, prompts_per_step=5, optimizer="adamw", loss="k2")
+
+
+def test_ranks_get_contiguous_whole_groups_in_one_process_order():
+    picked = [("a", {"i": 0}), ("b", {"i": 1}), ("a", {"i": 2}), ("b", {"i": 3})]
+    # one process orders by task, keeping the draw order within a task: a0 a2 b1 b3
+    whole, first = local_groups(picked, ["a", "b"], rank=0, world=1)
+    assert [r["i"] for _, r in whole] == [0, 2, 1, 3] and first == 0
+    r0, f0 = local_groups(picked, ["a", "b"], rank=0, world=2)
+    r1, f1 = local_groups(picked, ["a", "b"], rank=1, world=2)
+    assert r0 + r1 == whole and (f0, f1) == (0, 2)
+    # seeds depend on the global group index only: rank 1's seeds are the tail of the one-process seeds
+    assert sequence_seeds(7, f1, 2, 3) == sequence_seeds(7, 0, 4, 3)[6:]
+    assert len(set(sequence_seeds(7, 0, 4, 3))) == 12
+
+
+class _FakeAccelerator:
+    """Two ranks' worth of `gather`: this rank's tensor followed by the other rank's."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, other: torch.Tensor):
+        self.other = other
+
+    def gather(self, t):
+        return torch.cat([t, self.other])
+
+
+def test_loss_scale_makes_the_ddp_average_the_one_process_gradient():
+    # dapo: one token mean. Rank 0 holds 6 tokens, rank 1 holds 2: global mean = (s0 + s1) / 8; rank r computes
+    # s_r / n_r and DDP averages, so rank 0 is scaled by 2 * 6 / 8 = 1.5 and rank 1 by 2 * 2 / 8 = 0.5.
+    mask0 = torch.tensor([[1.0, 1, 1], [1, 1, 1]])
+    assert loss_scale(_FakeAccelerator(torch.tensor([2.0])), "dapo", mask0) == pytest.approx(1.5)
+    mask1 = torch.tensor([[1.0, 1, 0], [0, 0, 0]])
+    assert loss_scale(_FakeAccelerator(torch.tensor([6.0])), "dapo", mask1) == pytest.approx(0.5)
+    # k2 (mean over sequences) on equal slices: the plain average is already right
+    assert loss_scale(_FakeAccelerator(torch.tensor([2.0])), "k2", mask0) == 1.0
+
+
+def test_muonclip_refuses_fsdp2_sharded_parameters():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import DeepseekV3ForCausalLM
+
+    from rlk2.optim import MuonClip
+    from rlk2.policy import TinyMoEShape, tiny_deepseek_v3_config
+
+    shape = TinyMoEShape(hidden_size=32, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=16)
+    model = DeepseekV3ForCausalLM(tiny_deepseek_v3_config(64, shape))
+    MuonClip(model, lr=1e-3)  # whole parameters: fine
+    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(UserError, match="is sharded .* supported: a single process or DDP") as err:
+            MuonClip(model, lr=1e-3)
+        assert "\n" not in str(err.value)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ launch files
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_file_loads_with_accelerate(path):
+    """accelerate's own loader accepts the file (it rejects unknown top-level keys), and every key of a plugin
+    section is an argument `accelerate launch` knows (it copies them onto its arguments by name)."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    cfg = load_config_from_file(str(path))
+    assert isinstance(cfg, ClusterConfig)
+    known = {a.dest for a in launch_command_parser()._actions}
+    for section, prefix in [("fsdp_config", "fsdp_"), ("deepspeed_config", "")]:
+        for key in getattr(cfg, section):
+            name = key if key.startswith(prefix) else prefix + key
+            assert name in known, f"{path.name}: {section}.{key} is not an accelerate launch argument"
+    expected = {"ddp.yaml": ("MULTI_GPU", {}), "cpu_2proc.yaml": ("MULTI_GPU", {}),
+                "fsdp2.yaml": ("FSDP", {"fsdp_version": 2}), "deepspeed_zero3.yaml": ("DEEPSPEED", {"zero_stage": 3})}
+    kind, plugin = expected[path.name]
+    assert cfg.distributed_type.value == kind
+    section = cfg.fsdp_config if kind == "FSDP" else cfg.deepspeed_config
+    assert plugin.items() <= section.items()
+
+
+def test_every_expected_launch_file_is_shipped():
+    assert {p.name for p in LAUNCH_FILES} == {"ddp.yaml", "cpu_2proc.yaml", "fsdp2.yaml", "deepspeed_zero3.yaml"}
+
+
+# ------------------------------------------------------------------------------------------------ 1 vs 2 processes
+def _overrides(tmp: Path, run: str, extra: list[str]) -> list[str]:
+    return [
+        f"run.dir={tmp / run}", "trainer.steps=3", "trainer.keep_last=0", "rollout.group_size=4",
+        "rollout.prompts_per_step=4", "warm_start.steps=30", f"warm_start.cache_dir={tmp / 'cache'}",
+        "eval.samples=2", "eval.greedy=false", "tasks.0.eval_size=4", "policy.demo.hidden_size=32",
+        "policy.demo.num_hidden_layers=2", "optim.lr=1.0e-2", *extra,
+    ]
+
+
+def _train(tmp: Path, run: str, extra: list[str], processes: int) -> subprocess.CompletedProcess:
+    if processes == 1:
+        cmd = [sys.executable, "-m", "rlk2.cli", "train"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(processes),
+               "--main_process_port", str(_free_port()), "-m", "rlk2.cli", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([*cmd, *_overrides(tmp, run, extra)], capture_output=True, text=True, timeout=900,
+                          env=env, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / "step-3" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("extra", [
+    [],  # the default loss (k2, a mean over sequences) with AdamW
+    ["algo.loss=dapo", "algo.inner_steps=2", "optim.name=muonclip"],  # a token mean, off-policy steps, QK-Clip
+    # the K2 training controls: success counts gathered from both ranks, tied groups cut per rank, PTX on both
+    ["rollout.temperature_end=0.5", "rollout.sampling=prioritized", "algo.filter_zero_std=true",
+     "algo.ptx.weight=0.5", "algo.ptx.source=builtin:max", "algo.ptx.batch_size=4"],
+], ids=["k2-adamw", "dapo-muonclip", "k2-controls"])
+def test_two_processes_match_one(tmp_path, extra):
+    # Two processes first: their warm start runs in its own process (then cached for the one-process run).
+    two = _train(tmp_path, "two", extra, 2)
+    assert "data parallel: 2 processes (MULTI_CPU)" in two.stdout  # really two ranks joined by gloo
+    assert "warm start: SFT done" in two.stdout + two.stderr
+    one = _train(tmp_path, "one", extra, 1)
+    assert "data parallel" not in one.stdout
+    for run, n in [("one", 1), ("two", 2)]:
+        assert json.loads((tmp_path / run / "env.json").read_text())["processes"] == n
+
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 3]  # one row per step: rank 0 only
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), ra["step"]
+        for key, va in ra.items():
+            assert rb[key] == pytest.approx(va, rel=1e-4, abs=1e-6, nan_ok=True), f"step {ra['step']}: {key}"
+    train = [r for r in a if "loss" in r]
+    assert all(r["grad_norm"] > 0 for r in train[1:])  # something was learned, so equality is not vacuous
+    assert len({r["reward/mean"] for r in train}) > 1
+    if "algo.inner_steps=2" in extra:
+        assert any(r["kl/approx"] > 0 for r in train)  # off-policy second step: the ratio moved
+        assert all(r["qk_clip/max_logit"] > 0 for r in train)
+
+    # the global batch's rollouts, written once, with the same completions
+    for step in (1, 2, 3):
+        ra = [json.loads(l) for l in (tmp_path / "one" / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
+        rb = [json.loads(l) for l in (tmp_path / "two" / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
+        assert len(rb) == 16 and [r["completion"] for r in rb] == [r["completion"] for r in ra]
+        assert [r["reward"] for r in rb] == [r["reward"] for r in ra]
+
+    # Final weights: the same update. Compared as updates (final - warm start), relative to their size: AdamW divides
+    # each element's gradient by its own running RMS, so an element whose gradient nearly cancels (float rounding
+    # of a two-rank sum vs a one-rank sum, ~1e-7 of the larger terms) can move by a visible fraction of lr in one
+    # run and not the other; element-wise tolerances would measure that rounding, not the update. Measured:
+    # worst tensor 0.4 %, whole model 0.06 % (k2-adamw); a wrong gradient average is off by tens of percent.
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    start = _weights_of_warm_start(tmp_path / "cache")
+    assert wa.keys() == wb.keys() == start.keys()
+    moved, diff2, norm2 = 0, 0.0, 0.0
+    for name in wa:
+        da, db = wa[name] - start[name], wb[name] - start[name]
+        if not da.any():  # e.g. an expert no token was routed to: untouched in both runs
+            assert not db.any(), name
+            continue
+        moved += 1
+        assert (db - da).norm() <= 0.02 * da.norm(), f"{name}: updates differ by {(db - da).norm() / da.norm():.3%}"
+        diff2, norm2 = diff2 + float((db - da).norm()) ** 2, norm2 + float(da.norm()) ** 2
+    assert diff2 ** 0.5 <= 0.005 * norm2 ** 0.5
+    assert moved > len(wa) // 2  # most tensors were trained
+
+
+def _weights_of_warm_start(cache: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (ckpt,) = [p for p in cache.iterdir() if (p / "model.safetensors").exists() and not p.name.endswith("-base")]
+    return load_file(ckpt / "model.safetensors")
