@@ -130,9 +130,42 @@ class RolloutConfig:
     prompts_per_step: int = 16
     """Prompts per optimizer step (batch = prompts_per_step * group_size)."""
     temperature: float = 1.0
-    """Sampling temperature (log-probs are taken from the same tempered distribution)."""
+    """Sampling temperature (log-probs are taken from the same tempered distribution); the start value when
+    `temperature_end` is set."""
+    temperature_end: Optional[float] = None
+    """K2 temperature decay: the temperature reached after `temperature_decay_steps` steps (null = constant).
+    Each step samples and computes the training log-probs at that step's temperature; logged as
+    `rollout/temperature`."""
+    temperature_decay_steps: int = 0
+    """Steps over which the temperature moves from `temperature` to `temperature_end`; 0 = trainer.steps - 1, so
+    the last step samples at `temperature_end` (the schedule then follows trainer.steps, also on a resume)."""
+    temperature_schedule: str = "linear"
+    """Shape of the decay: linear | cosine."""
     top_p: float = 1.0
     """Nucleus sampling (1.0 = off; anything else makes the sampling distribution differ from the trained one)."""
+    sampling: str = "uniform"
+    """Prompt order within a task: uniform (seeded shuffle, epoch after epoch) | prioritized (Kimi k1.5: draw
+    prompt i with probability proportional to max(1 - success_i, priority_floor), success_i its tracked success
+    rate; never-seen prompts count as success 0, so they come first)."""
+    success_threshold: float = 0.5
+    """A response counts as a success for the tracked success rate when its total reward (weighted sum plus
+    penalties) is above this; unscorable responses do not count. 0.5 suits 0/1 rewards."""
+    priority_floor: float = 0.05
+    """prioritized: the smallest sampling weight, so prompts that are always solved are still drawn now and then
+    (weight 1 is an unsolved or unseen prompt)."""
+
+
+@dataclass(frozen=True)
+class PtxConfig:
+    weight: float = 0.0
+    """Weight of the PTX loss in the total: loss = policy loss + weight * PTX loss (0 = off). Logged as `loss`
+    (the total), `loss/policy` and `loss/ptx` (mean negative log-likelihood per completion token)."""
+    source: Optional[str] = None
+    """PTX data: a built-in task (`builtin:max`, or just `max`; its training split with gold completions) or a
+    .jsonl / .parquet file whose rows have `prompt` and `completion` text. Prompts are rendered as for rollouts
+    (chat template); the loss covers the completion tokens and EOS only."""
+    batch_size: int = 16
+    """PTX rows per optimizer step (drawn in a seeded shuffled order, saved for exact resume)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +184,12 @@ class AlgoConfig:
     """grpo: divide advantages by the group's reward std."""
     inner_steps: int = 1
     """Optimizer steps per rollout batch (>1 makes the policy move off pi_old within the batch)."""
+    filter_zero_std: bool = False
+    """DAPO-style dynamic filtering: groups whose valid rewards all tie (advantage 0) are dropped from the loss, so
+    they no longer dilute its normalisation nor, for k2, add the tau * log-ratio term (rlk2/controls.py lists the
+    effect on each loss). No prompts are drawn to refill the batch; `groups/kept` logs how many groups trained."""
+    ptx: PtxConfig = field(default_factory=PtxConfig)
+    """K2's PTX loss: an auxiliary next-token loss on curated data added to the RL loss."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +292,22 @@ class Config:
             raise UserError("rollout.temperature: must be > 0 (log-probs are of the tempered distribution)")
         if self.trainer.steps < 0:
             raise UserError("trainer.steps: must be >= 0")
+        ro = self.rollout
+        if ro.temperature_end is not None and ro.temperature_end <= 0:
+            raise UserError("rollout.temperature_end: must be > 0 (log-probs are of the tempered distribution)")
+        if ro.temperature_decay_steps < 0:
+            raise UserError("rollout.temperature_decay_steps: must be >= 0")
+        _choice("rollout.temperature_schedule", ro.temperature_schedule, ("linear", "cosine"))
+        _choice("rollout.sampling", ro.sampling, ("uniform", "prioritized"))
+        if not 0 < ro.priority_floor <= 1:
+            raise UserError("rollout.priority_floor: must be in (0, 1]")
+        ptx = self.algo.ptx
+        if ptx.weight < 0:
+            raise UserError("algo.ptx.weight: must be >= 0 (0 turns the PTX loss off)")
+        if ptx.weight > 0 and not ptx.source:
+            raise UserError("algo.ptx.source: required when algo.ptx.weight > 0 (a built-in task or a .jsonl file)")
+        if ptx.batch_size < 1:
+            raise UserError("algo.ptx.batch_size: must be >= 1")
         from rlk2.algorithms import LOSSES
 
         _choice("algo.loss", self.algo.loss, tuple(LOSSES))

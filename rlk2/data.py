@@ -167,18 +167,35 @@ def check_columns(rows: list[Row], columns: list[str], *, source: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- sampling
 class PromptSampler:
-    """Draws prompts for each step: tasks mixed by weight, each task's rows in a seeded shuffled order.
+    """Draws prompts for each step: tasks mixed by weight, then rows within each task.
 
-    Its whole state is (epoch, position) per task, so a resumed run continues the same sequence.
+    `sampling="uniform"`: each task's rows in a seeded shuffled order, epoch after epoch.
+    `sampling="prioritized"` (Kimi k1.5's curriculum): each step draws a task's rows without replacement with
+    probability proportional to max(1 - s_i, floor), s_i the tracked success rate of row i = its successful
+    responses / its scored responses over every visit so far (`record`). A row never drawn has s_i = 0 (weight 1,
+    the highest), so unseen prompts are explored first; the floor keeps solved prompts from vanishing entirely.
+    Success rates are tracked in both modes.
+
+    The whole state (epoch, position and success counts per task) is in `state_dict`, so a resumed run continues
+    the same sequence: every draw comes from an RNG seeded by (seed, task, step) and that state.
     """
 
-    def __init__(self, task_rows: dict[str, list[Row]], weights: dict[str, float], *, seed: int) -> None:
+    def __init__(
+        self, task_rows: dict[str, list[Row]], weights: dict[str, float], *, seed: int,
+        sampling: str = "uniform", priority_floor: float = 0.05,
+    ) -> None:
+        if sampling not in ("uniform", "prioritized"):
+            raise ValueError(f"sampling must be uniform or prioritized, not {sampling!r}")
         self.task_rows = task_rows
         self.weights = weights
         self.seed = seed
+        self.sampling = sampling
+        self.priority_floor = priority_floor
         self.pos = {name: 0 for name in task_rows}
         self.epoch = {name: 0 for name in task_rows}
+        self.success: dict[str, dict[int, list[int]]] = {name: {} for name in task_rows}  # row -> [succ, scored]
         self._orders = {name: self._order(name, 0) for name in task_rows}
+        self._row_index = {name: {id(r): i for i, r in enumerate(rows)} for name, rows in task_rows.items()}
 
     def _order(self, name: str, epoch: int) -> list[int]:
         order = list(range(len(self.task_rows[name])))
@@ -194,6 +211,31 @@ class PromptSampler:
         self.pos[name] += 1
         return row
 
+    def priority(self, name: str, index: int) -> float:
+        """Unnormalised sampling weight of row `index` of task `name` under prioritized sampling."""
+        succ, scored = self.success[name].get(index, (0, 0))
+        rate = succ / scored if scored else 0.0
+        return max(1.0 - rate, self.priority_floor)
+
+    def _prioritized(self, name: str, count: int, step: int) -> list[Row]:
+        # Weighted draw without replacement (Efraimidis-Spirakis): the `take` rows with the largest
+        # log(u) / weight, u ~ U(0, 1]. More than a task's row count in one step: further rounds.
+        import numpy as np
+
+        rows = self.task_rows[name]
+        weights = np.ones(len(rows))  # unseen rows: success 0, weight 1
+        for i in self.success[name]:
+            weights[i] = self.priority(name, i)
+        seed = random.Random(f"{self.seed}/prioritized/{name}/{step}").getrandbits(64)
+        rng = np.random.default_rng(seed)
+        out: list[Row] = []
+        while len(out) < count:
+            take = min(count - len(out), len(rows))
+            keys = np.log1p(-rng.random(len(rows))) / weights  # [N], all <= 0
+            top = np.argpartition(-keys, take - 1)[:take]
+            out += [rows[i] for i in top[np.argsort(-keys[top], kind="stable")]]
+        return out
+
     def sample(self, n: int, step: int) -> list[tuple[str, Row]]:
         """n (task, row) pairs; the task mix per step is split by weight with a seeded draw for the remainder."""
         names = list(self.task_rows)
@@ -202,13 +244,27 @@ class PromptSampler:
         rng = random.Random(f"{self.seed}/mix/{step}")
         while sum(counts.values()) < n:
             counts[rng.choices(names, weights=[self.weights[t] for t in names])[0]] += 1
+        if self.sampling == "prioritized":
+            return [(t, row) for t in names for row in self._prioritized(t, counts[t], step)]
         return [(t, self._next(t)) for t in names for _ in range(counts[t])]
 
+    def index_of(self, name: str, row: Row) -> int:
+        """Position in its task of a row returned by `sample` (the key of its success counts)."""
+        return self._row_index[name][id(row)]
+
+    def record(self, name: str, index: int, successes: int, scored: int) -> None:
+        """Add one visit's outcome for row `index` of task `name`: `successes` of its `scored` responses succeeded."""
+        stats = self.success[name].setdefault(index, [0, 0])
+        stats[0] += successes
+        stats[1] += scored
+
     def state_dict(self) -> dict:
-        return {"pos": dict(self.pos), "epoch": dict(self.epoch)}
+        return {"pos": dict(self.pos), "epoch": dict(self.epoch),
+                "success": {t: {i: list(v) for i, v in s.items()} for t, s in self.success.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos = dict(state["pos"])
         self.epoch = dict(state["epoch"])
+        saved = state.get("success", {})  # absent in checkpoints written before success tracking
+        self.success = {t: {int(i): list(v) for i, v in saved.get(t, {}).items()} for t in self.task_rows}
         self._orders = {name: self._order(name, self.epoch[name]) for name in self.task_rows}
-

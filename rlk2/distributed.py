@@ -132,10 +132,16 @@ def loss_scale(accelerator, loss: str, mask: torch.Tensor) -> float:
 
 
 def global_loss(accelerator, loss_fn, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                mask: torch.Tensor, hp: dict) -> tuple[torch.Tensor, dict]:
-    """The loss and its metrics over the global batch (gathered, no gradient): what one process would log."""
+                mask: torch.Tensor, hp: dict, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss and its metrics over the global batch (gathered, no gradient): what one process would log.
+    `rows` (indices into this rank's batch, e.g. the groups kept by zero-std filtering) restricts it to those rows."""
     with torch.no_grad():
         tensors = [accelerator.gather(t.detach().contiguous()) for t in (logp, old_logp, adv, mask)]
+        if rows is not None:  # gather a 0/1 selector (same shape on every rank), then cut
+            selected = torch.zeros(logp.shape[0], dtype=torch.long, device=logp.device)
+            selected[rows] = 1
+            picked = accelerator.gather(selected).bool()
+            tensors = [t[picked] for t in tensors]
         return loss_fn(*tensors, **hp)
 
 

@@ -10,6 +10,9 @@ Algorithm (one optimizer step):
   4. the policy loss (`algo.loss`, default `k2`: the squared mirror-descent objective of Kimi k1.5 / K2),
      `inner_steps` optimizer steps on the batch (AdamW or MuonClip), then QK-Clip inside MuonClip's step;
   5. log (metrics.jsonl, trackers, progress bar), evaluate every `eval.every` steps, checkpoint.
+K2 training controls (rlk2/controls.py; all off by default): a decaying sampling temperature (used for sampling and
+for the training log-probs alike), prioritized prompt sampling by tracked success rate, dropping groups whose
+rewards all tie from the loss, and the PTX loss on curated (prompt, completion) data added with a weight.
 
 Deliberate simplifications: rollouts come from HF `generate` on the training process (no separate inference
 engine); one rollout batch per step (no partial rollouts); the KL-to-reference term is not implemented
@@ -219,13 +222,14 @@ class MetricsFile:
 def train(cfg: Config, *, resume: bool = False) -> dict:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     from rewards.engine import RewardEngine, RewardSpec
     from rewards.format import budget_penalty
     from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from rlk2.controls import group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, temperature_at
     from rlk2.data import PromptSampler, check_columns, load_task_rows
     from rlk2.distributed import (any_rank, check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss,
                                   local_groups, loss_scale, pad_to_global_width, sequence_seeds)
@@ -268,6 +272,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             EvalTask(task.name, [r["prompt"] for r in held], {c: [r.get(c) for r in held] for c in columns},
                      specs[task.name], task.max_new_tokens)
         )
+    ptx_rows = load_ptx_rows(cfg.algo.ptx.source) if cfg.algo.ptx.weight > 0 else None
     ckpt = None
     if resume:
         ckpt = latest_checkpoint(run_dir)
@@ -304,7 +309,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    sampler = PromptSampler(train_rows, {t.name: t.weight for t in cfg.tasks}, seed=cfg.run.seed)
+    sampler = PromptSampler(train_rows, {t.name: t.weight for t in cfg.tasks}, seed=cfg.run.seed,
+                            sampling=cfg.rollout.sampling, priority_floor=cfg.rollout.priority_floor)
+    ptx_sampler = PromptSampler({"ptx": ptx_rows}, {"ptx": 1.0}, seed=cfg.run.seed + 1) if ptx_rows else None
     tasks_by_name = {t.name: t for t in cfg.tasks}
     loss_fn = LOSSES[cfg.algo.loss]
     scale_adv = SCALE_ADVANTAGES[cfg.algo.loss]
@@ -317,6 +324,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        if ptx_sampler is not None and "ptx_sampler" in state:
+            ptx_sampler.load_state_dict(state["ptx_sampler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
         metrics_file.truncate_after(start_step)
@@ -344,6 +353,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "sampler": sampler.state_dict(), "rng": rng_state(), "config": to_yaml(cfg)}
+            if ptx_sampler is not None:
+                state["ptx_sampler"] = ptx_sampler.state_dict()
             try:
                 save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, state,
                                 keep_last=cfg.trainer.keep_last)
@@ -366,6 +377,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     stop = _GracefulStop()
     for step in bar:
         step_seed = cfg.run.seed * 1_000_003 + step
+        # K2 temperature decay: this step samples AND computes training log-probs at this temperature.
+        temperature = temperature_at(step, start=cfg.rollout.temperature, end=cfg.rollout.temperature_end,
+                                     decay_steps=cfg.rollout.temperature_decay_steps or cfg.trainer.steps - 1,
+                                     schedule=cfg.rollout.temperature_schedule)
         # ---------------------------------------------------------------- rollout
         t0 = time.perf_counter()
         # This rank's whole groups of the global batch; `first` is the global index of its first group.
@@ -380,7 +395,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             ids = encode_prompts(tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
             parts.append(generate_rollouts(
                 unwrapped, tokenizer, [i for i in ids for _ in range(K)],
-                max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=cfg.rollout.temperature,
+                max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=temperature,
                 top_p=cfg.rollout.top_p, record_routing=moe.enabled,
                 seeds=sequence_seeds(step_seed, first + len(rows_in_order), len(group_rows), K),
             ))
@@ -426,6 +441,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             counts = ", ".join(f"{k}: {v}" for k, v in errors.items() if v)
             accelerator.print(f"warning: step {step}: {n_unscorable}/{len(totals)} responses unscorable "
                               f"({counts or 'no reward error counted'}); they are left out of their groups' baselines")
+        # Success counts for prioritized sampling; every rank records every group so the samplers stay identical.
+        outcomes = [(t, sampler.index_of(t, r), succ, n) for t, r, (succ, n) in
+                    zip(task_of_group, rows_in_order, group_success(totals, K, threshold=cfg.rollout.success_threshold))]
+        for t, i, succ, n in (gather_object(outcomes) if accelerator.num_processes > 1 else outcomes):
+            sampler.record(t, i, succ, n)
 
         # ---------------------------------------------------------------- advantage
         P = len(rows_in_order)
@@ -439,6 +459,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
             drop = torch.tensor([task_of_group[j // K] in masked_tasks for j in range(len(totals))], device=mask.device)
             mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
+        # Dynamic filtering: groups whose rewards all tie leave the loss. The forward still covers the whole batch
+        # (the same shapes on every process, router replay on the recorded rollout); only the loss is cut.
+        keep = kept_sequences(zero_std, K).to(accelerator.device) if cfg.algo.filter_zero_std else None  # [B']
+        train_adv, train_mask = (adv, mask) if keep is None else (adv[keep], mask[keep])
+        has_rl = any_rank(accelerator, len(train_adv) > 0)
+        ptx = None
+        if ptx_sampler is not None:
+            ptx_rows_now = [row for _, row in ptx_sampler.sample(cfg.algo.ptx.batch_size, step)]
+            ptx = ptx_batch(tokenizer, ptx_rows_now, chat_template=cfg.policy.chat_template).to(accelerator.device)
 
         # ---------------------------------------------------------------- update
         t0 = time.perf_counter()
@@ -446,16 +475,29 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
               "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
         skipped = 0
         moe_row: dict = {}
-        scale = loss_scale(accelerator, cfg.algo.loss, mask)  # 1.0 on one process (see rlk2.distributed)
-        for _ in range(cfg.algo.inner_steps):
+        scale = loss_scale(accelerator, cfg.algo.loss, train_mask)  # 1.0 on one process (see rlk2.distributed)
+        loss, loss_metrics, entropy, grad_norm = torch.zeros(()), {}, torch.full_like(mask, math.nan), torch.tensor(0.0)
+        # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
+        for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
             with moe.training_forward(ro) as routed:  # replays the rollout's experts when moe.router_replay
-                logp, entropy = policy_logprobs(model, ro, temperature=cfg.rollout.temperature, with_entropy=True)
-            loss, loss_metrics = loss_fn(logp, ro.old_logp, adv, mask, **hp)
+                logp, entropy = policy_logprobs(model, ro, temperature=temperature, with_entropy=True)
+            if len(train_adv):
+                kept_logp, kept_old = (logp, ro.old_logp) if keep is None else (logp[keep], ro.old_logp[keep])
+                loss, loss_metrics = loss_fn(kept_logp, kept_old, train_adv, train_mask, **hp)
+            else:  # no group kept on this process (others may have some): a zero loss, DDP still gets a backward
+                loss, loss_metrics = logp.sum() * 0.0, {}
             loss = loss + routed.aux_loss
             moe_row = moe_row or routed.metrics()  # routing of the step's first forward (pi_old's weights)
-            accelerator.backward(loss * scale if scale != 1.0 else loss)
-            if accelerator.num_processes > 1:  # log (and judge finiteness by) the global batch's loss, on every rank
-                loss, loss_metrics = global_loss(accelerator, loss_fn, logp, ro.old_logp, adv, mask, hp)
+            total = loss * scale if scale != 1.0 else loss
+            if ptx is not None:  # the same PTX batch on every process: DDP's average is the one-process gradient
+                lm = ptx_loss(model, ptx)
+                total = total + cfg.algo.ptx.weight * lm
+            accelerator.backward(total)
+            if accelerator.num_processes > 1 and has_rl:  # log (and judge finiteness by) the global batch's loss
+                loss, loss_metrics = global_loss(accelerator, loss_fn, logp, ro.old_logp, adv, mask, hp, rows=keep)
+            if ptx is not None:
+                loss_metrics = {**loss_metrics, "loss/policy": float(loss.detach()), "loss/ptx": float(lm.detach())}
+                loss = loss.detach() + cfg.algo.ptx.weight * lm.detach()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -498,6 +540,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "skipped_steps": bad_total,
+            "rollout/temperature": temperature,
+            "groups/kept": int((~zero_std).sum()) if cfg.algo.filter_zero_std else len(zero_std),
             **loss_metrics,
             **moe_row,
             "time/rollout": t_rollout,

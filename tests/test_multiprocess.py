@@ -180,7 +180,10 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("extra", [
     [],  # the default loss (k2, a mean over sequences) with AdamW
     ["algo.loss=dapo", "algo.inner_steps=2", "optim.name=muonclip"],  # a token mean, off-policy steps, QK-Clip
-], ids=["k2-adamw", "dapo-muonclip"])
+    # the K2 training controls: success counts gathered from both ranks, tied groups cut per rank, PTX on both
+    ["rollout.temperature_end=0.5", "rollout.sampling=prioritized", "algo.filter_zero_std=true",
+     "algo.ptx.weight=0.5", "algo.ptx.source=builtin:max", "algo.ptx.batch_size=4"],
+], ids=["k2-adamw", "dapo-muonclip", "k2-controls"])
 def test_two_processes_match_one(tmp_path, extra):
     # Two processes first: their warm start runs in its own process (then cached for the one-process run).
     two = _train(tmp_path, "two", extra, 2)
