@@ -145,7 +145,8 @@ def test_misbehaving_rewards_inside_a_real_run(tmp_path):
         f'{{name: "{path}:spins_forever", weight: 0.0, timeout_s: 2}}, '
         f'{{name: "{path}:async_length", weight: 0.0}}]'
     )
-    proc = rlk2("train", *tiny_overrides(tmp_path, "faults"), "tasks.0.source=builtin:max", f"tasks.0.rewards={rewards}")
+    one_task = "tasks=[{name: max, source: 'builtin:max', max_new_tokens: 8, eval_size: 8}]"
+    proc = rlk2("train", *tiny_overrides(tmp_path, "faults"), one_task, f"tasks.0.rewards={rewards}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(l) for l in (tmp_path / "faults" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]

@@ -24,8 +24,12 @@ def tiny(tmp: Path, run: str, steps: int = 3) -> list[str]:
     return [
         f"run.dir={tmp / run}", f"trainer.steps={steps}", "rollout.group_size=4", "rollout.prompts_per_step=4",
         "warm_start.steps=5", f"warm_start.cache_dir={tmp / 'cache'}", "eval.samples=1", "eval.greedy=false",
-        "tasks.0.eval_size=8", "policy.demo.hidden_size=32", "policy.demo.num_hidden_layers=2",
+        ONE_TASK, "tasks.0.eval_size=8", "policy.demo.hidden_size=32", "policy.demo.num_hidden_layers=2",
     ]
+
+
+# The demo's `max` task alone (the demo also has a code task): these tests count prompts and groups per step.
+ONE_TASK = "tasks=[{name: max, source: 'builtin:max', max_new_tokens: 8, overlong_penalty: -0.5, rewards: [{name: math}]}]"
 
 
 def step_rows(run_dir: Path) -> list[dict]:
