@@ -106,9 +106,9 @@ def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
     shape = TinyMoEShape(**{k: getattr(cfg.policy.demo, k) for k in cfg.policy.demo.__dataclass_fields__})
     ws = cfg.warm_start
     critic_rows = _critic_warm_start_rows(cfg, task_rows)
-    key = cache_key(**({"critic": _critic_warm_start_key(cfg)} if critic_rows else {}),
-                    shape=shape, tasks=sorted(t.source for t in cfg.tasks), ws=[ws.steps, ws.batch_size, ws.lr, ws.examples],
-                    enabled=ws.enabled, seed=cfg.run.seed, version=1)
+    key = cache_key(**({"critic": _critic_warm_start_key(cfg)} if critic_rows else {}),  # old keys unchanged
+                    shape=shape, tasks=sorted(t.source for t in cfg.tasks),
+                    ws=[ws.steps, ws.batch_size, ws.lr, ws.examples], enabled=ws.enabled, seed=cfg.run.seed, version=1)
     out = Path(ws.cache_dir) / key
     if not (out / "config.json").exists():
         if accelerator.is_main_process:
@@ -416,12 +416,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     if refiner is not None:  # held-out verified pairs: from the step-0 evaluation samples, kept in the run dir
         heldout_file = run_dir / "critic_heldout.jsonl"
-        if heldout_file.exists():
-            heldout = load_pairs(heldout_file)
-        elif start_step == 0:
+        if start_step == 0:  # (an overwritten run's old file is replaced)
             records = [r for name in grounding for r in eval_samples[0].get(name, [])]
             heldout = pairs_from_records(records, n_pairs=cfg.critic.heldout_pairs, seed=cfg.run.seed)
             save_pairs(heldout_file, heldout)
+        elif heldout_file.exists():  # resumed: the same pairs as before the interruption
+            heldout = load_pairs(heldout_file)
         if not heldout:
             accelerator.print("warning: critic.refine: no held-out verified pairs (no evaluation prompt of "
                               f"{', '.join(grounding)} had both a passed and a failed sample; raise eval.samples or "
@@ -658,7 +658,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     rec = {"task": task_of_group[j // K], "prompt": src["prompt"], "completion": text,
                            "reward": totals[j], "advantage": float(adv[j]), "truncated": bool(ro.truncated[j]),
                            "rewards": {k: v[j] for k, v in per_reward.items()}}
-                    if accelerator.num_processes == 1 and sample_extras[j]:  # e.g. the rubric critic's verdicts, reasons
+                    if accelerator.num_processes == 1 and sample_extras[j]:  # e.g. rubric verdicts and reasons
                         rec["extras"] = sample_extras[j]
                     fh.write(json.dumps(rec) + "\n")
 
