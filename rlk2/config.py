@@ -264,6 +264,45 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class CriticConfig:
+    refine: bool = False
+    """Closed-loop critic refinement (K2, DESIGN.md 5): the policy, as critic, judges pairs of its own responses
+    whose verifiable rewards differ; agreement with the verifier is the critic role's reward, in the same policy
+    update. Single process only (see rlk2.critic_refine)."""
+    template: Optional[str] = None
+    """Critic prompt template (.txt); null = rewards/critic_prompt.txt. Use the same one as the rubric reward."""
+    rubrics: list[str] = field(default_factory=lambda: ["core", "prescriptive"])
+    """Rubric sets by name, or .toml / .yaml paths, shown to the critic (as for the rubric reward)."""
+    tasks: list[str] = field(default_factory=list)
+    """Tasks whose verifiable rewards ground the critic; empty = every task without a `rubric` reward."""
+    pairs_per_prompt: int = 1
+    """Verified pairs per prompt per step; each is judged in both orders, group_size sampled verdicts per order."""
+    max_pairs: Optional[int] = None
+    """Most verified pairs per step (null = no cap); the step's update holds up to 2 * max_pairs * group_size
+    critic samples."""
+    max_new_tokens: int = 64
+    """Token budget of one critic reply (reason + verdict)."""
+    unparsable_reward: Optional[float] = 0.0
+    """Critic-role reward of a reply without a parsable verdict (null = unscorable; see rlk2.critic_refine)."""
+    heldout_pairs: int = 128
+    """Held-out verified pairs (from the step-0 evaluation samples) on which critic/agreement is measured."""
+    agreement_every: int = 1
+    """Measure critic/agreement every N steps (always at step 0 and at the last step)."""
+    warm_start_examples: int = 0
+    """Critic-format rows added to the supervised warm start, each critic prompt once with each verdict: they teach
+    the reply format, not the judgement (for toy models that have never seen a critic prompt)."""
+
+    def __post_init__(self) -> None:
+        for key in ("pairs_per_prompt", "max_new_tokens", "heldout_pairs", "agreement_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"critic.{key}: must be >= 1")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise UserError("critic.max_pairs: must be >= 1 (or null for no cap)")
+        if self.warm_start_examples < 0:
+            raise UserError("critic.warm_start_examples: must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -275,6 +314,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -311,10 +351,28 @@ class Config:
         from rlk2.algorithms import LOSSES
 
         _choice("algo.loss", self.algo.loss, tuple(LOSSES))
+        _check_critic_tasks(self)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+def _check_critic_tasks(cfg: Config) -> None:
+    names = [t.name for t in cfg.tasks]
+    for i, name in enumerate(cfg.critic.tasks):
+        if name not in names:
+            raise UserError(f"critic.tasks[{i}]: '{name}' is not a task (tasks: {', '.join(names)})")
+    if cfg.critic.refine and not critic_tasks(cfg):
+        raise UserError("critic.refine: no task with a verifiable reward to ground the critic (every task is scored "
+                        "by the rubric reward); add one or name it in critic.tasks")
+
+
+def critic_tasks(cfg: Config) -> list[str]:
+    """Tasks whose verifiable rewards ground the critic: `critic.tasks`, or every task without a rubric reward."""
+    if cfg.critic.tasks:
+        return list(cfg.critic.tasks)
+    return [t.name for t in cfg.tasks if not any(r.name.rsplit(":", 1)[-1] == "rubric" for r in t.rewards)]
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -27,9 +27,11 @@ answers "A" scores exactly 50 %. Unparsable verdicts count as disagreement there
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from rewards.rubric import (DEFAULT_RUBRICS, fill_template, load_rubrics, load_template, parse_verdict,
                             render_rubrics)
@@ -117,7 +119,7 @@ class CriticSamples:
     rollout: object
     """rlk2.rollout.Rollout, [M * K] sequences: M critic prompts, K sampled verdicts each, old log-probs recorded."""
     rewards: list[float | None]
-    """Agreement with the verifier per sample: 1.0 / 0.0, None when the verdict is unparsable."""
+    """Agreement with the verifier per sample: 1.0 / 0.0; an unparsable verdict gets `unparsable_reward`."""
     prompts: list[str]
     """The critic prompt of each sample (user message, before the chat template)."""
     records: list[dict] = field(default_factory=list)
@@ -156,8 +158,12 @@ class CriticRefiner:
 
     def samples(self, model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
                 rewards: Sequence[float | None], *, group_size: int, temperature: float,
-                seed: int) -> CriticSamples | None:
-        """Critic-role samples for this step's verifiable groups (`prompts` repeated per sample), or None."""
+                seed: int, record_routing: bool = False) -> CriticSamples | None:
+        """Critic-role samples for this step's verifiable groups (`prompts` repeated per sample), or None.
+
+        `record_routing` records the experts of every token (as the policy's own rollouts do under router
+        replay): `concat_rollouts` keeps recorded routing only when every part has it.
+        """
         from rlk2.rollout import encode_prompts, generate_rollouts
 
         rng = random.Random(seed)
@@ -172,7 +178,8 @@ class CriticRefiner:
             return None
         jobs, ids = [jobs[k] for k in keep], [ids[k] for k in keep]
         ro = generate_rollouts(model, tokenizer, [x for x in ids for _ in range(group_size)],
-                               max_new_tokens=self.max_new_tokens, temperature=temperature, seed=seed)
+                               max_new_tokens=self.max_new_tokens, temperature=temperature, seed=seed,
+                               record_routing=record_routing)
         out_rewards: list[float | None] = []
         records, texts = [], []
         for n, text in enumerate(ro.texts):
@@ -235,3 +242,23 @@ def format_warmup_rows(rows: Sequence[dict], *, n: int, refiner: CriticRefiner, 
         for verdict in ("AB" if verdicts == "both" else "A" if gold_first else "B"):
             out.append({"prompt": prompt, "completion": f"{row['completion']} Verdict: {verdict}"})
     return out[:n]
+
+
+def check_refine_launch(num_processes: int) -> None:
+    """Refinement runs on one process only: its verified pairs are drawn from the whole step's batch, and splitting
+    the critic samples across ranks so that N processes reproduce one (as rlk2.distributed does for the policy's
+    own groups) is not implemented. Refused at start-up rather than trained differently per rank."""
+    from rlk2.errors import UserError
+
+    if num_processes > 1:
+        raise UserError(f"critic.refine: supported on one process only, this launch has {num_processes} (critic "
+                        "samples are not split across ranks); launch one process or set critic.refine=false")
+
+
+def save_pairs(path: Path, pairs: Sequence[VerifiedPair]) -> None:
+    """Held-out pairs, one JSON object a line: a resumed run measures agreement on the same pairs."""
+    Path(path).write_text("".join(json.dumps(asdict(p)) + "\n" for p in pairs))
+
+
+def load_pairs(path: Path) -> list[VerifiedPair]:
+    return [VerifiedPair(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -7,6 +7,9 @@ Algorithm (one optimizer step):
      unscorable = None); a response that hits its task's token budget gets the task's overlong penalty;
   3. group-relative advantages r - mean(r) over the K responses of a prompt (std-scaled for the GRPO family),
      unscorable responses left out of the baseline with advantage 0;
+  3b. with `critic.refine`, closed-loop critic refinement (rlk2.critic_refine): the policy, prompted as critic,
+     judges pairs of this step's responses whose verifiable rewards differ; agreement with the verifier is the
+     reward of those critic samples, which join the same update as K more groups;
   4. the policy loss (`algo.loss`, default `k2`: the squared mirror-descent objective of Kimi k1.5 / K2),
      `inner_steps` optimizer steps on the batch (AdamW or MuonClip), then QK-Clip inside MuonClip's step;
   5. log (metrics.jsonl, trackers, progress bar), evaluate every `eval.every` steps, checkpoint.
@@ -32,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlk2.config import Config, load_config, to_yaml
+from rlk2.config import Config, critic_tasks, load_config, to_yaml
 from rlk2.errors import UserError
 
 
@@ -105,18 +108,21 @@ def _prepare_policy(cfg: Config, task_rows: dict, accelerator) -> tuple:
 
     shape = TinyMoEShape(**{k: getattr(cfg.policy.demo, k) for k in cfg.policy.demo.__dataclass_fields__})
     ws = cfg.warm_start
-    key = cache_key(shape=shape, tasks=sorted(t.source for t in cfg.tasks), ws=[ws.steps, ws.batch_size, ws.lr, ws.examples],
-                    enabled=ws.enabled, seed=cfg.run.seed, version=1)
+    critic_rows = _critic_warm_start_rows(cfg, task_rows)
+    key = cache_key(**({"critic": _critic_warm_start_key(cfg)} if critic_rows else {}),  # old keys unchanged
+                    shape=shape, tasks=sorted(t.source for t in cfg.tasks),
+                    ws=[ws.steps, ws.batch_size, ws.lr, ws.examples], enabled=ws.enabled, seed=cfg.run.seed, version=1)
     out = Path(ws.cache_dir) / key
     if not (out / "config.json").exists():
         if accelerator.is_main_process:
-            corpus = _demo_corpus(task_rows)
+            corpus = _demo_corpus({**task_rows, "critic": critic_rows})
             base = Path(ws.cache_dir) / f"{key}-base"
             build_demo_policy(base, corpus, seed=cfg.run.seed, shape=shape)
             if ws.enabled:
                 accelerator.print(f"warm start: SFT {ws.steps} steps on built-in tasks (cached in {out})")
                 _, tok = load_policy(base)
                 rows = _interleave([[r for r in rs if "completion" in r] for rs in task_rows.values()])[: ws.examples]
+                rows += critic_rows  # the critic's reply format (balanced verdicts: format, not judgement)
                 from rlk2.rollout import encode_prompts
 
                 texts = [tok.decode(ids) for ids in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=cfg.policy.chat_template)]
@@ -139,6 +145,39 @@ def _interleave(lists: list[list]) -> list:
     for i in range(max(map(len, lists), default=0)):
         out += [rows[i] for rows in lists if i < len(rows)]
     return out
+
+
+def _critic_refiner(cfg: Config, num_processes: int):
+    """The closed-loop critic refiner when critic.refine is on (template and rubric files checked now), else None."""
+    if not cfg.critic.refine:
+        return None
+    from rewards.rubric import RubricError
+    from rlk2.critic_refine import CriticRefiner, check_refine_launch
+
+    check_refine_launch(num_processes)
+    c = cfg.critic
+    try:
+        return CriticRefiner(template=c.template, rubrics=c.rubrics, pairs_per_prompt=c.pairs_per_prompt,
+                             max_pairs=c.max_pairs, max_new_tokens=c.max_new_tokens,
+                             chat_template=cfg.policy.chat_template, unparsable_reward=c.unparsable_reward)
+    except RubricError as exc:
+        raise UserError(f"critic.template / critic.rubrics: {exc}") from None
+
+
+def _critic_warm_start_key(cfg: Config) -> list:
+    c = cfg.critic
+    return [c.warm_start_examples, c.template, list(c.rubrics), critic_tasks(cfg), c.max_new_tokens]
+
+
+def _critic_warm_start_rows(cfg: Config, task_rows: dict) -> list[dict]:
+    """critic.warm_start_examples critic-format rows from the grounding tasks' gold completions (rlk2.critic_refine)."""
+    if not (cfg.critic.refine and cfg.critic.warm_start_examples):
+        return []
+    from rlk2.critic_refine import CriticRefiner, format_warmup_rows
+
+    grounding = [r for name in critic_tasks(cfg) for r in task_rows.get(name, [])]
+    fmt = CriticRefiner(template=cfg.critic.template, rubrics=cfg.critic.rubrics)
+    return format_warmup_rows(grounding, n=cfg.critic.warm_start_examples, refiner=fmt, seed=cfg.run.seed)
 
 
 def _demo_corpus(task_rows: dict) -> list[str]:
@@ -230,6 +269,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from rlk2.controls import group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, temperature_at
+    from rlk2.critic import bind_policy, unbind_policy
+    from rlk2.critic_refine import load_pairs, pairs_from_records, save_pairs
     from rlk2.data import PromptSampler, check_columns, load_task_rows
     from rlk2.distributed import (any_rank, check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss,
                                   local_groups, loss_scale, pad_to_global_width, sequence_seeds)
@@ -246,6 +287,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                               kwargs_handlers=ddp_kwargs(), cpu=cpu_only_launch())
     check_launch(distributed_type=accelerator.distributed_type, num_processes=accelerator.num_processes,
                  prompts_per_step=cfg.rollout.prompts_per_step, optimizer=cfg.optim.name, loss=cfg.algo.loss)
+    refiner, grounding, heldout = _critic_refiner(cfg, accelerator.num_processes), critic_tasks(cfg), []
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
         accelerator.print(f"data parallel: {accelerator.num_processes} processes "
@@ -312,6 +354,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     sampler = PromptSampler(train_rows, {t.name: t.weight for t in cfg.tasks}, seed=cfg.run.seed,
                             sampling=cfg.rollout.sampling, priority_floor=cfg.rollout.priority_floor)
     ptx_sampler = PromptSampler({"ptx": ptx_rows}, {"ptx": 1.0}, seed=cfg.run.seed + 1) if ptx_rows else None
+    # The `self` critic of the rubric reward is the live policy: the unwrapped module is the very object the
+    # optimizer updates in place, so one binding sees every update.
+    bind_policy(accelerator.unwrap_model(model), tokenizer, chat_template=cfg.policy.chat_template)
+    rubric_tasks = {t.name for t in cfg.tasks if any(_metric_name(r.name) == "rubric" for r in t.rewards)}
     tasks_by_name = {t.name: t for t in cfg.tasks}
     loss_fn = LOSSES[cfg.algo.loss]
     scale_adv = SCALE_ADVANTAGES[cfg.algo.loss]
@@ -331,6 +377,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         metrics_file.truncate_after(start_step)
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
 
+    eval_samples: dict[int, dict] = {}  # step -> per-task sample records (held-out critic pairs come from step 0)
+
     def run_eval(step: int) -> dict:
         if not accelerator.is_main_process:  # replicas are identical: the main process evaluates, the rest wait
             accelerator.wait_for_everyone()
@@ -342,6 +390,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             batch_size=cfg.eval.batch_size, chat_template=cfg.policy.chat_template, seed=cfg.run.seed + 7919,
             ks=sorted({1, cfg.eval.samples}),
         )
+        eval_samples[step] = res.samples
         row = {"step": step, **res.metrics, "time/eval": time.perf_counter() - t0}
         metrics_file.write(row)
         if cfg.trainer.trackers:
@@ -368,6 +417,31 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     if cfg.trainer.trackers:
         accelerator.init_trackers(cfg.run.name, config={"run": cfg.run.name})
     before = run_eval(0) if start_step == 0 else {}
+
+    def critic_agreement() -> dict:
+        """critic/agreement on the held-out verified pairs (greedy, both orders), with its time."""
+        t0 = time.perf_counter()
+        res = refiner.agreement(accelerator.unwrap_model(model), tokenizer, heldout) if heldout else {
+            "critic/agreement": float("nan"), "critic/heldout_pairs": 0.0}
+        return {**res, "time/critic_agreement": time.perf_counter() - t0}
+
+    if refiner is not None:  # held-out verified pairs: from the step-0 evaluation samples, kept in the run dir
+        heldout_file = run_dir / "critic_heldout.jsonl"
+        if start_step == 0:  # (an overwritten run's old file is replaced)
+            records = [r for name in grounding for r in eval_samples[0].get(name, [])]
+            heldout = pairs_from_records(records, n_pairs=cfg.critic.heldout_pairs, seed=cfg.run.seed)
+            save_pairs(heldout_file, heldout)
+        elif heldout_file.exists():  # resumed: the same pairs as before the interruption
+            heldout = load_pairs(heldout_file)
+        if not heldout:
+            accelerator.print("warning: critic.refine: no held-out verified pairs (no evaluation prompt of "
+                              f"{', '.join(grounding)} had both a passed and a failed sample; raise eval.samples or "
+                              "eval_size); critic/agreement is logged as NaN")
+        if start_step == 0:
+            crit0 = critic_agreement()
+            metrics_file.write({"step": 0, **crit0})
+            accelerator.print(f"critic/agreement at step 0: {crit0['critic/agreement']:.3f} "
+                              f"on {len(heldout)} held-out pairs")
 
     # ------------------------------------------------------------------------------------ steps
     bar = tqdm(range(start_step + 1, cfg.trainer.steps + 1), desc="rl", disable=not accelerator.is_main_process,
@@ -410,6 +484,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         totals: list[float | None] = []
         per_reward: dict[str, list] = {}
         errors: dict[str, int] = {}
+        sample_extras: list[dict] = []  # per sample: reward extras, e.g. the rubric critic's judgments and reasons
+        rubric_stats: list[dict] = []
+        t_rubric = 0.0  # scoring time of tasks with a rubric reward: the critic judging the policy's responses
         offset = 0
         for name in tasks_by_name:
             idx = [g for g, t in enumerate(task_of_group) if t == name]
@@ -419,7 +496,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             n = len(rows)
             texts = ro.texts[offset : offset + n]
             columns = {c: [r.get(c) for r in rows] for c in rows[0] if c not in ("prompt", "completion")}
+            t_task = time.perf_counter()
             scored = engine.score(specs[name], texts, [r["prompt"] for r in rows], columns)
+            if name in rubric_tasks:
+                t_rubric += time.perf_counter() - t_task
             task = tasks_by_name[name]
             ntok = ro.num_tokens[offset : offset + n].tolist()
             trunc = ro.truncated[offset : offset + n].tolist()
@@ -430,6 +510,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 per_reward.setdefault(_metric_name(rname), [None] * offset).extend(vals)
             for vals in per_reward.values():
                 vals.extend([None] * (offset + n - len(vals)))
+            sample_extras += [{k: _shift_pair_index(v[i], offset) for k, v in scored.extras.items() if v[i] is not None}
+                              for i in range(n)]
+            if "rubric/judgments" in scored.extras:
+                from rewards.rubric import summarize
+
+                rubric_stats.append(summarize([j or [] for j in scored.extras["rubric/judgments"]]))
             for rname, cnt in scored.errors.items():
                 errors[_metric_name(rname)] = errors.get(_metric_name(rname), 0) + cnt
             for msg in scored.messages[:3]:
@@ -447,8 +533,24 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         for t, i, succ, n in (gather_object(outcomes) if accelerator.num_processes > 1 else outcomes):
             sampler.record(t, i, succ, n)
 
+        # ---------------------------------------------------------------- critic (closed-loop refinement)
+        t0 = time.perf_counter()
+        n_policy = len(totals)  # the policy's own samples come first in the batch, critic samples after them
+        critic_batch = None
+        if refiner is not None:
+            groups = [g for g, t in enumerate(task_of_group) if t in grounding]
+            flat = [g * K + k for g in groups for k in range(K)]
+            critic_batch = refiner.samples(
+                unwrapped, tokenizer, [rows_in_order[g]["prompt"] for g in groups for _ in range(K)],
+                [ro.texts[j] for j in flat], [totals[j] for j in flat], group_size=K,
+                temperature=temperature, seed=step_seed + 7919, record_routing=moe.enabled)
+            if critic_batch is not None:  # K verdicts per critic prompt: ordinary groups for the advantage
+                ro = concat_rollouts([ro, critic_batch.rollout.to(accelerator.device)], tokenizer.pad_token_id)
+                totals = totals + critic_batch.rewards
+        t_critic = time.perf_counter() - t0
+
         # ---------------------------------------------------------------- advantage
-        P = len(rows_in_order)
+        P = len(totals) // K
         valid = torch.tensor([r is not None for r in totals]).view(P, K)
         rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32).view(P, K)
         adv, zero_std = group_advantages(rewards, valid, scale=scale_adv)
@@ -457,7 +559,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         mask = ro.completion_mask.float() * valid.view(-1, 1).to(ro.completion_mask.device)
         masked_tasks = {name for name, t in tasks_by_name.items() if t.mask_truncated}
         if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
-            drop = torch.tensor([task_of_group[j // K] in masked_tasks for j in range(len(totals))], device=mask.device)
+            drop = torch.tensor([j < n_policy and task_of_group[j // K] in masked_tasks for j in range(len(totals))],
+                                device=mask.device)
             mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
         # Dynamic filtering: groups whose rewards all tie leave the loss. The forward still covers the whole batch
         # (the same shapes on every process, router replay on the recorded rollout); only the loss is cut.
@@ -526,17 +629,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 accelerator, ro=ro, entropy=entropy, mask=mask, adv=adv, zero_std=zero_std, totals=totals,
                 per_reward=per_reward, errors=errors, rows=rows_in_order, task_of_group=task_of_group)
         n_samples = len(totals)
-        good = [r for r in totals if r is not None]
+        # Policy metrics describe the policy's own samples; critic samples (after n_policy) get critic/* below.
+        pol = n_policy if critic_batch is not None else n_samples
+        good = [r for r in totals[:pol] if r is not None]
         ntokens = int(ro.completion_mask.sum())
         row = {
             "step": step,
             "loss": float(loss.detach()),
             "reward/mean": sum(good) / len(good) if good else float("nan"),
-            "frac_reward_zero_std": float(zero_std.float().mean()),
-            "frac_unscorable": 1.0 - len(good) / n_samples,
-            "entropy": float((entropy * mask).sum() / mask.sum().clamp(min=1)),
-            "completion/mean_length": float(ro.num_tokens.float().mean()),
-            "completion/clipped_ratio": float(ro.truncated.float().mean()),
+            "frac_reward_zero_std": float(zero_std[: pol // K].float().mean()),
+            "frac_unscorable": 1.0 - len(good) / pol,
+            "entropy": float((entropy[:pol] * mask[:pol]).sum() / mask[:pol].sum().clamp(min=1)),
+            "completion/mean_length": float(ro.num_tokens[:pol].float().mean()),
+            "completion/clipped_ratio": float(ro.truncated[:pol].float().mean()),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "skipped_steps": bad_total,
@@ -547,9 +652,30 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             "time/rollout": t_rollout,
             "time/reward": t_reward,
             "time/update": t_update,
-            "throughput/samples_per_s": n_samples / (t_rollout + t_reward + t_update),
-            "throughput/tokens_per_s": ntokens / (t_rollout + t_reward + t_update),
+            "throughput/samples_per_s": n_samples / (t_rollout + t_reward + t_critic + t_update),
+            "throughput/tokens_per_s": ntokens / (t_rollout + t_reward + t_critic + t_update),
         }
+        if refiner is not None:
+            if critic_batch is not None:
+                row.update(critic_batch.metrics)
+                row["critic/batch_share"] = (n_samples - n_policy) / n_samples  # of the update's sequences
+                row["critic/frac_reward_zero_std"] = float(zero_std[n_policy // K :].float().mean())
+            if step % cfg.critic.agreement_every == 0 or step == cfg.trainer.steps:
+                crit = critic_agreement()
+                t_critic += crit["time/critic_agreement"]
+                row.update(crit)
+        if refiner is not None or rubric_tasks:
+            # Every critic generation of the step: refinement samples + held-out agreement (time/critic, in no
+            # other time/*) and the rubric reward's judgments (inside time/reward).
+            row["time/critic"] = t_critic
+            row["time/critic_share"] = (t_critic + t_rubric) / (t_rollout + t_reward + t_critic + t_update)
+        if rubric_stats:  # summed over tasks; consistency weighted by the pairs judged in both orders
+            both = sum(r["pairs_both_orders"] for r in rubric_stats)
+            row["rewards/rubric/verdicts"] = sum(r["verdicts"] for r in rubric_stats)
+            row["rewards/rubric/unparsable"] = sum(r["unparsable"] for r in rubric_stats)
+            row["rewards/rubric/position_consistency"] = (sum(
+                r["position_consistency"] * r["pairs_both_orders"] for r in rubric_stats if r["pairs_both_orders"])
+                / both if both else float("nan"))
         for rname, vals in per_reward.items():
             vs = [v for v in vals if v is not None]
             mean = sum(vs) / len(vs) if vs else float("nan")
@@ -569,10 +695,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         if cfg.trainer.save_rollouts and accelerator.is_main_process:
             with (run_dir / "rollouts" / f"step-{step}.jsonl").open("w") as fh:
                 for j, text in enumerate(ro.texts):
+                    if j >= pol:  # critic-role samples: prompt, reply, verdict, reason, expected verdict, reward
+                        fh.write(json.dumps({**critic_batch.records[j - pol], "advantage": float(adv[j])}) + "\n")
+                        continue
                     src = rows_in_order[j // K]
                     rec = {"task": task_of_group[j // K], "prompt": src["prompt"], "completion": text,
                            "reward": totals[j], "advantage": float(adv[j]), "truncated": bool(ro.truncated[j]),
                            "rewards": {k: v[j] for k, v in per_reward.items()}}
+                    if accelerator.num_processes == 1 and sample_extras[j]:  # e.g. rubric verdicts and reasons
+                        rec["extras"] = sample_extras[j]
                     fh.write(json.dumps(rec) + "\n")
 
         # ---------------------------------------------------------------- eval / checkpoint
@@ -584,6 +715,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             checkpoint(step)
             stop.restore()
             engine.close()
+            unbind_policy()
             accelerator.print(f"stopped by {stop.requested} after step {step}; resume with: rlk2 train --resume {run_dir}")
             return {"before": before, "after": {}, "run_dir": str(run_dir), "stopped_at": step}
     stop.restore()
@@ -592,6 +724,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     after = run_eval(cfg.trainer.steps)
     checkpoint(cfg.trainer.steps)
     engine.close()
+    unbind_policy()
     if cfg.trainer.trackers:
         accelerator.end_training()
     if accelerator.is_main_process:
@@ -643,6 +776,14 @@ def _sandbox_problem() -> str | None:
         return " ".join(str(exc).split())
     problem = probe()[name]
     return f"{name}: {' '.join(problem.split())}" if problem else None
+
+
+def _shift_pair_index(extra, offset: int):
+    """The rubric reward's judgments name the other response by its index in the task's block (`vs`); in the
+    rollouts file that is line `offset + vs`."""
+    if isinstance(extra, list) and all(isinstance(j, dict) and "vs" in j for j in extra):
+        return [{**j, "vs": j["vs"] + offset} for j in extra]
+    return extra
 
 
 def _metric_name(reward_name: str) -> str:
