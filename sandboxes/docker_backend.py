@@ -208,13 +208,16 @@ class DockerSlot(Slot):
         if not ready.get("ready") or ready.get("pid") != 1 or not ready.get("nondumpable"):
             raise SlotError(f"the runner started without its protections: {ready}")
 
-    def call(self, line: bytes, timeout_s: float) -> dict[str, Any]:
+    def send(self, lines: bytes, timeout_s: float) -> None:
         if self.stream is None:
             raise SlotDied("not started")
-        deadline = time.monotonic() + timeout_s
-        self.stream.send(line, deadline)
+        self.stream.send(lines, time.monotonic() + timeout_s)
+
+    def receive(self, timeout_s: float) -> dict[str, Any]:
+        if self.stream is None:
+            raise SlotDied("not started")
         try:
-            return json.loads(self.stream.read_line(deadline))
+            return json.loads(self.stream.read_line(time.monotonic() + timeout_s))
         except ValueError as exc:
             raise SlotDied(f"unreadable runner output ({exc})") from None
 

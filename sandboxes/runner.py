@@ -1,7 +1,8 @@
 """The in-sandbox runner: a small stdlib-only program that is PID 1 of a sandbox and runs jobs one at a time.
 
 Protocol (one JSON object per line): the runner writes {"ready": ...} once, then for every job line read from stdin
-it writes exactly one result line to stdout. The host enforces its own deadline on top of ours.
+it writes exactly one result line to stdout, in order; the host may send several jobs ahead. After a result with
+"clean": false the runner exits without running anything else. The host enforces its own deadline on top of ours.
 
 Each job runs in a fresh forked child that is the leader of its own process group, with rlimits (CPU time, address
 space, file size, open files, processes, no core files), stdin from /dev/null, stdout/stderr captured into anonymous
@@ -500,6 +501,8 @@ def _wipe(path):
 
 
 def _sysv_ipc_empty():
+    if os.getpid() != 1:  # not in a sandbox of our own: the IPC namespace is the host's, not ours to judge
+        return True
     for name in ("shm", "sem", "msg"):
         try:
             with open("/proc/sysvipc/" + name) as f:
@@ -717,6 +720,8 @@ def main():
                       "stdout": "", "stderr": "", "error": "runner: %s: %s" % (type(exc).__name__, exc),
                       "clean": False}
         _emit(result)
+        if not result["clean"]:  # nothing more runs here: the host recycles the sandbox and requeues the rest
+            break
     if os.getpid() != 1:
         _wipe(SCRATCH)
         os.rmdir(SCRATCH)
