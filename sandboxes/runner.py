@@ -26,6 +26,7 @@ Trust notes:
 
 import ast
 import builtins
+import fcntl
 import gc
 import json
 import math
@@ -429,18 +430,33 @@ def _read_capture(fd, cap):
     return data
 
 
-def _oom_kills():
+def _read_small(path):
+    """A small /proc or /sys file, or None when unreadable. Raw reads: this runs after every job."""
     try:
-        with open("/sys/fs/cgroup/memory/memory.oom_control") as f:  # cgroup v1
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        try:
-            with open("/sys/fs/cgroup/memory.events") as f:  # cgroup v2
-                text = f.read()
-        except OSError:
-            return None
-    for line in text.splitlines():
-        if line.startswith("oom_kill "):
+        return None
+    try:
+        data = b""
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return data
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")  # cgroup v1, v2
+_oom_file = None  # the one of OOM_FILES this sandbox has (set by _prepare)
+
+
+def _oom_kills():
+    text = _read_small(_oom_file) if _oom_file else None
+    for line in (text or b"").splitlines():
+        if line.startswith(b"oom_kill "):
             return int(line.split()[1])
     return None
 
@@ -504,12 +520,9 @@ def _sysv_ipc_empty():
     if os.getpid() != 1:  # not in a sandbox of our own: the IPC namespace is the host's, not ours to judge
         return True
     for name in ("shm", "sem", "msg"):
-        try:
-            with open("/proc/sysvipc/" + name) as f:
-                if len(f.read().splitlines()) > 1:
-                    return False
-        except OSError:
-            pass
+        text = _read_small("/proc/sysvipc/" + name)
+        if text is not None and text.count(b"\n") > 1:  # more than the header line
+            return False
     return True
 
 
@@ -551,14 +564,19 @@ def _classify(msgs, total, timed_out, exit_status, usage, oom_before, timeout_s)
     return "failed", verdicts, error
 
 
-def _wait_child(pid, verdict_fd, deadline):
-    """Collect verdict bytes until the child exits or the deadline passes. Returns (exit_status, usage, data, timed_out)."""
+def _wait_child(pid, verdict_fd, deadline, pipe_holds_all):
+    """Wait until the child exits or the deadline passes. Returns (exit_status, usage, data, timed_out).
+
+    With `pipe_holds_all` (the verdict pipe holds MAX_VERDICT_BYTES) the runner sleeps on the child's pidfd alone
+    and _drain() reads the verdicts afterwards: each wakeup while the child lives would copy every page the runner
+    touches (copy-on-write). A child that writes more than that blocks and runs into its timeout. Otherwise
+    verdict bytes are collected as they come."""
     data = bytearray()
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         pidfd = None
-    watch = [verdict_fd] + ([pidfd] if pidfd is not None else [])
+    watch = ([] if pipe_holds_all and pidfd is not None else [verdict_fd]) + ([pidfd] if pidfd is not None else [])
     try:
         while True:
             left = deadline - time.monotonic()
@@ -600,8 +618,9 @@ def _prepare(scratch, wipe_dirs):
     instead of killing; the job's std streams exist, unused, over fds 0 / 1 / 2 (which the job process points at
     /dev/null and its capture files); PRELOAD modules are imported; the garbage collector is frozen, so a job's
     collections never walk (and copy) the runner's objects."""
-    global SCRATCH, WIPE_DIRS, _JOB_STREAMS
+    global SCRATCH, WIPE_DIRS, _JOB_STREAMS, _oom_file
     SCRATCH, WIPE_DIRS = scratch, wipe_dirs
+    _oom_file = next((path for path in OOM_FILES if _read_small(path) is not None), None)
     os.environ.clear()
     os.environ.update(JOB_ENV, HOME=scratch, TMPDIR=scratch)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -622,6 +641,10 @@ def run_job(job):
     plan = _plan(job) if job.get("test_cases") is None else None
     nonce = os.urandom(16).hex()
     verdict_r, verdict_w = os.pipe()
+    try:  # room for every verdict byte we keep, so the runner need not read while the child runs
+        pipe_holds_all = fcntl.fcntl(verdict_w, fcntl.F_SETPIPE_SZ, MAX_VERDICT_BYTES) >= MAX_VERDICT_BYTES
+    except OSError:  # above /proc/sys/fs/pipe-max-size, or the user's pipe quota
+        pipe_holds_all = False
     out_fd, err_fd = _anon_file(), _anon_file()
     oom_before = _oom_kills()
     start = time.monotonic()
@@ -634,7 +657,7 @@ def run_job(job):
         os.setpgid(pid, pid)
     except OSError:
         pass  # the child already did it, or already exited
-    status, usage, data, timed_out = _wait_child(pid, verdict_r, start + job["timeout_s"])
+    status, usage, data, timed_out = _wait_child(pid, verdict_r, start + job["timeout_s"], pipe_holds_all)
     wall = time.monotonic() - start
     try:
         os.killpg(pid, signal.SIGKILL)

@@ -137,6 +137,13 @@ def test_large_tests_are_collected_in_the_job_process_with_the_same_verdicts(run
     assert (broken.total, broken.status) == (0, Status.FAILED) and "tests do not compile" in broken.error
 
 
+def test_verdicts_larger_than_a_default_pipe_all_arrive(runner):
+    # 30000 verdicts are ~180 KB of JSON, more than a default pipe holds while the runner waits for the job to end
+    tests = "assert add(1, 1) == 2\n" * 29_999 + "assert add(1, 1) == 3\n"
+    r = runner.run({"code": ADD, "tests": tests, "timeout_s": 30})
+    assert (r.status, r.passed, r.total) == (Status.FAILED, 29_999, 30_000)
+
+
 def test_program_syntax_error_is_runtime_error(runner):
     r = runner.run({"code": "def add(a, b):\nreturn a + b", "tests": "assert add(1, 2) == 3"})
     assert (r.status, r.passed, r.total) == (Status.RUNTIME_ERROR, 0, 1)
