@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sandboxes.image import DEFAULT_IMAGE, RUNNER_CMD
-from sandboxes.pool import Limits, Slot, SlotDied, SlotError, SlotHung, SlotPool
+from sandboxes.pool import Limits, Slot, SlotDied, SlotError, SlotHung, SlotPool, default_pool_size
 from sandboxes.result import SandboxUnavailable
 
 log = logging.getLogger("sandboxes")
@@ -253,7 +253,7 @@ def open_docker_pool(engines: Sequence[str] | None = None, slots_per_engine: int
             engine = Engine(url)
             engine.client.ping()
             engine.client.images.get(options.image)
-            n = slots_per_engine or max(2, min(32, 2 * int(engine.client.info().get("NCPU", 1))))
+            n = slots_per_engine or default_pool_size(int(engine.client.info().get("NCPU", 1)))
         except docker.errors.ImageNotFound:
             problems.append(f"image {options.image} is missing on {url} (run `rlk2 sandbox build --offline`)")
             continue
