@@ -5,11 +5,11 @@ queueing, balancing, retries and recycling live here. A free worker takes the ne
 slots (and over engines) by availability. The wall-clock limit is enforced inside the sandbox by the runner;
 the host adds its own deadline (job timeout + grace) and recycles a slot that does not answer in time.
 
-Pipelining: when more jobs are queued than workers are waiting, a worker sends up to `pipeline` jobs to its
-runner in one write, so the runner starts the next job as soon as one ends instead of waiting a round trip
-through the engine, and the host wakes once per batch. The runner runs them one at a time, in order, each in its
-own job process; after a job that leaves the sandbox unclean it runs nothing more and exits (the host recycles
-the slot and puts the jobs it did not answer back at the front of the queue, uncounted).
+Pipelining: while more jobs are queued than workers wait for one, a worker keeps up to `pipeline` jobs in flight
+to its runner (it sends the next before waiting for an answer), so the runner starts the next job as soon as one
+ends instead of idling for a round trip through the engine. The runner runs them one at a time, in order, each in
+its own job process; after a job that leaves the sandbox unclean it runs nothing more and exits (the host
+recycles the slot and puts the jobs it did not answer back at the front of the queue, uncounted).
 
 Failure policy:
 - a slot whose runner reports leftovers (processes, files it could not wipe, SysV IPC objects) is recycled;
@@ -254,17 +254,19 @@ class SlotPool:
                 self._reason[id(slot)] = reason
             self._cv.notify_all()
 
-    def _take(self, slot: Slot) -> list[_Item]:
-        """The next job, plus up to `pipeline - 1` more while that leaves one for every waiting worker."""
+    def _take(self, room: int, wait: bool) -> list[_Item] | None:
+        """Up to `room` queued items, leaving one for every worker waiting here; with `wait`, block until there is
+        at least one (then it is taken whatever the others wait for). None once the pool is closed."""
         with self._cv:
-            self._waiting += 1
-            while not self._queue and not self._closed:
-                self._cv.wait(0.5)
-            self._waiting -= 1
+            if wait:
+                self._waiting += 1
+                while not self._queue and not self._closed:
+                    self._cv.wait(0.5)
+                self._waiting -= 1
             if self._closed:
-                return []
-            items = [self._queue.popleft()]
-            while len(items) < self.pipeline and len(self._queue) > self._waiting:
+                return None
+            items = [self._queue.popleft()] if wait else []
+            while len(items) < room and len(self._queue) > self._waiting:
                 items.append(self._queue.popleft())
             return items
 
@@ -316,40 +318,47 @@ class SlotPool:
                     self._sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
-            items = self._take(slot)
-            if not items:
-                return
+            flight: collections.deque[tuple[_Item, dict[str, Any]]] = collections.deque()  # sent, unanswered
             try:
-                running = self._execute(slot, items)
+                if not self._drive(slot, flight):
+                    return
             except BaseException as exc:  # a bug or an unforeseen engine error: never lose the job or the worker
                 log.exception("sandbox slot %s failed unexpectedly", slot.label)
-                for item in items:
-                    if not item.future.done():
-                        self._finish(item, ExecutionResult.infra(f"{type(exc).__name__}: {exc}", item.job.id,
-                                                                 slot.label))
+                if flight:
+                    item = flight.popleft()[0]
+                    self._finish(item, ExecutionResult.infra(f"{type(exc).__name__}: {exc}", item.job.id, slot.label))
+                    self._requeue([item for item, _ in flight], retried=False)
                 slot.stop()
-                running = False
+            running = False
 
-    def _execute(self, slot: Slot, items: list[_Item]) -> bool:
-        """Run items, in order, on a live slot; returns whether the slot is still usable. When the slot goes, the
-        items after the one it went on never ran and go back to the queue."""
-        payloads = [self.limits.payload(item.job, slot.memory_cap_mb) for item in items]
-        lines = b"".join((json.dumps(p) + "\n").encode() for p in payloads)
-        sent = False
-        for k, (item, payload) in enumerate(zip(items, payloads)):
+    def _drive(self, slot: Slot, flight: collections.deque) -> bool:
+        """Feed a live slot until it has to be replaced (returns True) or the pool closes (False).
+
+        Up to `pipeline` jobs are in flight: before waiting for the oldest one's answer, queued jobs are sent to
+        fill the window, so the runner finds its next job waiting. The runner answers in order. When the slot
+        goes, the jobs in flight behind the one it went on never started: they go back to the queue."""
+        while True:
+            items = self._take(room=self.pipeline - len(flight), wait=not flight)
+            if items is None and not flight:
+                return False
+            payloads = [self.limits.payload(item.job, slot.memory_cap_mb) for item in items or ()]
+            flight.extend(zip(items or (), payloads))
+            item, payload = flight[0]
+            deadline_s = payload["timeout_s"] + self.limits.grace_s
             try:
-                if not sent:
-                    slot.send(lines, payload["timeout_s"] + self.limits.grace_s)
-                    sent = True
-                raw = slot.receive(payload["timeout_s"] + self.limits.grace_s)
+                if payloads:
+                    slot.send(b"".join((json.dumps(p) + "\n").encode() for p in payloads), deadline_s)
+                raw = slot.receive(deadline_s)
             except (SlotHung, SlotDied) as exc:
+                flight.popleft()
                 usable = self._answer_lost(slot, item, payload, exc)
             else:
+                flight.popleft()
                 usable = self._answer(slot, item, raw)
             if not usable:
-                self._requeue(items[k + 1:], retried=False)  # never started
-                return False
-        return True
+                self._requeue([item for item, _ in flight], retried=False)
+                flight.clear()
+                return True
 
     def _answer_lost(self, slot: Slot, item: _Item, payload: dict[str, Any], exc: Exception) -> bool:
         """The runner did not answer for `item`: timeout (hung), retry or give up (died, engine lost)."""

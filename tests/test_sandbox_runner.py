@@ -308,7 +308,9 @@ def test_jobs_pipelined_behind_an_unclean_job_run_in_a_fresh_sandbox():
 
     slot = _RecordingSlot()
     with SlotPool("fake", [slot], Limits(), pipeline=2) as pool:
-        results = pool.run_batch([{"code": c, "tests": "assert 1"} for c in ("dirty", "a", "b", "c")])
+        with pool._cv:  # all four queued before the worker looks
+            futures = [pool.submit({"code": c, "tests": "assert 1"}) for c in ("dirty", "a", "b", "c")]
+        results = [f.result() for f in futures]
         retried = pool.stats.retried
     # the worker sent "dirty" and "a" together; "a" never ran there and was sent again after the restart
     assert [(r.stdout, r.backend) for r in results] == [("dirty", "fake/1"), ("a", "fake/2"), ("b", "fake/2"),
