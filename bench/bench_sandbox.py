@@ -7,7 +7,7 @@ Every side runs the same program + tests and must pass them all (checked, so no 
   with 50 jobs, then `run_batch(n)` per repetition: full isolation (no network, read-only root, caps dropped,
   limits, fork per job). The n programs cycle through HumanEval's 164 problems, so after the first pass every job
   finds its tests already collected by its runner (as the samples of one prompt do in RL).
-- pool (bwrap): the same through the bubblewrap backend, when it works here.
+- pool (bwrap): the same through the bubblewrap backend (default size 2 per CPU), when it works here.
 - baseline `docker run`: `docker run --rm -i` of the same image per program with the same hardening flags, the
   program on stdin; serial, and 4 at a time. Timed on a sample (it is ~100x slower), same programs.
 - baseline fresh process: `python3 -I -` per program on stdin, no isolation at all; serial, sample.

@@ -79,9 +79,8 @@ class Limits:
 
 
 def default_pool_size(cpus: int) -> int:
-    """One sandbox per CPU (at least 2, at most 32). A sandbox runs one job at a time and pipelining keeps it fed,
-    so more sandboxes than CPUs only add context switches: on 2 cores, 2 Docker sandboxes ran HumanEval at
-    ~15% less CPU per program than 4 (bench/README.md)."""
+    """Docker: one sandbox per CPU (at least 2, at most 32). A sandbox runs one job at a time and pipelining keeps
+    it fed; on 2 cores, 2 containers ran HumanEval faster than 4 and at less CPU per program (bench/README.md)."""
     return max(2, min(32, cpus))
 
 
