@@ -80,7 +80,8 @@ class Limits:
 
 def default_pool_size(cpus: int) -> int:
     """Docker: one sandbox per CPU (at least 2, at most 32). A sandbox runs one job at a time and pipelining keeps
-    it fed; on 2 cores, 2 containers ran HumanEval faster than 4 and at less CPU per program (bench/README.md)."""
+    it fed; on 2 busy cores, 2 containers ran HumanEval as fast as 4 or faster, at no more CPU per program
+    (bench/README.md)."""
     return max(2, min(32, cpus))
 
 

@@ -617,7 +617,7 @@ def _prepare(scratch, wipe_dirs):
     The environment is the job's (scrubbed); SIGXFSZ is ignored, so writes past the file-size cap fail with EFBIG
     instead of killing; the job's std streams exist, unused, over fds 0 / 1 / 2 (which the job process points at
     /dev/null and its capture files); PRELOAD modules are imported; the garbage collector is frozen, so a job's
-    collections never walk (and copy) the runner's objects."""
+    collections never walk (and copy) the runner's start-up objects."""
     global SCRATCH, WIPE_DIRS, _JOB_STREAMS, _oom_file
     SCRATCH, WIPE_DIRS = scratch, wipe_dirs
     _oom_file = next((path for path in OOM_FILES if _read_small(path) is not None), None)
