@@ -3,18 +3,21 @@
 Workload: HumanEval's canonical solutions with their tests (`check(entry_point)`), cycled to `n` programs (>= 500).
 Every side runs the same program + tests and must pass them all (checked, so no side is timed failing fast).
 
-- pool (docker): `sandboxes.open_backend("docker")` at its default size (2 x CPUs containers), warmed with 50 jobs,
-  then `run_batch(n)` per repetition: full isolation (no network, read-only root, caps dropped, limits, fork per job).
-- pool (bwrap): the same through the bubblewrap backend, when it works here.
+- pool (docker): `sandboxes.open_backend("docker")` at its default size (one container per CPU, at least 2), warmed
+  with 50 jobs, then `run_batch(n)` per repetition: full isolation (no network, read-only root, caps dropped,
+  limits, fork per job). The n programs cycle through HumanEval's 164 problems, so after the first pass every job
+  finds its tests already collected by its runner (as the samples of one prompt do in RL).
+- pool (bwrap): the same through the bubblewrap backend (default size 2 per CPU), when it works here.
 - baseline `docker run`: `docker run --rm -i` of the same image per program with the same hardening flags, the
   program on stdin; serial, and 4 at a time. Timed on a sample (it is ~100x slower), same programs.
 - baseline fresh process: `python3 -I -` per program on stdin, no isolation at all; serial, sample.
 
 CPU efficiency (robust to other load on the machine, which depresses every wall-clock rate above): programs per
-CPU-second, counting every process involved - this one, dockerd, containerd, the shims and everything in the
-sandboxes for the pool; the child processes for the fresh-process baseline. Two cores times that figure is the
-CPU-bound ceiling of the rate on this machine. Not reported for `docker run`: the per-run shim and container exit
-under init, so their CPU cannot be attributed (measured, it swung by 10x between repetitions).
+CPU-second, counting every process involved - this one, dockerd and containerd, and the pool's own containers
+(shim, runner, jobs) but not other containers on the engine; the child processes for the fresh-process baseline.
+Two cores times that figure is the CPU-bound ceiling of the rate on this machine. Not reported for `docker run`:
+the per-run shim and container exit under init, so their CPU cannot be attributed (measured, it swung by 10x
+between repetitions).
 
 Latency: p50 / p99 of one job's round trip (submit to result) with as many concurrent clients as the pool has
 sandboxes (a saturated pool without queueing), reported against the median `docker run` round trip.
@@ -54,8 +57,9 @@ def _jobs(items: list[dict]) -> list[dict]:
     return [{k: it[k] for k in ("code", "tests", "entry_point")} for it in items]
 
 
-def _tree_cpu_s(roots: list[int]) -> float:
-    """CPU seconds (user + system, including reaped children) of the given processes and all their descendants."""
+def _tree_cpu_s(roots: list[int], alone: list[int] = ()) -> float:
+    """CPU seconds (user + system, including reaped children) of `roots` and all their descendants, plus of the
+    processes in `alone` without their descendants."""
     kids: dict[int, list[int]] = {}
     cpu: dict[int, int] = {}
     for p in os.listdir("/proc"):
@@ -68,7 +72,7 @@ def _tree_cpu_s(roots: list[int]) -> float:
             continue
         kids.setdefault(int(fields[1]), []).append(int(p))
         cpu[int(p)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime (clock ticks)
-    total, stack, seen = 0, list(roots), set()
+    total, stack, seen = sum(cpu.get(pid, 0) for pid in alone), list(roots), set(alone)
     while stack:
         pid = stack.pop()
         if pid not in seen:
@@ -79,8 +83,21 @@ def _tree_cpu_s(roots: list[int]) -> float:
 
 
 def _engine_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "dockerd|containerd"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-x", "dockerd|containerd"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def _pool_cpu_s(pool, backend: str) -> float:
+    """CPU seconds so far of everything serving this pool: the sandboxes (with their runners and jobs) and, for
+    Docker, each container's shim plus dockerd and containerd themselves, but not other containers on the engine."""
+    if backend == "bwrap":
+        return _tree_cpu_s([s.proc.pid for s in pool.slots if s.proc is not None])
+    shims = []
+    for s in pool.slots:
+        init = s.eng.client.api.inspect_container(s.container_id)["State"]["Pid"]
+        with open(f"/proc/{init}/stat") as f:
+            shims.append(int(f.read().rsplit(")", 1)[1].split()[1]))
+    return _tree_cpu_s(shims, _engine_pids())
 
 
 def _self_cpu_s() -> float:
@@ -94,14 +111,13 @@ def pool_rate(backend: str, items: list[dict], reps: int) -> tuple[list[float], 
 
     with sandboxes.open_backend(backend) as pool:
         pool.run_batch(_jobs(items[:50]))
-        roots = _engine_pids() if backend == "docker" else [s.proc.pid for s in pool.slots]
         rates, per_cpu = [], []
         for _ in range(reps):
-            cpu0 = _tree_cpu_s(roots) + _self_cpu_s()
+            cpu0 = _pool_cpu_s(pool, backend) + _self_cpu_s()
             t0 = time.perf_counter()
             results = pool.run_batch(_jobs(items))
             rates.append(len(items) / (time.perf_counter() - t0))
-            per_cpu.append(len(items) / (_tree_cpu_s(roots) + _self_cpu_s() - cpu0))
+            per_cpu.append(len(items) / (_pool_cpu_s(pool, backend) + _self_cpu_s() - cpu0))
             bad = [r for r in results if r.status is not sandboxes.Status.PASSED]
             if bad:
                 raise RuntimeError(f"{backend}: {len(bad)} canonical solutions did not pass: {bad[0].error}")

@@ -34,12 +34,15 @@ Isolated (both backends unless noted):
   caps output), open files, processes, no core dumps; returned stdout/stderr truncated. Docker adds cgroup limits
   per container: memory (no swap), pids, CPU quota.
 - Between jobs: every process but the runner is killed, scratch wiped; SysV IPC objects left behind, a failed wipe
-  or a surviving process get the whole sandbox replaced.
+  or a surviving process get the whole sandbox replaced, and the runner runs nothing more (jobs the host sent
+  ahead to it are resent to another sandbox).
+- Between jobs in the runner's memory: each job process is a fresh fork of the runner, so what a job changes in
+  its interpreter (modules, builtins, the collected tests it inherits) dies with it.
 - The runner: PID 1 of its pid namespace with no signal handlers (a job cannot signal it) and non-dumpable (a job
   under the same uid cannot ptrace it or open /proc/1/fd/*, the host channel).
-- Verdicts: tests are compiled and counted before the program runs; the harness reports over a pipe with a random
-  per-job nonce, so exit(0), os._exit(0), SystemExit or printing fake results cannot pass; stdin/stdout cases
-  are compared outside the program's process.
+- Verdicts: tests are compiled and counted before the program runs (by the runner, once per distinct tests); the
+  harness reports over a pipe with a random per-job nonce, so exit(0), os._exit(0), SystemExit or printing fake
+  results cannot pass; stdin/stdout cases are compared outside the program's process.
 
 Not isolated (out of scope; use VMs such as gVisor or Firecracker under the engine if these matter):
 - Kernel exploits: all sandboxes share the host kernel; so do container-escape bugs in runc/Docker.

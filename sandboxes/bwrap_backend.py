@@ -142,17 +142,24 @@ class BwrapSlot(Slot):
         line, self.buf = self.buf.split(b"\n", 1)
         return line
 
-    def call(self, line: bytes, timeout_s: float) -> dict[str, Any]:
+    def send(self, lines: bytes, timeout_s: float) -> None:
         if self.proc is None or self.proc.stdin is None:
             raise SlotDied("not started")
-        deadline = time.monotonic() + timeout_s
+        fd, view, deadline = self.proc.stdin.fileno(), memoryview(lines), time.monotonic() + timeout_s
+        while view:  # the pipe fills while the runner is busy with earlier jobs: wait, but not past the deadline
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                raise SlotHung("the runner did not take its jobs before the deadline")
+            try:
+                view = view[os.write(fd, view[:select.PIPE_BUF]):]
+            except OSError as exc:
+                raise SlotDied(f"the sandbox's stdin closed ({exc})") from None
+
+    def receive(self, timeout_s: float) -> dict[str, Any]:
+        if self.proc is None:
+            raise SlotDied("not started")
         try:
-            self.proc.stdin.write(line)
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise SlotDied(f"the sandbox's stdin closed ({exc})") from None
-        try:
-            return json.loads(self._read_line(deadline))
+            return json.loads(self._read_line(time.monotonic() + timeout_s))
         except ValueError as exc:
             raise SlotDied(f"unreadable runner output ({exc})") from None
 
@@ -194,5 +201,6 @@ def open_bwrap_pool(pool_size: int | None = None, limits: Limits | None = None,
     if shutil.which("bwrap") is None:
         raise SandboxUnavailable("bwrap: bubblewrap is not installed (apt-get install bubblewrap)")
     options = options or BwrapOptions()
+    # 2 per CPU: on 2 busy cores 4 sandboxes ran faster than 2, at the same CPU per program (unlike Docker's)
     n = pool_size or max(2, min(32, 2 * (os.cpu_count() or 1)))
     return SlotPool("bwrap", [BwrapSlot(i, options) for i in range(n)], limits or Limits())

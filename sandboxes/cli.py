@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _pool_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["docker", "bwrap"], help="default: $RLK2_SANDBOX_BACKEND, else docker > bwrap")
     p.add_argument("--engine", action="append", help="Docker engine URL; repeat for a pool over several engines")
-    p.add_argument("--pool-size", type=int, help="sandboxes (per engine for docker); default 2 x CPUs")
+    p.add_argument("--pool-size", type=int,
+                   help="sandboxes (per engine for docker); default 1 per CPU for docker, 2 per CPU for bwrap")
     p.add_argument("--timeout-s", type=float, help="default per-job wall-clock limit (seconds)")
     p.add_argument("--memory-mb", type=int, help="default per-job memory limit (MiB)")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sandboxes.image import DEFAULT_IMAGE, RUNNER_CMD
-from sandboxes.pool import Limits, Slot, SlotDied, SlotError, SlotHung, SlotPool
+from sandboxes.pool import Limits, Slot, SlotDied, SlotError, SlotHung, SlotPool, default_pool_size
 from sandboxes.result import SandboxUnavailable
 
 log = logging.getLogger("sandboxes")
@@ -208,13 +208,16 @@ class DockerSlot(Slot):
         if not ready.get("ready") or ready.get("pid") != 1 or not ready.get("nondumpable"):
             raise SlotError(f"the runner started without its protections: {ready}")
 
-    def call(self, line: bytes, timeout_s: float) -> dict[str, Any]:
+    def send(self, lines: bytes, timeout_s: float) -> None:
         if self.stream is None:
             raise SlotDied("not started")
-        deadline = time.monotonic() + timeout_s
-        self.stream.send(line, deadline)
+        self.stream.send(lines, time.monotonic() + timeout_s)
+
+    def receive(self, timeout_s: float) -> dict[str, Any]:
+        if self.stream is None:
+            raise SlotDied("not started")
         try:
-            return json.loads(self.stream.read_line(deadline))
+            return json.loads(self.stream.read_line(time.monotonic() + timeout_s))
         except ValueError as exc:
             raise SlotDied(f"unreadable runner output ({exc})") from None
 
@@ -250,7 +253,7 @@ def open_docker_pool(engines: Sequence[str] | None = None, slots_per_engine: int
             engine = Engine(url)
             engine.client.ping()
             engine.client.images.get(options.image)
-            n = slots_per_engine or max(2, min(32, 2 * int(engine.client.info().get("NCPU", 1))))
+            n = slots_per_engine or default_pool_size(int(engine.client.info().get("NCPU", 1)))
         except docker.errors.ImageNotFound:
             problems.append(f"image {options.image} is missing on {url} (run `rlk2 sandbox build --offline`)")
             continue

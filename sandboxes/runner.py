@@ -1,7 +1,8 @@
 """The in-sandbox runner: a small stdlib-only program that is PID 1 of a sandbox and runs jobs one at a time.
 
 Protocol (one JSON object per line): the runner writes {"ready": ...} once, then for every job line read from stdin
-it writes exactly one result line to stdout. The host enforces its own deadline on top of ours.
+it writes exactly one result line to stdout, in order; the host may send several jobs ahead. After a result with
+"clean": false the runner exits without running anything else. The host enforces its own deadline on top of ours.
 
 Each job runs in a fresh forked child that is the leader of its own process group, with rlimits (CPU time, address
 space, file size, open files, processes, no core files), stdin from /dev/null, stdout/stderr captured into anonymous
@@ -25,6 +26,8 @@ Trust notes:
 
 import ast
 import builtins
+import fcntl
+import gc
 import json
 import math
 import os
@@ -44,6 +47,21 @@ WIPE_DIRS = ()
 SANDBOX_WIPE_DIRS = ("/tmp", "/dev/shm", "/dev/mqueue")
 JOB_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 MAX_VERDICT_BYTES = 1 << 20
+# Imported once by the runner so that a job importing them finds them already loaded (fork shares them): the
+# modules programs of code datasets import most. `typing` alone costs a job ~3 ms of CPU to import; each module
+# also makes every fork a little dearer (page tables), so the list stays short.
+PRELOAD = ("typing", "re", "math", "collections", "itertools", "functools", "heapq", "bisect", "string", "random",
+           "copy")
+# Collected tests kept by the runner, keyed by the tests text (a group of samples shares its tests; a dataset
+# cycles through its problems). Bounded because the cache lives in the runner's memory, whose page tables every
+# fork copies: compiled HumanEval tests take ~15 bytes per character of test source, so ~4 MiB at most here.
+# Larger tests are collected in the job process instead.
+PLAN_CACHE_ENTRIES = 256
+PLAN_CACHE_CHARS = 1 << 18
+PLAN_MAX_CHARS = 1 << 14
+_PLANS = {}  # (tests, entry_point) -> plan from _collect(), or the error text; insertion order = age
+_plan_chars = 0
+_JOB_STREAMS = None  # the job's sys.stdin / stdout / stderr over fds 0 / 1 / 2; made by _prepare(), unused here
 
 
 # ----------------------------------------------------------------------------------------------------------- child
@@ -61,10 +79,11 @@ def _limits(job):
 
 
 def _enter_child(job, stdin_fd, out_fd, err_fd, keep_fd):
-    """Turn the freshly forked process into an isolated job process (runs before any job code)."""
+    """Turn the freshly forked process into an isolated job process (runs before any job code).
+
+    The scrubbed environment, the ignored SIGXFSZ and the std streams come from _prepare(), through fork."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # normal Python behaviour for the job
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the file-size cap fail with EFBIG instead of killing
     os.dup2(stdin_fd, 0)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
@@ -73,16 +92,15 @@ def _enter_child(job, stdin_fd, out_fd, err_fd, keep_fd):
     for res, lim in _limits(job):
         resource.setrlimit(res, lim)
     try:  # under memory pressure the kernel kills job processes first, never the runner
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"1000")
+        finally:
+            os.close(fd)
     except OSError:
         pass
-    os.environ.clear()
-    os.environ.update(JOB_ENV, HOME=SCRATCH, TMPDIR=SCRATCH)
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _JOB_STREAMS
     os.chdir(SCRATCH)
-    sys.stdin = sys.__stdin__ = open(0, "r", closefd=False)
-    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False, errors="backslashreplace")
-    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False, errors="backslashreplace", buffering=1)
     sys.argv = ["main.py"]
 
 
@@ -154,6 +172,32 @@ def _collect(job):
     return module_stmts, None, test_fns, total
 
 
+def _plan(job):
+    """The collected tests for a job, from the runner's cache, or None to collect them in the job process.
+
+    Runs in the runner (not the job process) once per distinct tests: the job process inherits the compiled code
+    through fork. Tests come from the host like the job line itself; a program never reaches this code. A failure
+    to collect is kept as its error text."""
+    global _plan_chars
+    tests = job.get("tests")
+    if not isinstance(tests, str) or len(tests) > PLAN_MAX_CHARS:
+        return None
+    key = (tests, job.get("entry_point"))
+    plan = _PLANS.pop(key, None)
+    if plan is None:
+        try:
+            plan = _collect(job)
+        except Exception as exc:
+            plan = "tests do not compile: " + _short_tb(exc, 500)
+        _plan_chars += len(tests)
+        while len(_PLANS) >= PLAN_CACHE_ENTRIES or _plan_chars > PLAN_CACHE_CHARS:
+            oldest = next(iter(_PLANS))
+            del _PLANS[oldest]
+            _plan_chars -= len(oldest[0])
+    _PLANS[key] = plan  # (re)inserted last: the least recently used entry is evicted first
+    return plan
+
+
 class _Report:
     """Writes nonce-tagged messages on the verdict pipe. Holds its own references so a program that rebinds
     json.dumps or os.write breaks (fails) the report instead of changing it."""
@@ -177,13 +221,17 @@ def _short_tb(exc, limit=4000):
     return text[-limit:]
 
 
-def _harness_tests(job, report):
-    """Program then tests in one interpreter and one namespace, per DESIGN.md 2.3."""
-    try:
-        setup, check, test_fns, total = _collect(job)
-    except BaseException as exc:  # broken gold: nothing to count
-        report.send(k="collected", total=0, error="tests do not compile: " + _short_tb(exc, 500))
+def _harness_tests(job, report, plan):
+    """Program then tests in one interpreter and one namespace, per DESIGN.md 2.3. `plan`: see _plan()."""
+    if plan is None:
+        try:
+            plan = _collect(job)
+        except BaseException as exc:
+            plan = "tests do not compile: " + _short_tb(exc, 500)
+    if isinstance(plan, str):  # broken gold: nothing to count
+        report.send(k="collected", total=0, error=plan)
         return
+    setup, check, test_fns, total = plan
     try:
         program = compile(job["code"], "<program>", "exec")
     except BaseException as exc:
@@ -346,7 +394,7 @@ def _harness_cases(job, report, verdict_fd):
 EXIT_SETUP = 70  # the job process failed before any job code ran: a runner fault
 
 
-def _job_child(job, nonce, verdict_fd, out_fd, err_fd):
+def _job_child(job, plan, nonce, verdict_fd, out_fd, err_fd):
     code = EXIT_SETUP
     try:
         null = os.open(os.devnull, os.O_RDONLY)
@@ -355,7 +403,7 @@ def _job_child(job, nonce, verdict_fd, out_fd, err_fd):
         if job.get("test_cases") is not None:
             _harness_cases(job, report, verdict_fd)
         else:
-            _harness_tests(job, report)
+            _harness_tests(job, report, plan)
         _flush_std()
         code = 0
     finally:
@@ -382,18 +430,33 @@ def _read_capture(fd, cap):
     return data
 
 
-def _oom_kills():
+def _read_small(path):
+    """A small /proc or /sys file, or None when unreadable. Raw reads: this runs after every job."""
     try:
-        with open("/sys/fs/cgroup/memory/memory.oom_control") as f:  # cgroup v1
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        try:
-            with open("/sys/fs/cgroup/memory.events") as f:  # cgroup v2
-                text = f.read()
-        except OSError:
-            return None
-    for line in text.splitlines():
-        if line.startswith("oom_kill "):
+        return None
+    try:
+        data = b""
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return data
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")  # cgroup v1, v2
+_oom_file = None  # the one of OOM_FILES this sandbox has (set by _prepare)
+
+
+def _oom_kills():
+    text = _read_small(_oom_file) if _oom_file else None
+    for line in (text or b"").splitlines():
+        if line.startswith(b"oom_kill "):
             return int(line.split()[1])
     return None
 
@@ -454,13 +517,12 @@ def _wipe(path):
 
 
 def _sysv_ipc_empty():
+    if os.getpid() != 1:  # not in a sandbox of our own: the IPC namespace is the host's, not ours to judge
+        return True
     for name in ("shm", "sem", "msg"):
-        try:
-            with open("/proc/sysvipc/" + name) as f:
-                if len(f.read().splitlines()) > 1:
-                    return False
-        except OSError:
-            pass
+        text = _read_small("/proc/sysvipc/" + name)
+        if text is not None and text.count(b"\n") > 1:  # more than the header line
+            return False
     return True
 
 
@@ -502,14 +564,19 @@ def _classify(msgs, total, timed_out, exit_status, usage, oom_before, timeout_s)
     return "failed", verdicts, error
 
 
-def _wait_child(pid, verdict_fd, deadline):
-    """Collect verdict bytes until the child exits or the deadline passes. Returns (exit_status, usage, data, timed_out)."""
+def _wait_child(pid, verdict_fd, deadline, pipe_holds_all):
+    """Wait until the child exits or the deadline passes. Returns (exit_status, usage, data, timed_out).
+
+    With `pipe_holds_all` (the verdict pipe holds MAX_VERDICT_BYTES) the runner sleeps on the child's pidfd alone
+    and _drain() reads the verdicts afterwards: each wakeup while the child lives would copy every page the runner
+    touches (copy-on-write). A child that writes more than that blocks and runs into its timeout. Otherwise
+    verdict bytes are collected as they come."""
     data = bytearray()
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         pidfd = None
-    watch = [verdict_fd] + ([pidfd] if pidfd is not None else [])
+    watch = ([] if pipe_holds_all and pidfd is not None else [verdict_fd]) + ([pidfd] if pidfd is not None else [])
     try:
         while True:
             left = deadline - time.monotonic()
@@ -544,24 +611,53 @@ def _drain(fd, data):
     return data
 
 
+def _prepare(scratch, wipe_dirs):
+    """Once, before the first job: the runner's own state becomes what every job process starts from (fork).
+
+    The environment is the job's (scrubbed); SIGXFSZ is ignored, so writes past the file-size cap fail with EFBIG
+    instead of killing; the job's std streams exist, unused, over fds 0 / 1 / 2 (which the job process points at
+    /dev/null and its capture files); PRELOAD modules are imported; the garbage collector is frozen, so a job's
+    collections never walk (and copy) the runner's start-up objects."""
+    global SCRATCH, WIPE_DIRS, _JOB_STREAMS, _oom_file
+    SCRATCH, WIPE_DIRS = scratch, wipe_dirs
+    _oom_file = next((path for path in OOM_FILES if _read_small(path) is not None), None)
+    os.environ.clear()
+    os.environ.update(JOB_ENV, HOME=scratch, TMPDIR=scratch)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _JOB_STREAMS = (open(0, "r", closefd=False), open(1, "w", closefd=False, errors="backslashreplace"),
+                    open(2, "w", closefd=False, errors="backslashreplace", buffering=1))
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    gc.collect()
+    gc.freeze()
+
+
 def run_job(job):
-    if SCRATCH is None:
+    if _JOB_STREAMS is None:
         raise RuntimeError("runner not initialised: call main()")
+    plan = _plan(job) if job.get("test_cases") is None else None
     nonce = os.urandom(16).hex()
     verdict_r, verdict_w = os.pipe()
+    try:  # room for every verdict byte we keep, so the runner need not read while the child runs
+        pipe_holds_all = fcntl.fcntl(verdict_w, fcntl.F_SETPIPE_SZ, MAX_VERDICT_BYTES) >= MAX_VERDICT_BYTES
+    except OSError:  # above /proc/sys/fs/pipe-max-size, or the user's pipe quota
+        pipe_holds_all = False
     out_fd, err_fd = _anon_file(), _anon_file()
     oom_before = _oom_kills()
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         os.close(verdict_r)
-        _job_child(job, nonce, verdict_w, out_fd, err_fd)
+        _job_child(job, plan, nonce, verdict_w, out_fd, err_fd)
     os.close(verdict_w)
     try:
         os.setpgid(pid, pid)
     except OSError:
         pass  # the child already did it, or already exited
-    status, usage, data, timed_out = _wait_child(pid, verdict_r, start + job["timeout_s"])
+    status, usage, data, timed_out = _wait_child(pid, verdict_r, start + job["timeout_s"], pipe_holds_all)
     wall = time.monotonic() - start
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -623,16 +719,16 @@ def _emit(obj):
 
 
 def main():
-    global SCRATCH, WIPE_DIRS
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as PID 1 with no handler, a job cannot signal us
+    nondumpable = _set_nondumpable()
     if os.getpid() == 1:
-        SCRATCH, WIPE_DIRS = "/tmp", SANDBOX_WIPE_DIRS
+        _prepare("/tmp", SANDBOX_WIPE_DIRS)
     else:
         import tempfile
 
-        SCRATCH = tempfile.mkdtemp(prefix="rlk2-runner-")
-        WIPE_DIRS = (SCRATCH,)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as PID 1 with no handler, a job cannot signal us
-    _emit({"ready": True, "pid": os.getpid(), "uid": os.getuid(), "nondumpable": _set_nondumpable(),
+        scratch = tempfile.mkdtemp(prefix="rlk2-runner-")
+        _prepare(scratch, (scratch,))
+    _emit({"ready": True, "pid": os.getpid(), "uid": os.getuid(), "nondumpable": nondumpable,
            "python": sys.version.split()[0]})
     for path in WIPE_DIRS:
         _wipe(path)
@@ -647,6 +743,8 @@ def main():
                       "stdout": "", "stderr": "", "error": "runner: %s: %s" % (type(exc).__name__, exc),
                       "clean": False}
         _emit(result)
+        if not result["clean"]:  # nothing more runs here: the host recycles the sandbox and requeues the rest
+            break
     if os.getpid() != 1:
         _wipe(SCRATCH)
         os.rmdir(SCRATCH)

@@ -109,6 +109,41 @@ def test_program_cannot_change_the_test_count(runner):
     assert (r.status, r.total) == (Status.PASSED, 2)
 
 
+def test_tests_collected_once_are_the_same_for_every_job(runner):
+    # The runner collects tests once and every job process inherits them; a program that empties the collected
+    # statements it can reach in its own process changes nothing for the next job with the same tests.
+    tests = "assert add(1, 1) == 2\nassert add(1, 2) == 4\nassert add(2, 2) == 4"
+    vandal = ("import gc\n"
+              "for obj in gc.get_objects():\n"
+              "    if isinstance(obj, list) and obj and all(isinstance(x, tuple) and len(x) == 2 for x in obj):\n"
+              "        obj.clear()\n" + ADD)
+    first = runner.run({"code": ADD, "tests": tests})
+    vandalised = runner.run({"code": vandal, "tests": tests})
+    again = runner.run({"code": ADD, "tests": tests})
+    assert vandalised.verdicts == (False, False, False)  # it did reach the collected tests in its own process
+    # three asserts, the second wrong: the same verdicts every time
+    assert first.verdicts == again.verdicts == (True, False, True)
+
+
+def test_large_tests_are_collected_in_the_job_process_with_the_same_verdicts(runner):
+    from sandboxes import runner as runner_module
+
+    padding = "# " + "x" * runner_module.PLAN_MAX_CHARS + "\n"  # past the runner's cache limit
+    tests = "assert add(1, 1) == 2\nassert add(1, 2) == 4\n"
+    small = runner.run({"code": ADD, "tests": tests})
+    large = runner.run({"code": ADD, "tests": padding + tests})
+    broken = runner.run({"code": ADD, "tests": padding + "assert add(1, 2) ==="})
+    assert small.verdicts == large.verdicts == (True, False)
+    assert (broken.total, broken.status) == (0, Status.FAILED) and "tests do not compile" in broken.error
+
+
+def test_verdicts_larger_than_a_default_pipe_all_arrive(runner):
+    # 30000 verdicts are ~180 KB of JSON, more than a default pipe holds while the runner waits for the job to end
+    tests = "assert add(1, 1) == 2\n" * 29_999 + "assert add(1, 1) == 3\n"
+    r = runner.run({"code": ADD, "tests": tests, "timeout_s": 30})
+    assert (r.status, r.passed, r.total) == (Status.FAILED, 29_999, 30_000)
+
+
 def test_program_syntax_error_is_runtime_error(runner):
     r = runner.run({"code": "def add(a, b):\nreturn a + b", "tests": "assert add(1, 2) == 3"})
     assert (r.status, r.passed, r.total) == (Status.RUNTIME_ERROR, 0, 1)
@@ -122,9 +157,10 @@ def test_program_exception_is_runtime_error(runner):
 
 
 def test_broken_tests_count_nothing(runner):
-    r = runner.run({"code": ADD, "tests": "assert add(1, 2) ==="})
-    assert (r.status, r.total) == (Status.FAILED, 0)
-    assert "tests do not compile" in r.error
+    for _ in range(2):  # the second time from the runner's cache of collected tests
+        r = runner.run({"code": ADD, "tests": "assert add(1, 2) ==="})
+        assert (r.status, r.total) == (Status.FAILED, 0)
+        assert "tests do not compile" in r.error
 
 
 def test_memory_error_is_memory_exceeded(runner):
@@ -211,11 +247,14 @@ class _FlakySlot:
     def start(self):
         self.starts += 1
 
-    def call(self, line, timeout_s):
+    def send(self, lines, timeout_s):
         self.calls += 1
         if self.calls == 1:
             raise KeyError("unexpected")
-        job = json.loads(line)
+        self.sent = [json.loads(line) for line in lines.splitlines()]
+
+    def receive(self, timeout_s):
+        job = self.sent.pop(0)
         return {"status": "passed", "verdicts": [True], "wall_s": 0.0, "clean": True, "stdout": job["code"]}
 
     def stop(self):
@@ -225,6 +264,59 @@ class _FlakySlot:
         return True
 
     memory_cap_mb = None
+
+
+class _RecordingSlot:
+    """A fake slot that answers like a runner and records what it was sent, per start. Job code "dirty" leaves the
+    sandbox unclean; a real runner then exits, so the fake answers nothing after it until restarted."""
+
+    engine = "fake"
+    memory_cap_mb = None
+
+    def __init__(self):
+        self.sends, self.starts, self.pending, self.label = [], 0, [], "fake/0"
+
+    def start(self):
+        self.starts += 1
+        self.label, self.pending = f"fake/{self.starts}", []
+
+    def send(self, lines, timeout_s):
+        jobs = [json.loads(line) for line in lines.splitlines()]
+        self.sends.append((self.starts, [job["code"] for job in jobs]))
+        self.pending += jobs
+
+    def receive(self, timeout_s):
+        from sandboxes.pool import SlotDied
+
+        if not self.pending:
+            raise SlotDied("the runner exited")
+        job = self.pending.pop(0)
+        clean = job["code"] != "dirty"
+        if not clean:
+            self.pending = []  # the runner exits: what was sent behind this job never runs
+        return {"status": "passed", "verdicts": [True], "wall_s": 0.0, "clean": clean, "stdout": job["code"]}
+
+    def stop(self):
+        self.pending = []
+
+    def engine_ok(self):
+        return True
+
+
+def test_jobs_pipelined_behind_an_unclean_job_run_in_a_fresh_sandbox():
+    from sandboxes.pool import SlotPool
+
+    slot = _RecordingSlot()
+    with SlotPool("fake", [slot], Limits(), pipeline=2) as pool:
+        with pool._cv:  # all four queued before the worker looks
+            futures = [pool.submit({"code": c, "tests": "assert 1"}) for c in ("dirty", "a", "b", "c")]
+        results = [f.result() for f in futures]
+        retried = pool.stats.retried
+    # the worker sent "dirty" and "a" together; "a" never ran there and was sent again after the restart
+    assert [(r.stdout, r.backend) for r in results] == [("dirty", "fake/1"), ("a", "fake/2"), ("b", "fake/2"),
+                                                        ("c", "fake/2")]
+    assert slot.sends[0] == (1, ["dirty", "a"]) and slot.sends[1][0] == 2 and slot.sends[1][1][0] == "a"
+    assert retried == 0  # a job that never ran is not a retry
 
 
 def test_unexpected_slot_error_is_infra_error_and_the_worker_survives():

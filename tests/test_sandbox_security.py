@@ -237,6 +237,54 @@ def test_leaving_sysv_ipc_gets_the_sandbox_recycled(sandbox):
     assert not same_sandbox(r, p)  # the leftover segment got the sandbox replaced
 
 
+def test_jobs_sent_ahead_never_run_behind_a_job_that_left_the_sandbox_unclean(sandbox):
+    # Several jobs in one batch on one sandbox: the pool sends them ahead (pipelining). None may run in the
+    # sandbox the SysV IPC segment was left in: the runner stops there and the host resends them elsewhere.
+    leave_ipc = ("import ctypes\n"
+                 "assert ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600) >= 0\n")
+    busy = sandbox.submit({"code": "import time\ntime.sleep(0.5)", "tests": "assert 1"})  # the batch queues up
+    results = sandbox.run_batch([{"code": leave_ipc, "tests": "assert 1"}] + [CLEAN_PROBE] * 3)
+    assert busy.result().status is Status.PASSED
+    assert [r.status for r in results] == [Status.PASSED] * 4, [(r.status, r.error) for r in results]
+    assert all(r.backend != results[0].backend for r in results[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runner_runs_nothing_after_a_job_that_left_the_sandbox_unclean(backend):
+    # The protocol under the pool: two jobs sent at once straight to one runner; after the first leaves a SysV IPC
+    # segment the runner answers it (clean: false) and exits, so the second never runs there.
+    import json
+    import secrets
+
+    from sandboxes import Job
+    from sandboxes.pool import SlotDied
+
+    require(backend)
+    if backend == "docker":
+        from sandboxes.docker_backend import DockerOptions, DockerSlot, Engine, default_engines
+
+        tag = secrets.token_hex(4)
+        slot = DockerSlot(Engine(default_engines()[0]), f"rlk2-sbx-{tag}", 100_000 + secrets.randbelow(1 << 20) * 64,
+                          tag, DockerOptions())
+    else:
+        from sandboxes.bwrap_backend import BwrapOptions, BwrapSlot
+
+        slot = BwrapSlot(0, BwrapOptions())
+    leave_ipc = {"code": "import ctypes\nassert ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600) >= 0\n",
+                 "tests": "assert 1"}
+    lines = b"".join((json.dumps(Limits().payload(Job.from_dict(job))) + "\n").encode()
+                     for job in (leave_ipc, CLEAN_PROBE))
+    slot.start()
+    try:
+        slot.send(lines, 30)
+        first = slot.receive(30)
+        assert (first["status"], first["clean"]) == ("passed", False)
+        with pytest.raises(SlotDied):
+            slot.receive(30)
+    finally:
+        slot.stop()
+
+
 @pytest.mark.parametrize("exit_line", ["exit(0)", "import os; os._exit(0)", "raise SystemExit(0)"])
 def test_early_exit(sandbox, exit_line):
     r, p = attack(sandbox, "def f():\n    return 2\n" + exit_line, tests="assert f() == 1")
