@@ -287,12 +287,11 @@ def _assemble(specs: Sequence[RewardSpec], outcomes: list, n: int) -> ScoreBatch
     extras: dict[str, list] = {}
     sample_errors: dict[str, list[str | None]] = {}
     for spec, (values, errs, ext) in zip(specs, outcomes):
-        # A reward may itself answer None (e.g. no sandbox could run the program) or a NaN/inf: unscorable, counted.
+        # A NaN/inf is a failure: None, and counted as an error. A None the reward chose itself ("cannot score this
+        # one") is not an error; it is counted in frac_unscorable by the caller.
         values, errs = list(values), list(errs)
         for i, v in enumerate(values):
-            if errs[i] is None and v is None:
-                errs[i] = "unscorable (the reward returned None)"
-            elif v is not None and not math.isfinite(v):
+            if v is not None and not math.isfinite(v):
                 values[i], errs[i] = None, errs[i] or f"the reward returned {v}"
         rewards[spec.name] = values
         sample_errors[spec.name] = list(errs)

@@ -524,9 +524,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         t_reward = time.perf_counter() - t0
         n_unscorable = sum(r is None for r in totals)
         if n_unscorable:  # loud on purpose: a sandbox or verifier outage must not pass silently
-            counts = ", ".join(f"{k}: {v}" for k, v in errors.items() if v)
+            counts = ", ".join(f"{k}: {v} errors" for k, v in errors.items() if v)
             accelerator.print(f"warning: step {step}: {n_unscorable}/{len(totals)} responses unscorable "
-                              f"({counts or 'no reward error counted'}); they are left out of their groups' baselines")
+                              f"({counts or 'returned None by their reward'}); they carry no loss")
         # Success counts for prioritized sampling; every rank records every group so the samplers stay identical.
         outcomes = [(t, sampler.index_of(t, r), succ, n) for t, r, (succ, n) in
                     zip(task_of_group, rows_in_order, group_success(totals, K, threshold=cfg.rollout.success_threshold))]

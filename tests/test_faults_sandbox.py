@@ -75,7 +75,6 @@ def test_run_survives_killed_containers_and_a_stopped_engine(second_engine, tmp_
         rows = _wait(proc, run, lambda rows: sum(r["frac_unscorable"] == 1.0 for r in rows[n1:]) >= 3,
                      "steps with the engine down")
         down = [r for r in rows[n1:] if r["frac_unscorable"] == 1.0]
-        assert all(r["rewards/code/errors"] == 16 for r in down), [(r["rewards/code/errors"], r["grad_norm"]) for r in down]
         assert all(r["grad_norm"] == 0.0 for r in down)  # nothing was learned from unscorable responses
 
         # 3. the engine comes back: the pool restarts its containers and scoring resumes.
@@ -91,5 +90,5 @@ def test_run_survives_killed_containers_and_a_stopped_engine(second_engine, tmp_
         log.close()
     out = (tmp_path / "train.log").read_text()
     assert "Traceback" not in out
-    assert "responses unscorable (code: 16)" in out and "infra" in out.lower()
+    assert "16/16 responses unscorable (returned None by their reward)" in out and "infra_error" in out
     assert "resume with: rlk2 train --resume" in out
