@@ -69,22 +69,12 @@ def _routed(model, ro, *, replay: bool):
 
 
 def balance(seed: int, rate: float, updates: int) -> tuple[float, float]:
-    from rlk2.moe import RouterControl, find_routers
+    from rlk2.moe import RouterControl, skew_routers
     from rlk2.rollout import policy_logprobs
 
     model = _model(seed)
     ro = _rollout(model, seed)
-    routers = find_routers(model)
-    inputs = {}
-    hooks = [r.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
-             for i, r in routers]
-    with torch.no_grad():
-        policy_logprobs(model, ro, temperature=1.0)
-        for h in hooks:
-            h.remove()
-        for i, router in routers:
-            m = inputs[i].mean(dim=0)
-            router.weight[:2] += 3.0 * m / m.norm()
+    skew_routers(model, ro)
     ctl = RouterControl(model, router_replay=False, bias_update_rate=rate, aux_loss_coef=0)
     cvs = []
     for _ in range(updates + 1):

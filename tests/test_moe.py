@@ -11,6 +11,7 @@ from rlk2.moe import (
     RouterProbe,
     expert_counts,
     find_routers,
+    skew_routers,
     load_cv,
     routing_mismatch,
     update_correction_bias,
@@ -220,27 +221,10 @@ def test_replay_with_unchanged_weights_gives_the_same_logprobs(tiny_policy):
 
 
 # ------------------------------------------------------------------------------------------- balancing
-def _skew(routers, hidden: dict, favoured=(0, 1), scale: float = 3.0) -> None:
-    """Make every router prefer `favoured` experts: add the mean router input direction to their rows."""
-    with torch.no_grad():
-        for i, router in routers:
-            m = hidden[i].mean(dim=0)
-            for e in favoured:
-                router.weight[e] += scale * m / m.norm()
-
-
 def test_bias_updates_rebalance_a_skewed_deepseek_router():
     model = tiny_model("deepseek_v3")
     ro = fake_rollout(B=8, P=12, T=12, seed=3)
-    routers = find_routers(model)
-    inputs = {}
-    hooks = [r.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
-             for i, r in routers]
-    with torch.no_grad():
-        policy_logprobs(model, ro, temperature=1.0)
-    for h in hooks:
-        h.remove()
-    _skew(routers, inputs)
+    skew_routers(model, ro)
     ctl = RouterControl(model, router_replay=False, bias_update_rate=0.01, aux_loss_coef=0)
     cvs = []
     for _ in range(60):
@@ -252,7 +236,7 @@ def test_bias_updates_rebalance_a_skewed_deepseek_router():
     assert cvs[0] > 1.0, cvs[0]
     assert min(cvs[-10:]) < 0.5 * cvs[0], (cvs[0], cvs[-10:])
     # The bias pushed the favoured experts down and the others up.
-    bias = routers[0][1].e_score_correction_bias
+    bias = find_routers(model)[0][1].e_score_correction_bias
     assert bias[:2].max() < 0 < bias[2:].min()
 
 
