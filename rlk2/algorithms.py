@@ -45,9 +45,26 @@ def group_advantages(
     adv = r - mean
     if scale:
         adv = adv / (std + eps)
-    adv = torch.where(valid, adv, torch.zeros_like(adv))
     zero_std = (std.squeeze(1) < eps) | (valid.sum(dim=1) < 2)
+    # A tied group's r - mean is rounding noise (8 x 0.1 sums to 0.8000001), which std-scaling would blow up to
+    # |adv| ~ 0.01: set it to exactly 0, as the tie means.
+    adv = torch.where(valid & ~zero_std.unsqueeze(1), adv, torch.zeros_like(adv))
     return adv, zero_std
+
+
+def trained_rows(adv: torch.Tensor, mask: torch.Tensor, *, loss: str, inner_steps: int) -> torch.Tensor | None:
+    """Indices of the sequences whose loss term can have a gradient; None when every sequence needs computing.
+
+    adv [B], mask [B, T]. A sequence with advantage 0 (a tied group, an unscorable response) or no unmasked token
+    adds exactly nothing to the gradient of the clipped-surrogate losses: its per-token term is -min(r * 0,
+    clip(r) * 0) = 0 whatever the ratio r. Its training forward and backward can be skipped, and the loop gives
+    it log-prob = old log-prob, so the loss's value, normalisers and metrics are those of the whole batch.
+    k2's term (0 - tau * log ratio)^2 has zero value and gradient only at pi_theta = pi_old, that is on the first
+    inner step; with more inner steps it pulls every sequence back towards pi_old, so all are computed.
+    """
+    if loss == "k2" and inner_steps > 1:
+        return None
+    return ((adv != 0) & (mask.sum(dim=1) > 0)).nonzero().squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -116,6 +116,8 @@ def pad_to_global_width(accelerator, ro: Rollout, pad_id: int) -> Rollout:
         ro.completion_ids = F.pad(ro.completion_ids, (0, extra), value=pad_id)
         ro.completion_mask = F.pad(ro.completion_mask, (0, extra), value=0)
         ro.old_logp = F.pad(ro.old_logp, (0, extra), value=0.0)
+        if ro.entropy is not None:
+            ro.entropy = F.pad(ro.entropy, (0, extra), value=0.0)
         if ro.routed_experts is not None:  # [L, B, P+T, k]: padding positions have no recorded routing (-1)
             ro.routed_experts = F.pad(ro.routed_experts, (0, 0, 0, extra), value=-1)
     return ro

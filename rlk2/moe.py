@@ -3,7 +3,8 @@
 Everything here is a no-op for a dense policy (`find_routers` finds nothing).
 
 - **Expert load**: per MoE layer, the fraction of routed token slots (tokens x top-k) that went to each expert,
-  over the real (non-pad) tokens of a forward pass, and its coefficient of variation std/mean (population std;
+  over the real (non-pad) tokens of the training forward (with router replay: over the recorded routing of the
+  whole batch, which the training forward follows token for token), and its coefficient of variation std/mean (population std;
   0 = perfectly balanced, sqrt(E/k - 1) when every token picks the same k of E experts). Logged as
   `moe/expert_load_cv` (mean over MoE layers), `moe/expert_load_cv/layer_<i>` and `moe/expert_load_cv/max`.
 - **Auxiliary-loss-free balancing** (DeepSeek-V3 report, sec. 2.1.2): after an optimizer step each layer's
@@ -233,11 +234,26 @@ class RouterControl:
     def enabled(self) -> bool:
         return bool(self.routers)
 
+    def loads_from_record(self, rollout) -> bool:
+        """Whether the expert loads of a training forward over `rollout` are known without running it: with replay
+        on, every token that has a record is routed as recorded, so the recorded routing IS the training load."""
+        return self.replay and getattr(rollout, "routed_experts", None) is not None
+
+    def needs_every_sequence(self, rollout) -> bool:
+        """Whether the training forward must cover every sequence of `rollout` for the routing statistics the
+        update uses (the aux loss, or the bias update's loads when they are not known from the record)."""
+        if not self.routers:
+            return False
+        return self._aux_fn is not None or (self.rate > 0 and not self.loads_from_record(rollout))
+
     @contextmanager
-    def training_forward(self, rollout) -> Iterator[RoutedForward]:
+    def training_forward(self, rollout, whole=None) -> Iterator[RoutedForward]:
         """Wrap the training forward over `rollout`: replay its recorded routing (if on) and measure the routing.
 
-        The yielded RoutedForward is filled when the block exits (counts, mismatch, aux loss).
+        `whole` (a rollout that `rollout` is a selection of) is the batch the expert loads are measured on; it
+        requires `loads_from_record(whole)`. The yielded RoutedForward is filled when the block exits (counts,
+        mismatch and aux loss; counts over the recorded routing when replay is on — the tokens the training
+        forward routes as generation did — else over the forward's own routing of the real tokens).
         """
         result = RoutedForward()
         if not self.routers:
@@ -252,11 +268,20 @@ class RouterControl:
         real = attn.reshape(-1).bool()  # [N]
         num_experts = self.routers[0][1].num_experts
         result.layers = [i for i, _ in self.routers]
-        result.counts = self.reduce(torch.stack([expert_counts(u, real, num_experts) for u in probe.used]))
+        if whole is not None and not self.loads_from_record(whole):
+            raise ValueError("training_forward: `whole` needs router replay and a recorded routing")
         if recorded is not None:
             rec = recorded.flatten(1, 2).to(real.device).long()  # [L, N, k]
             compare = real.unsqueeze(0) & (rec >= 0).all(dim=-1)  # [L, N]
             result.mismatch = routing_mismatch(torch.stack(probe.own), rec, compare)
+        if self.loads_from_record(whole if whole is not None else rollout):
+            source = whole if whole is not None else rollout
+            rec = source.routed_experts.flatten(1, 2).to(real.device).long()  # [L, N, k]
+            whole_real = torch.cat([source.prompt_mask, source.completion_mask], dim=1).reshape(-1).bool()
+            result.counts = self.reduce(torch.stack([
+                expert_counts(r, whole_real & (r >= 0).all(dim=-1), num_experts) for r in rec]))
+        else:
+            result.counts = self.reduce(torch.stack([expert_counts(u, real, num_experts) for u in probe.used]))
         if self._aux_fn is not None:
             router = self.routers[0][1]
             aux = self._aux_fn(tuple(probe.logits), router.num_experts, router.top_k, attn)

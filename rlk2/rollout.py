@@ -31,6 +31,9 @@ class Rollout:
     # [L, B, P+T, k] int16: the experts each token was routed to in each MoE layer during generation, -1 where
     # nothing was recorded (padding, the never-fed-back last token); None unless recorded (rlk2.moe router replay).
     routed_experts: torch.Tensor | None = None
+    # [B, T] entropy of the distribution each completion token was sampled from (after temperature and top-p), 0 on
+    # padding; None unless recorded. The loop's `entropy` metric, free from the sampling loop (no training pass).
+    entropy: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> torch.Tensor:  # [B]
@@ -39,9 +42,27 @@ class Rollout:
     def to(self, device: torch.device) -> "Rollout":
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp", "truncated"):
             setattr(self, name, getattr(self, name).to(device))
-        if self.routed_experts is not None:
-            self.routed_experts = self.routed_experts.to(device)
+        for name in ("routed_experts", "entropy"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout of sequences `rows` only, without the columns that are padding in every one of them (the
+        prompts' common left padding, the completions' common right padding): a training forward over a few
+        sequences then costs what those sequences need. Texts are not carried."""
+        prompt_mask, completion_mask = self.prompt_mask[rows], self.completion_mask[rows]
+        used_p = prompt_mask.any(dim=0).nonzero()
+        used_t = completion_mask.any(dim=0).nonzero()
+        p0 = int(used_p[0]) if len(used_p) else prompt_mask.shape[1]
+        t1 = int(used_t[-1]) + 1 if len(used_t) else 0
+        P = self.prompt_ids.shape[1]
+        return Rollout(
+            self.prompt_ids[rows, p0:], prompt_mask[:, p0:], self.completion_ids[rows, :t1], completion_mask[:, :t1],
+            self.old_logp[rows, :t1], self.truncated[rows],
+            routed_experts=None if self.routed_experts is None else self.routed_experts[:, rows, p0 : P + t1],
+            entropy=None if self.entropy is None else self.entropy[rows, :t1],
+        )
 
 
 def encode_prompts(tokenizer, prompts: list[str], *, chat_template: bool) -> list[list[int]]:
@@ -125,6 +146,7 @@ def generate_rollouts(
 
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
     old_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    entropy = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if record_logprobs else None
     routers = find_routers(model) if record_routing else []
     probe = RouterProbe(routers)
     routes = None
@@ -161,6 +183,7 @@ def generate_rollouts(
             tokens[active, t] = nxt
             if record_logprobs:
                 old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
+                entropy[active, t] = _entropy(logprobs)
             steps = t + 1
             going = ~torch.isin(nxt, eos)
             if t == max_new_tokens - 1 or not going.any():
@@ -188,10 +211,17 @@ def generate_rollouts(
     truncated = ~is_eos.any(dim=1)
     completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad_id))
     old_logp = old_logp * cmask
+    if entropy is not None:
+        entropy = entropy[:, :steps] * cmask
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     if routes is not None:
         routes = routes[:, :, : P + steps]
-    return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts, routes)
+    return Rollout(ids, mask, completion, cmask, old_logp, truncated, texts, routes, entropy)
+
+
+def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy [n] of each row's distribution from its log-probs [n, V]; tokens outside top-p (-inf) add 0."""
+    return -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(dim=-1)
 
 
 # Counter-based noise (the splitmix64 generator, as a pure function of (key, counter)) on int64 tensors.
@@ -280,6 +310,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
         routed_experts=_concat_routes(parts, P, T),
+        entropy=None if any(r.entropy is None for r in parts)
+        else torch.cat([pad(r.entropy, T, 0.0, False) for r in parts]),
     )
 
 

@@ -266,7 +266,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     from rewards.engine import RewardEngine, RewardSpec
     from rewards.format import budget_penalty
-    from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages
+    from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, group_advantages, trained_rows
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from rlk2.controls import group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, temperature_at
     from rlk2.critic import bind_policy, unbind_policy
@@ -579,11 +579,24 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         skipped = 0
         moe_row: dict = {}
         scale = loss_scale(accelerator, cfg.algo.loss, train_mask)  # 1.0 on one process (see rlk2.distributed)
-        loss, loss_metrics, entropy, grad_norm = torch.zeros(()), {}, torch.full_like(mask, math.nan), torch.tensor(0.0)
+        loss, loss_metrics, grad_norm = torch.zeros(()), {}, torch.tensor(0.0)
+        entropy = ro.entropy if ro.entropy is not None else torch.full_like(mask, math.nan)  # from the sampling loop
+        # The training forward covers only the sequences that can move the weights (a tied group's have advantage
+        # 0 and add nothing): the others keep log-prob = old log-prob, so loss and gradient are the whole batch's.
+        rows = trained_rows(adv, mask, loss=cfg.algo.loss, inner_steps=cfg.algo.inner_steps)
+        if rows is not None and (moe.needs_every_sequence(ro) or len(rows) == len(adv)):
+            rows = None
+        elif rows is not None and len(rows) == 0:  # nothing moves the weights here: one sequence keeps DDP in step
+            rows = torch.zeros(1, dtype=torch.long, device=adv.device)
+        sub = ro if rows is None else ro.select(rows)
+        whole = ro if rows is not None and moe.loads_from_record(ro) else None
         # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
         for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
-            with moe.training_forward(ro) as routed:  # replays the rollout's experts when moe.router_replay
-                logp, entropy = policy_logprobs(model, ro, temperature=temperature, with_entropy=True)
+            with moe.training_forward(sub, whole=whole) as routed:  # replays the recorded experts (moe.router_replay)
+                logp, _ = policy_logprobs(model, sub, temperature=temperature)
+            if rows is not None:  # [B, T]: computed rows in place, the old log-probs elsewhere
+                logp = ro.old_logp.index_put((rows.unsqueeze(1), torch.arange(logp.shape[1], device=logp.device)),
+                                             logp)
             if len(train_adv):
                 kept_logp, kept_old = (logp, ro.old_logp) if keep is None else (logp[keep], ro.old_logp[keep])
                 loss, loss_metrics = loss_fn(kept_logp, kept_old, train_adv, train_mask, **hp)
