@@ -184,8 +184,19 @@ class RewardEngine:
     def score(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
               columns: Mapping[str, list]) -> ScoreBatch:
         """Scores one batch (blocking). Safe to call from any thread except the engine's own loop."""
+        return self.submit(specs, completions, prompts, columns).result()
+
+    def submit(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
+               columns: Mapping[str, list]) -> concurrent.futures.Future:
+        """Starts scoring one batch and returns at once: a Future of its ScoreBatch. The caller keeps working
+        (the training loop generates the next task's completions) while the workers score."""
         self._check_open()
-        return asyncio.run_coroutine_threadsafe(self._score(specs, completions, prompts, columns), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self._score(specs, completions, prompts, columns), self._loop)
+
+    def runs_apart(self, specs: Sequence[RewardSpec]) -> bool:
+        """Whether every reward of `specs` runs in the worker processes, so scoring cannot touch this process's
+        state (a caller-run reward may use the policy itself, as the rubric critic does)."""
+        return all(traits_of(self.resolve(s.name)).run_in == "worker" for s in specs)
 
     async def ascore(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
                      columns: Mapping[str, list]) -> ScoreBatch:

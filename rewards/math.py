@@ -294,6 +294,21 @@ def _cached(key: tuple[str, str], compute: Callable[[], bool]) -> bool:
     return value
 
 
+_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,999})")
+_BOXED_INTEGER = re.compile(r"\\boxed\{\s*(-?(?:0|[1-9][0-9]{0,999}))\s*\}")
+
+
+def _same_integer(gold: str, span: str) -> bool | None:
+    """The verdict when the gold is a plain integer and the answer span is one boxed plain integer (no leading
+    zeros, no sign but minus, no separators), else None. Such pairs are most answers of counting and arithmetic
+    tasks, and Math-Verify's verdict on them is integer equality (with the exact-rational guard of `_equal`);
+    deciding them here skips its LaTeX and sympy parsing, ~0.3 ms a pair (tests check the two agree)."""
+    if not _INTEGER.fullmatch(gold):
+        return None
+    boxed = _BOXED_INTEGER.fullmatch(span)
+    return None if boxed is None else int(boxed.group(1)) == int(gold)
+
+
 def check(gold: Any, completion: str, *, check_timeout_s: float = 2.0) -> tuple[float | None, str | None]:
     """(score, error) for one sample; see the module docstring for the rules."""
     _no_library_alarm()
@@ -344,6 +359,8 @@ def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, 
     try:
         with _deadline(timeout_s):
             span = answer_span(completion)
+            if span is not None and (same := _same_integer(gold_text, span)) is not None:
+                return float(same), None
             if span is not None:  # boxed: the cache is checked before any parsing
                 return float(_cached((gold_text, span), lambda: _equal(gold_parsed, _parse_prediction(span)))), None
             pred = _parse_prediction(completion)

@@ -59,10 +59,11 @@ def trained_rows(adv: torch.Tensor, mask: torch.Tensor, *, loss: str, inner_step
     adds exactly nothing to the gradient of the clipped-surrogate losses: its per-token term is -min(r * 0,
     clip(r) * 0) = 0 whatever the ratio r. Its training forward and backward can be skipped, and the loop gives
     it log-prob = old log-prob, so the loss's value, normalisers and metrics are those of the whole batch.
-    k2's term (0 - tau * log ratio)^2 has zero value and gradient only at pi_theta = pi_old, that is on the first
-    inner step; with more inner steps it pulls every sequence back towards pi_old, so all are computed.
+    k2's term (0 - tau * log ratio)^2 has zero value and gradient only at pi_theta = pi_old, that is with one
+    inner step. With more inner steps every sequence is computed: k2 pulls each back towards pi_old, and the
+    logged KL must measure how far the whole batch drifted.
     """
-    if loss == "k2" and inner_steps > 1:
+    if inner_steps > 1:
         return None
     return ((adv != 0) & (mask.sum(dim=1) > 0)).nonzero().squeeze(1)
 

@@ -26,6 +26,7 @@ the one-process run (rlk2.distributed); sharded parameters (FSDP, DeepSpeed) are
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -443,6 +444,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             accelerator.print(f"critic/agreement at step 0: {crit0['critic/agreement']:.3f} "
                               f"on {len(heldout)} held-out pairs")
 
+    # A task whose rewards all run in the worker processes is scored while the next task generates; one with a
+    # caller-run reward (the rubric critic uses the policy itself) is scored after generation, in this process.
+    overlap = {name: engine.runs_apart(task_specs) for name, task_specs in specs.items()}
+
     # ------------------------------------------------------------------------------------ steps
     bar = tqdm(range(start_step + 1, cfg.trainer.steps + 1), desc="rl", disable=not accelerator.is_main_process,
                dynamic_ncols=True, initial=start_step, total=cfg.trainer.steps)
@@ -461,6 +466,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         picked, first = local_groups(sampler.sample(cfg.rollout.prompts_per_step, step), list(tasks_by_name),
                                      rank=accelerator.process_index, world=accelerator.num_processes)
         parts, rows_in_order, task_of_group = [], [], []
+        scoring: dict[str, concurrent.futures.Future] = {}  # task -> its scores, computed while later tasks generate
         unwrapped = accelerator.unwrap_model(model)
         for name in tasks_by_name:
             group_rows = [row for t, row in picked if t == name]
@@ -473,6 +479,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 top_p=cfg.rollout.top_p, record_routing=moe.enabled,
                 seeds=sequence_seeds(step_seed, first + len(rows_in_order), len(group_rows), K),
             ))
+            if overlap[name]:  # the worker processes score this task while this process generates the next
+                scoring[name] = engine.submit(specs[name], parts[-1].texts, *_reward_inputs(group_rows, K))
             rows_in_order += group_rows
             task_of_group += [name] * len(group_rows)
         ro = concat_rollouts(parts, tokenizer.pad_token_id).to(accelerator.device)
@@ -492,12 +500,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             idx = [g for g, t in enumerate(task_of_group) if t == name]
             if not idx:
                 continue
-            rows = [rows_in_order[g] for g in idx for _ in range(K)]
-            n = len(rows)
-            texts = ro.texts[offset : offset + n]
-            columns = {c: [r.get(c) for r in rows] for c in rows[0] if c not in ("prompt", "completion")}
+            n = len(idx) * K
             t_task = time.perf_counter()
-            scored = engine.score(specs[name], texts, [r["prompt"] for r in rows], columns)
+            scored = scoring.pop(name).result() if name in scoring else engine.score(
+                specs[name], ro.texts[offset : offset + n], *_reward_inputs([rows_in_order[g] for g in idx], K))
             if name in rubric_tasks:
                 t_rubric += time.perf_counter() - t_task
             task = tasks_by_name[name]
@@ -797,6 +803,13 @@ def _shift_pair_index(extra, offset: int):
     if isinstance(extra, list) and all(isinstance(j, dict) and "vs" in j for j in extra):
         return [{**j, "vs": j["vs"] + offset} for j in extra]
     return extra
+
+
+def _reward_inputs(group_rows: list[dict], K: int) -> tuple[list[str], dict[str, list]]:
+    """The prompts and dataset columns (answer, tests, ...) of K samples per row, as the reward engine takes them."""
+    rows = [r for r in group_rows for _ in range(K)]
+    columns = {c: [r.get(c) for r in rows] for c in rows[0] if c not in ("prompt", "completion")}
+    return [r["prompt"] for r in rows], columns
 
 
 def _metric_name(reward_name: str) -> str:

@@ -31,6 +31,12 @@ def sleeps_forever(completions, *, prompts, **_):
     time.sleep(10_000)
 
 
+def waits_for_file(completions, *, prompts, path, **_):
+    while not os.path.exists(path[0]):
+        time.sleep(0.01)
+    return [1.0] * len(completions)
+
+
 def spins_forever(completions, *, prompts, **_):
     while True:
         pass
@@ -187,6 +193,24 @@ def test_ascore_from_an_event_loop(engine):
         return await engine.ascore([RewardSpec("math")], [r"\boxed{4}"], ["p"], {"answer": ["4"]})
 
     assert asyncio.run(main()).rewards["math"] == [1.0]
+
+
+def test_submit_scores_in_the_background_while_the_caller_works(engine, tmp_path):
+    # The reward waits for a file that the caller writes only after `submit` returned: a blocking submit would
+    # leave the reward waiting until its deadline (the samples would come back None with error "timeout").
+    marker = tmp_path / "go"
+    spec = [RewardSpec(f"{HERE}:waits_for_file", timeout_s=20.0)]
+    future = engine.submit(spec, ["a", "b"], ["p", "p"], {"path": [str(marker)] * 2})
+    assert not future.done()
+    marker.write_text("go")
+    batch = future.result()
+    assert batch.rewards[f"{HERE}:waits_for_file"] == [1.0, 1.0] and not any(batch.errors.values())
+
+
+def test_runs_apart_only_when_every_reward_is_in_a_worker(engine):
+    assert engine.runs_apart([RewardSpec("math"), RewardSpec(f"{HERE}:raises")])
+    assert not engine.runs_apart([RewardSpec("math"), RewardSpec(f"{HERE}:caller_sleeps")])
+    assert not engine.runs_apart([RewardSpec("rubric")])  # the self critic uses the live policy
 
 
 def test_empty_batch(engine):

@@ -67,9 +67,11 @@ def test_exact_rationals_must_be_exactly_equal():
 
 def test_verdicts_are_cached_by_gold_and_extracted_answer():
     _VERDICTS.clear()
-    check("12", r"long reasoning ... $\boxed{12}$")
-    check("12", r"other reasoning, same answer: $\boxed{12}$")
-    assert len(_VERDICTS) == 1 and next(iter(_VERDICTS))[0] == "12"
+    check("1/2", r"long reasoning ... $\boxed{\frac{1}{2}}$")
+    check("1/2", r"other reasoning, same answer: $\boxed{\frac{1}{2}}$")
+    assert len(_VERDICTS) == 1 and next(iter(_VERDICTS))[0] == "1/2"
+    check("12", r"$\boxed{12}$")  # plain integers are decided without Math-Verify, and not cached
+    assert len(_VERDICTS) == 1
 
 
 def test_last_boxed_helper():
@@ -156,3 +158,36 @@ def test_any_integer_or_fraction_matches_itself_and_not_its_neighbour(n, d):
     assert check(gold, rf"Thus $\boxed{{{same}}}$.") == (1.0, None)
     other = value + Fraction(1, value.denominator)
     assert check(gold, rf"Thus $\boxed{{{other.numerator}/{other.denominator}}}$.") == (0.0, None)
+
+
+_INTS = st.one_of(st.integers(-99, 99), st.integers(-10**30, 10**30))
+
+
+@settings(max_examples=60, deadline=None)
+@given(gold=_INTS, pred=_INTS, equal=st.booleans(), pad=st.sampled_from(["", " ", "  "]),
+       wrap=st.sampled_from(["\\boxed{{{}}}", "$\\boxed{{{}}}$", "The answer is \\boxed{{{}}}.", "\\boxed{{{}}}, \\boxed{{7}}"]))
+def test_integer_shortcut_agrees_with_math_verify(gold, pred, equal, pad, wrap):
+    """The plain-integer shortcut (`_same_integer`) gives Math-Verify's verdict on every pair it decides."""
+    import rewards.math as m
+
+    if equal:
+        pred = gold
+    box = wrap.format(f"{pad}{pred}{pad}")
+    fast = check(str(gold), box)
+    if wrap != "\\boxed{{{}}}, \\boxed{{7}}":  # one box: the shortcut decides it (a set of two it leaves)
+        assert m._same_integer(str(gold), m.answer_span(box)) is (pred == gold)
+        assert fast == (1.0 if pred == gold else 0.0, None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(m, "_same_integer", lambda gold, span: None)
+        _VERDICTS.clear()
+        assert check(str(gold), box) == fast
+
+
+def test_integer_shortcut_leaves_other_forms_to_math_verify():
+    from rewards.math import _same_integer
+
+    assert _same_integer("92", r"\boxed{92}") is True and _same_integer("-5", r"\boxed{ -5 }") is True
+    assert _same_integer("92", r"\boxed{93}") is False
+    for gold, span in [("92", r"\boxed{092}"), ("92", r"\boxed{92.0}"), ("9.2", r"\boxed{9.2}"), ("1,000", r"\boxed{1000}"),
+                       ("92", r"\boxed{92}$ pct"), ("92", r"\boxed{+92}"), ("92", r"\boxed{9}, \boxed{2}"), ("x", r"\boxed{1}")]:
+        assert _same_integer(gold, span) is None, (gold, span)
