@@ -326,19 +326,19 @@ def _category(filename: str, name: str) -> str | None:
     """Which part of an RL step a direct callee of `rlk2.train.train` belongs to (None: setup, eval, other)."""
     from rlk2.algorithms import LOSSES
 
-    # generate_rollouts is wrapped by torch.no_grad, so train's direct callee is the decorator's wrapper; it is
-    # the only no_grad-decorated function train calls itself (evaluation calls it from run_eval).
+    # generate_rollouts is wrapped by torch.inference_mode, so train's direct callee is the decorator's wrapper; it
+    # is the only decorated function train calls itself (evaluation calls it from run_eval).
     if name in ("generate_rollouts", "decorate_context"):
         return "generation (sampling loop, old log-probs, decode)"
-    if name == "policy_logprobs":
-        return "log-probs forward (training pass)"
+    if name in ("policy_logprobs", "select", "index_put", "trained_rows"):
+        return "log-probs forward (training pass, over the sequences with signal)"
     if name in {f.__name__ for f in LOSSES.values()} | {"group_advantages"}:
         return "advantages + loss"
     if name == "backward":
         return "backward"
     if name in ("clip_grad_norm_", "zero_grad") or (name == "step" and ("optim" in filename or "lr_sched" in filename)):
         return "optimizer (clip, AdamW step, scheduler, zero_grad)"
-    if name in ("score", "budget_penalty"):
+    if name in ("score", "submit", "result", "budget_penalty"):
         return "rewards (engine, math reward)"
     if name in ("encode_prompts", "sample", "concat_rollouts", "to", "unwrap_model"):
         return "prompts + batching"
