@@ -15,7 +15,10 @@ Where a reward runs is one of its traits (`reward_traits`):
 `elementwise=True` tells the engine that a reward scores each sample on its own (math does). The worker then
 calls it one sample at a time and streams each score back, so a timeout is charged to the one sample that
 caused it (with the reward's `timeout_score`: math documents a prediction that times out as 0.0), and the
-samples after it move to another worker. `timeout_s` is then per sample; otherwise it is per chunk.
+samples after it move to another worker. `timeout_s` is then per sample; otherwise it is per chunk. An
+elementwise reward may also name a `shortcut`: a cheap, linear-time check run in this process first, which
+decides the trivial samples (math: a boxed plain integer against a plain-integer gold) so that only the rest
+pay for a worker round trip.
 
 Workers are separate interpreters started with `subprocess` rather than `multiprocessing`: no fork of a process
 that holds threads (torch, this engine's own), no re-import of the caller's `__main__`, and a process group per
@@ -58,6 +61,11 @@ class RewardTraits:
     """Score of a sample whose own evaluation timed out (elementwise only); None = unscorable."""
     whole_batch: bool = False
     """Never split the batch into chunks (group-relative rewards that compare completions of one prompt)."""
+    shortcut: Callable[[str, dict], float | None] | None = None
+    """Elementwise rewards: `shortcut(completion, row)` (row = the sample's dataset columns) gives the final score
+    of the samples it can decide at a glance, None for the rest, which go to the reward proper. It runs in this
+    process before any dispatch, so it must be cheap and linear in the text: it exists for the common, trivial
+    case (math's plain-integer answers), whose worker round trip would cost more than the check itself."""
 
 
 _TRAITS_ATTR = "__rlk2_reward_traits__"
@@ -230,19 +238,29 @@ class RewardEngine:
         if traits.run_in == "caller":
             return await self._in_caller(spec, fn, completions, prompts, cols)
         state = _CallState(n)
+        rest = list(range(n))  # the samples the workers score
+        if traits.shortcut is not None and traits.elementwise:
+            rest = []
+            for i in range(n):
+                if (value := _shortcut(traits.shortcut, completions[i], {k: v[i] for k, v in cols.items()})) is None:
+                    rest.append(i)
+                else:
+                    state.put(i, value, None, {})
+        m = len(rest)
         # Elementwise: small chunks (about 8 samples) so an idle worker can take the next one while another
         # is stuck on a slow sample; per-batch rewards: one chunk per worker.
         if traits.whole_batch:
-            chunks = 1
+            chunks = min(m, 1)
         elif traits.elementwise:
-            chunks = min(n, max(2 * self.num_workers, -(-n // 8)))
+            chunks = min(m, max(2 * self.num_workers, -(-m // 8)))
         else:
-            chunks = min(n, self.num_workers)
-        bounds = [round(c * n / chunks) for c in range(chunks + 1)]
+            chunks = min(m, self.num_workers)
+        bounds = [round(c * m / chunks) for c in range(chunks + 1)] if chunks else [0]
         for lo, hi in itertools.pairwise(bounds):
-            self._pool.submit(_Job(state, spec.name, dict(spec.kwargs), list(range(lo, hi)), completions[lo:hi],
-                                   prompts[lo:hi], {k: v[lo:hi] for k, v in cols.items()}, traits.elementwise,
-                                   spec.timeout_s, traits.timeout_score))
+            part = rest[lo:hi]
+            self._pool.submit(_Job(state, spec.name, dict(spec.kwargs), part, [completions[i] for i in part],
+                                   [prompts[i] for i in part], {k: [v[i] for i in part] for k, v in cols.items()},
+                                   traits.elementwise, spec.timeout_s, traits.timeout_score))
         await asyncio.wrap_future(state.future)
         return state.values, state.errors, state.extras
 
@@ -289,6 +307,17 @@ class RewardEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shortcut(fn: Callable[[str, dict], float | None], completion: str, row: dict) -> float | None:
+    """A shortcut's verdict; None (the reward proper decides) when it declines, raises or returns a non-number."""
+    try:
+        value = fn(completion, row)
+    except Exception:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _assemble(specs: Sequence[RewardSpec], outcomes: list, n: int) -> ScoreBatch:

@@ -311,6 +311,23 @@ def _same_integer(gold: str, span: str) -> bool | None:
     return None if boxed is None else int(boxed.group(1)) == int(gold)
 
 
+def integer_shortcut(completion: str, row: dict) -> float | None:
+    """The engine's in-process shortcut (`RewardTraits.shortcut`): the verdict on a plain-integer gold against a
+    completion whose only box is a plain integer and comes last (then only spacing, `$` or `.`), else None.
+
+    Exactly what `check` decides for such a pair (the box is then the answer span; tests compare the two), in
+    time linear in the text: the box count comes first, so `_boxes` scans once, and no regex can backtrack."""
+    gold = row.get("answer")
+    gold_text = "" if gold is None else str(gold).strip()
+    if not _INTEGER.fullmatch(gold_text) or completion.count("\\boxed") + completion.count("\\fbox") != 1:
+        return None
+    spans = _boxes(completion)
+    if len(spans) != 1 or completion[spans[0][1]:].strip(" \t\n$.") or _nesting_depth(completion) > _MAX_NESTING:
+        return None
+    same = _same_integer(gold_text, completion[spans[0][0]: spans[0][1]])
+    return None if same is None else float(same)
+
+
 def check(gold: Any, completion: str, *, check_timeout_s: float = 2.0) -> tuple[float | None, str | None]:
     """(score, error) for one sample; see the module docstring for the rules."""
     _no_library_alarm()
@@ -346,6 +363,15 @@ def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, 
     gold_text = "" if gold is None else str(gold).strip()
     if not gold_text:
         return None, "empty gold"
+    if _INTEGER.fullmatch(gold_text) and _nesting_depth(completion) <= _MAX_NESTING:
+        # a plain-integer gold parses; decide a boxed plain integer before paying for either side's parse
+        try:
+            with _deadline(timeout_s):
+                span = answer_span(completion)
+        except TimeoutException:
+            return 0.0, "timeout"
+        if span is not None and (same := _same_integer(gold_text, span)) is not None:
+            return float(same), None
     try:
         with _deadline(timeout_s):
             gold_parsed = _parse_gold(gold_text)
@@ -361,8 +387,6 @@ def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, 
     try:
         with _deadline(timeout_s):
             span = answer_span(completion)
-            if span is not None and (same := _same_integer(gold_text, span)) is not None:
-                return float(same), None
             if span is not None:  # boxed: the cache is checked before any parsing
                 return float(_cached((gold_text, span), lambda: _equal(gold_parsed, _parse_prediction(span)))), None
             pred = _parse_prediction(completion)
@@ -381,7 +405,7 @@ def warm_up() -> None:
     check("1", r"$\boxed{1}$")
 
 
-@reward_traits(elementwise=True, timeout_score=0.0)
+@reward_traits(elementwise=True, timeout_score=0.0, shortcut=integer_shortcut)
 def math(completions: list[str], *, prompts: list[str] | None = None, answer: list[Any],
          check_timeout_s: float = 2.0) -> dict:
     """1.0 if the final answer (last \\boxed{}, else Math-Verify's fallbacks) equals `answer`, else 0.0."""

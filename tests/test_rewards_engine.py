@@ -37,6 +37,19 @@ def waits_for_file(completions, *, prompts, path, **_):
     return [1.0] * len(completions)
 
 
+def _easy_only(completion: str, row: dict) -> float | None:
+    if completion == "boom":
+        raise RuntimeError("shortcut bug")
+    return {"easy": 1.0, "nan": float("nan")}.get(completion)
+
+
+@reward_traits(elementwise=True, shortcut=_easy_only)
+def with_shortcut(completions, *, prompts, **_):
+    if "easy" in completions:
+        raise AssertionError("a sample the shortcut decided reached the worker")
+    return [0.5] * len(completions)
+
+
 def spins_forever(completions, *, prompts, **_):
     while True:
         pass
@@ -205,6 +218,15 @@ def test_submit_scores_in_the_background_while_the_caller_works(engine, tmp_path
     marker.write_text("go")
     batch = future.result()
     assert batch.rewards[f"{HERE}:waits_for_file"] == [1.0, 1.0] and not any(batch.errors.values())
+
+
+def test_shortcut_scores_in_process_and_only_the_rest_reach_the_worker(engine):
+    # the reward proper fails on "easy" and "bad shortcut" rows, so a 1.0 there can only come from the shortcut;
+    # a shortcut that raises or returns a non-number leaves the sample to the reward proper
+    texts = ["easy", "hard", "boom", "nan", "easy"]
+    batch = _score(engine, [RewardSpec(f"{HERE}:with_shortcut")], texts)
+    assert batch.rewards[f"{HERE}:with_shortcut"] == [1.0, 0.5, 0.5, 0.5, 1.0]
+    assert not any(batch.errors.values())
 
 
 def test_runs_apart_only_when_every_reward_is_in_a_worker(engine):

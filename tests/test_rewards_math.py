@@ -191,3 +191,35 @@ def test_integer_shortcut_leaves_other_forms_to_math_verify():
     for gold, span in [("92", r"\boxed{092}"), ("92", r"\boxed{92.0}"), ("9.2", r"\boxed{9.2}"), ("1,000", r"\boxed{1000}"),
                        ("92", r"\boxed{92}$ pct"), ("92", r"\boxed{+92}"), ("92", r"\boxed{9}, \boxed{2}"), ("x", r"\boxed{1}")]:
         assert _same_integer(gold, span) is None, (gold, span)
+
+
+_TEXT = st.lists(st.sampled_from(list("0123456789 -$.%(){}\n") + ["\\boxed{", "\\fbox{", "pct", "final answer"]),
+                 max_size=40).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(gold=st.one_of(st.integers(-999, 999).map(str), st.sampled_from(["007", "1.5", "x", " 12 "])), text=_TEXT,
+       pred=st.integers(-999, 999))
+def test_engine_shortcut_decides_only_what_check_decides_the_same_way(gold, text, pred):
+    """`integer_shortcut` (run in the trainer's process) never disagrees with `check` (run in a worker)."""
+    from rewards.math import integer_shortcut
+
+    for completion in (text, f"{text} \\boxed{{{pred}}}", f"\\boxed{{{pred}}}{text}"):
+        verdict = integer_shortcut(completion, {"answer": gold})
+        if verdict is not None:
+            assert (verdict, None) == check(gold, completion), completion
+
+
+def test_engine_shortcut_is_linear_on_hostile_text():
+    from rewards.math import integer_shortcut
+
+    # thousands of unclosed boxes (a quadratic brace scan), long blank runs (a backtracking regex), deep nesting
+    for text in ["\\boxed{" * 5000, "\\boxed{1}" + " " * 50_000 + "%", "(" * 100 + "\\boxed{1}" + ")" * 100]:
+        assert integer_shortcut(text, {"answer": "1"}) is None
+
+
+def test_the_engine_uses_the_shortcut_and_sends_only_the_rest_to_workers():
+    texts = [r"\boxed{4}", r"\boxed{5}", r"$\boxed{\frac{8}{2}}$", r"\boxed{4} then \boxed{4}"]
+    with RewardEngine(num_workers=1) as engine:
+        batch = engine.score([RewardSpec("math")], texts, ["p"] * 4, {"answer": ["4"] * 4})
+    assert batch.rewards["math"] == [1.0, 0.0, 1.0, 1.0]
