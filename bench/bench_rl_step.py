@@ -18,6 +18,11 @@ Matched settings (both sides, CPU, float32, no vLLM):
   signature (its usual way).
 - logging: both log every step (rlk2 writes metrics.jsonl and the rollouts file; TRL `logging_steps=1`).
 
+What differs is how each computes it, which is the point: rlk2's training pass covers only the sequences with a
+non-zero advantage (the others add exactly nothing to the GRPO gradient; `tests/test_trained_rows.py`), TRL's
+covers all 64; rlk2 scores in its reward engine (worker processes, with math's in-process shortcut for plain
+integers), TRL in its own process (the same `math` function, whose plain-integer check skips the parsers too).
+
 Timing: each framework runs `STEPS` RL steps in its own subprocess with one torch thread (`THREADS`), the two
 alternating (rlk2 first in repetitions 1, 3, ..., TRL first in 2, 4, ...), `reps` repetitions. A step's time is the wall time between the ends of
 two consecutive steps, so it includes everything the loop does (generation, old log-probs, rewards, loss,

@@ -402,7 +402,7 @@ def _check(gold: Any, completion: str, timeout_s: float) -> tuple[float | None, 
 
 def warm_up() -> None:
     """Imports Math-Verify and builds its parsers (engine workers call this at start: the first batch is fast)."""
-    check("1", r"$\boxed{1}$")
+    check("1/2", r"$\boxed{\frac{2}{4}}$")  # not plain integers: those skip the parsers
 
 
 @reward_traits(elementwise=True, timeout_score=0.0, shortcut=integer_shortcut)
