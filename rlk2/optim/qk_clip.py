@@ -245,12 +245,11 @@ class MLAClip(AttentionClip):
         k_nope = kv_b[..., : self.dn]  # [B, H, T, dn]
         cos, sin = self._inputs[0]
         q_rot, k_rot = self._rope(q_rot, k_rot, cos.float(), sin.float())
-        # One product over [nope | rope], as the model does; the shared rotary key is expanded over heads.
-        q = torch.cat([q_nope, q_rot], dim=-1)  # [B, H, T, dn+dr]
-        k = torch.cat([k_nope, k_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)  # [B, H, T, dn+dr]
 
+        # q k^T over [nope | rope] as two products, the shared rotary key broadcast over heads: the same logits as
+        # the model's one product over the concatenation (to float rounding) without copying q and k into one.
         def logits(rows: slice) -> torch.Tensor:
-            return q[rows] @ k[rows].mT  # [b, H, T, T]
+            return (q_nope[rows] @ k_nope[rows].mT).add_(q_rot[rows] @ k_rot[rows].mT)  # [b, H, T, T]
 
         return self._max_over_chunks(logits, bsz, self.num_heads * t * t)
 
