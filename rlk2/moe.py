@@ -4,8 +4,8 @@ Everything here is a no-op for a dense policy (`find_routers` finds nothing).
 
 - **Expert load**: per MoE layer, the fraction of routed token slots (tokens x top-k) that went to each expert,
   over the real (non-pad) tokens of the training forward (with router replay: over the recorded routing of the
-  whole batch, which the training forward follows token for token), and its coefficient of variation std/mean (population std;
-  0 = perfectly balanced, sqrt(E/k - 1) when every token picks the same k of E experts). Logged as
+  whole batch, which the training forward follows token for token), and its coefficient of variation std/mean
+  (population std; 0 = perfectly balanced, sqrt(E/k - 1) when every token picks the same k of E experts). Logged as
   `moe/expert_load_cv` (mean over MoE layers), `moe/expert_load_cv/layer_<i>` and `moe/expert_load_cv/max`.
 - **Auxiliary-loss-free balancing** (DeepSeek-V3 report, sec. 2.1.2): after an optimizer step each layer's
   `e_score_correction_bias` moves by `b_i += u * sign(mean load - load_i)`: overloaded experts become less
@@ -274,8 +274,8 @@ class RouterControl:
             rec = recorded.flatten(1, 2).to(real.device).long()  # [L, N, k]
             compare = real.unsqueeze(0) & (rec >= 0).all(dim=-1)  # [L, N]
             result.mismatch = routing_mismatch(torch.stack(probe.own), rec, compare)
-        if self.loads_from_record(whole if whole is not None else rollout):
-            source = whole if whole is not None else rollout
+        source = whole if whole is not None else rollout
+        if self.loads_from_record(source):
             rec = source.routed_experts.flatten(1, 2).to(real.device).long()  # [L, N, k]
             whole_real = torch.cat([source.prompt_mask, source.completion_mask], dim=1).reshape(-1).bool()
             result.counts = self.reduce(torch.stack([
