@@ -67,6 +67,10 @@ class RewardTraits:
     process before any dispatch, so it must be cheap and linear in the text: it exists for the common, trivial
     case (math's plain-integer answers), whose worker round trip would cost more than the check itself."""
 
+    def __post_init__(self) -> None:
+        if self.shortcut is not None and not self.elementwise:
+            raise RewardError("reward_traits: a shortcut decides single samples, so it needs elementwise=True")
+
 
 _TRAITS_ATTR = "__rlk2_reward_traits__"
 

@@ -348,6 +348,8 @@ class Config:
             raise UserError("algo.ptx.source: required when algo.ptx.weight > 0 (a built-in task or a .jsonl file)")
         if ptx.batch_size < 1:
             raise UserError("algo.ptx.batch_size: must be >= 1")
+        if self.algo.inner_steps < 1:
+            raise UserError("algo.inner_steps: must be >= 1 (optimizer steps per rollout batch)")
         from rlk2.algorithms import LOSSES
 
         _choice("algo.loss", self.algo.loss, tuple(LOSSES))

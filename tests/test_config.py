@@ -39,6 +39,7 @@ def test_dotted_overrides_apply_with_types():
         (["algo.loss=ppo"], "algo.loss"),
         (["rollout.group_size=1"], "rollout.group_size"),
         (["optim.name=sgd"], "optim.name"),
+        (["algo.inner_steps=0"], "algo.inner_steps"),  # would train nothing, silently
         (["trainer.steps"], "trainer.steps"),
     ],
 )

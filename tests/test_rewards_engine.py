@@ -229,6 +229,11 @@ def test_shortcut_scores_in_process_and_only_the_rest_reach_the_worker(engine):
     assert not any(batch.errors.values())
 
 
+def test_a_shortcut_on_a_batch_reward_is_refused_at_declaration():
+    with pytest.raises(RewardError, match="needs elementwise=True"):
+        reward_traits(shortcut=lambda completion, row: None)
+
+
 def test_runs_apart_only_when_every_reward_is_in_a_worker(engine):
     assert engine.runs_apart([RewardSpec("math"), RewardSpec(f"{HERE}:raises")])
     assert not engine.runs_apart([RewardSpec("math"), RewardSpec(f"{HERE}:caller_sleeps")])
