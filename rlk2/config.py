@@ -284,6 +284,11 @@ class CriticConfig:
     """Token budget of one critic reply (reason + verdict)."""
     unparsable_reward: Optional[float] = 0.0
     """Critic-role reward of a reply without a parsable verdict (null = unscorable; see rlk2.critic_refine)."""
+    pair_baseline: bool = True
+    """Both orders of a pair form one advantage group (2 x group_size verdicts) instead of one group per order.
+    A critic that always names the same position is then right in one order and wrong in the other, so its
+    samples still get advantages (toward judging the responses, not the position); with one group per order
+    every such group ties and carries no gradient (see rlk2.critic_refine.pair_advantages)."""
     heldout_pairs: int = 128
     """Held-out verified pairs (from the step-0 evaluation samples) on which critic/agreement is measured."""
     agreement_every: int = 1

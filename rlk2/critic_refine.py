@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from rewards.rubric import (DEFAULT_RUBRICS, fill_template, load_rubrics, load_template, parse_verdict,
                             render_rubrics)
 
@@ -112,12 +114,37 @@ def agreement_metrics(verdicts: Sequence[str | None], expected: Sequence[str]) -
     }
 
 
+def pair_advantages(rewards: torch.Tensor, valid: torch.Tensor, *, scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages of critic samples with one baseline per pair: rewards, valid [M, K] with the two orders of each
+    pair in consecutive rows; returns (advantages [M, K], zero_std [M], true for both rows of a tied pair).
+
+    Why per pair and not per order: a critic that always answers "B" is wrong on every sample of the order that
+    shows the better response first and right on every sample of the other, so each order's group ties and
+    carries no gradient, and the collapse is absorbing. Pooled, the same verdicts differ in reward and the
+    update pushes "B" up where B is better and down where it is not, which only judging the responses can satisfy.
+
+    Always "B" on one pair, K = 2: order 1 (better shown as A) rewards [0, 0], order 2 [1, 1]; pooled mean 0.5,
+    so the advantages are -0.5 and +0.5 (scaled by the pooled std 0.5: -1 and +1), where per-order groups give 0.
+    >>> adv, tied = pair_advantages(torch.tensor([[0., 0.], [1., 1.]]), torch.ones(2, 2, dtype=torch.bool), scale=True)
+    >>> adv.round(decimals=4).tolist(), tied.tolist()
+    ([[-1.0, -1.0], [1.0, 1.0]], [False, False])
+    """
+    from rlk2.algorithms import group_advantages
+
+    m, k = rewards.shape
+    if m % 2:
+        raise ValueError(f"pair_advantages: {m} critic prompts, expected both orders of each pair")
+    adv, zero_std = group_advantages(rewards.reshape(m // 2, 2 * k), valid.reshape(m // 2, 2 * k), scale=scale)
+    return adv.reshape(m, k), zero_std.repeat_interleave(2)
+
+
 @dataclass
 class CriticSamples:
     """Critic-role rollouts for one step, ready to be concatenated with the policy's own."""
 
     rollout: object
-    """rlk2.rollout.Rollout, [M * K] sequences: M critic prompts, K sampled verdicts each, old log-probs recorded."""
+    """rlk2.rollout.Rollout, [M * K] sequences: M critic prompts, K sampled verdicts each, old log-probs recorded.
+    The M prompts are M / 2 pairs, each shown in both orders one after the other (better first, then worse first)."""
     rewards: list[float | None]
     """Agreement with the verifier per sample: 1.0 / 0.0; an unparsable verdict gets `unparsable_reward`."""
     prompts: list[str]
@@ -173,7 +200,8 @@ class CriticRefiner:
             pairs = rng.sample(pairs, self.max_pairs)
         jobs = self._jobs(pairs)
         ids = encode_prompts(tokenizer, [j[0] for j in jobs], chat_template=self.chat_template)
-        keep = [k for k, x in enumerate(ids) if self._fits(model, x)]
+        # A pair stays only if both of its orders fit: the two orders sit next to each other (pair_advantages).
+        keep = [k for k in range(len(ids)) if self._fits(model, ids[k]) and self._fits(model, ids[k ^ 1])]
         if not keep:
             return None
         jobs, ids = [jobs[k] for k in keep], [ids[k] for k in keep]

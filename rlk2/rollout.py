@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rlk2.decode import absorbed_mla_decode
 from rlk2.moe import RouterProbe, find_routers
 
 
@@ -153,51 +154,50 @@ def generate_rollouts(
     was_training = model.training
     model.eval()
     try:
-        probe.__enter__()
-        # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
-        distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
-        d_ids, d_mask = distinct[:, :P], distinct[:, P:]
-        out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        if routes is not None:  # prefill rows are the U distinct prompts: expand to B; left padding is not a token
-            used = probe.take().view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
-            routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
-        cache.reorder_cache(row_of)
-        logits = out.logits[row_of, -1]  # [B, V]
-        active = torch.arange(B, device=device)  # batch rows still generating, in cache order
-        attn = mask  # [n, P + t] attention mask of the active rows
-        pos = mask.sum(dim=1)  # [n] position id of the token about to be sampled (same rule as policy_logprobs)
-        steps = 0
-        for t in range(max_new_tokens):
-            logprobs = _sampling_logprobs(logits, temperature=temperature, top_p=top_p, greedy=greedy)  # [n, V]
-            if greedy:
-                nxt = logprobs.argmax(dim=-1)
-            else:
-                race = torch.empty_like(logprobs).exponential_(generator=rng) if keys is None \
-                    else _sequence_exponentials(keys[active], t, logprobs.shape[1])
-                nxt = (logprobs - race.log()).argmax(dim=-1)  # [n]
-            tokens[active, t] = nxt
-            if record_logprobs:
-                old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
-                entropy[active, t] = _entropy(logprobs)
-            steps = t + 1
-            going = ~torch.isin(nxt, eos)
-            if t == max_new_tokens - 1 or not going.any():
-                break
-            if not going.all():  # drop finished sequences from the batch and the cache
-                keep = going.nonzero().squeeze(1)
-                cache.reorder_cache(keep)
-                active, nxt, attn, pos = active[keep], nxt[keep], attn[keep], pos[keep]
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-            out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=pos.unsqueeze(1),
-                        cache=cache, use_cache=True)
-            logits = out.logits[:, -1]
-            pos = pos + 1
-            if routes is not None:  # the forward just fed completion token t of the active rows
-                routes[:, active, P + t] = probe.take().to(routes.dtype)
+        with probe, absorbed_mla_decode(model):
+            # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
+            distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
+            d_ids, d_mask = distinct[:, :P], distinct[:, P:]
+            out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
+                        use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            if routes is not None:  # prefill rows are the U distinct prompts: expand to B; left padding is not a token
+                used = probe.take().view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
+                routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
+            cache.reorder_cache(row_of)
+            logits = out.logits[row_of, -1]  # [B, V]
+            active = torch.arange(B, device=device)  # batch rows still generating, in cache order
+            attn = mask  # [n, P + t] attention mask of the active rows
+            pos = mask.sum(dim=1)  # [n] position id of the token about to be sampled (same rule as policy_logprobs)
+            steps = 0
+            for t in range(max_new_tokens):
+                logprobs = _sampling_logprobs(logits, temperature=temperature, top_p=top_p, greedy=greedy)  # [n, V]
+                if greedy:
+                    nxt = logprobs.argmax(dim=-1)
+                else:
+                    race = torch.empty_like(logprobs).exponential_(generator=rng) if keys is None \
+                        else _sequence_exponentials(keys[active], t, logprobs.shape[1])
+                    nxt = (logprobs - race.log()).argmax(dim=-1)  # [n]
+                tokens[active, t] = nxt
+                if record_logprobs:
+                    old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
+                    entropy[active, t] = _entropy(logprobs)
+                steps = t + 1
+                going = ~torch.isin(nxt, eos)
+                if t == max_new_tokens - 1 or not going.any():
+                    break
+                if not going.all():  # drop finished sequences from the batch and the cache
+                    keep = going.nonzero().squeeze(1)
+                    cache.reorder_cache(keep)
+                    active, nxt, attn, pos = active[keep], nxt[keep], attn[keep], pos[keep]
+                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+                out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=pos.unsqueeze(1),
+                            cache=cache, use_cache=True)
+                logits = out.logits[:, -1]
+                pos = pos + 1
+                if routes is not None:  # the forward just fed completion token t of the active rows
+                    routes[:, active, P + t] = probe.take().to(routes.dtype)
     finally:
-        probe.__exit__(None, None, None)
         model.train(was_training)
 
     completion, old_logp = tokens[:, :steps], old_logp[:, :steps]  # [B, T]

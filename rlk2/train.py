@@ -271,7 +271,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     from rlk2.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
     from rlk2.controls import group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, temperature_at
     from rlk2.critic import bind_policy, unbind_policy
-    from rlk2.critic_refine import load_pairs, pairs_from_records, save_pairs
+    from rlk2.critic_refine import load_pairs, pair_advantages, pairs_from_records, save_pairs
     from rlk2.data import PromptSampler, check_columns, load_task_rows
     from rlk2.distributed import (any_rank, check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss,
                                   local_groups, loss_scale, pad_to_global_width, sequence_seeds)
@@ -560,6 +560,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         valid = torch.tensor([r is not None for r in totals]).view(P, K)
         rewards = torch.tensor([r if r is not None else 0.0 for r in totals], dtype=torch.float32).view(P, K)
         adv, zero_std = group_advantages(rewards, valid, scale=scale_adv)
+        if critic_batch is not None and cfg.critic.pair_baseline:  # both orders of a pair share one baseline
+            c0 = n_policy // K
+            adv[c0:], zero_std[c0:] = pair_advantages(rewards[c0:], valid[c0:], scale=scale_adv)
         adv = adv.view(-1).to(accelerator.device)
         # Unscorable responses (reward None) carry no loss at all: nothing is learned from a sandbox outage.
         mask = ro.completion_mask.float() * valid.view(-1, 1).to(ro.completion_mask.device)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from rewards.rubric import Reply, RubricError, parse_verdict, rubric
+from rlk2.algorithms import group_advantages
 from rlk2.critic import (CheckpointCritic, CriticRefiner, SelfCritic, VerifiedPair, bind_policy,
                          format_warmup_rows, generate_texts, pairs_from_records, unbind_policy, verified_pairs)
-from rlk2.critic_refine import agreement_metrics, agreement_reward
+from rlk2.critic_refine import agreement_metrics, agreement_reward, pair_advantages
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = {"template": str(ROOT / "configs/critic/toy_prompt.txt"),
@@ -175,3 +176,25 @@ def test_heldout_agreement_on_a_real_model(policy):
 
 def test_reply_is_text_or_reason():
     assert Reply("x") == ("x", None) and Reply(None, "down").error == "down"
+
+
+def test_pair_advantages_give_a_position_biased_critic_a_gradient():
+    """Always "B": each order's group ties (no gradient per order); pooled per pair, the two orders get opposite signs."""
+    k = 4
+    rewards = torch.tensor([[0.0] * k, [1.0] * k, [1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]])  # 2 pairs x 2 orders
+    valid = torch.ones(4, k, dtype=torch.bool)
+    per_order, tied_per_order = group_advantages(rewards, valid, scale=True)
+    assert tied_per_order[:2].all() and not per_order[:2].any()  # the collapse is absorbing per order
+    adv, tied = pair_advantages(rewards, valid, scale=True)
+    assert not tied.any()
+    assert (adv[0] < 0).all() and (adv[1] > 0).all()  # "B" pushed down where A was better, up where B was
+    pooled, _ = group_advantages(rewards.view(2, 2 * k), valid.view(2, 2 * k), scale=True)
+    assert torch.equal(adv, pooled.view(4, k))  # the definition: one group of 2K per pair
+
+
+def test_pair_advantages_tie_only_when_both_orders_tie_together():
+    right_everywhere = torch.ones(2, 3)
+    adv, tied = pair_advantages(right_everywhere, torch.ones(2, 3, dtype=torch.bool), scale=False)
+    assert tied.tolist() == [True, True] and not adv.any()
+    with pytest.raises(ValueError, match="both orders"):
+        pair_advantages(torch.ones(3, 3), torch.ones(3, 3, dtype=torch.bool), scale=False)
