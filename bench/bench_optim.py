@@ -5,7 +5,12 @@ DeepSeek-V3 config (`_shape_50m()`), both real `DeepseekV3ForCausalLM`s with ran
 
 - MuonClip vs torch.optim.Muon on the same 2-D matrices: a model copy where only the 2-D hidden matrices
   train, so MuonClip's step (Muon + QK-Clip) and `torch.optim.Muon(adjust_lr_fn="match_rms_adamw", ns_steps=5)`
-  update exactly the same tensors; MuonClip runs Newton-Schulz in float32 on CPU, torch always in bfloat16.
+  update exactly the same tensors; MuonClip picks the Newton-Schulz precision per CPU (`rlk2.optim.ns_dtype`),
+  torch always runs bfloat16.
+- The same optimizer rows on an AVX2 CPU without bfloat16 instructions (most laptops; the kind the issue's
+  figures came from), rows `cpu_avx2/...`: a child process whose oneDNN, MKL and ATen kernels are capped at AVX2
+  by their documented switches (`ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`, `ATEN_CPU_CAPABILITY`), so
+  torch's bfloat16 matmuls run emulated and float32 GEMMs use AVX2 FMA, as they would there.
 - MuonClip's whole step (Muon on 2-D and 3-D expert matrices, AdamW on the rest, QK-Clip on logits recorded by
   an untimed grad-enabled forward just before each step) vs what stock torch offers for the same model:
   `torch.optim.Muon` on every hidden matrix with each expert split out as its own 2-D tensor, plus AdamW on the
@@ -30,8 +35,11 @@ import copy
 import json
 import logging
 import pathlib
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -39,6 +47,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 160
+EMULATED_ISA = "AVX2"  # a CPU without bfloat16 dot products (most laptops and older servers), via oneDNN's ISA cap
 
 
 def _shape_50m():
@@ -199,11 +208,37 @@ def share_rows(reps: int) -> list[dict]:
                  [o / f for f, o in zip(t_fb, t_opt)], reps)]
 
 
+def _reps(quick: bool) -> tuple[int, int]:
+    return (5, 2) if quick else (15, 3)
+
+
+def all_optimizer_rows(quick: bool) -> list[dict]:
+    reps_small, reps_large = _reps(quick)
+    return optimizer_rows("demo", None, reps_small, (8, 32)) + optimizer_rows("deepseek_v3", _shape_50m(), reps_large, (2, 32))
+
+
+def emulated_cpu_rows(quick: bool, isa: str = EMULATED_ISA) -> list[dict]:
+    """The optimizer rows again in a child process whose kernels are capped at `isa`, as on a CPU without bfloat16
+    instructions: torch's bfloat16 matmuls run emulated, and MuonClip's `ns_dtype` sees oneDNN's cap and picks
+    float32. Rows are prefixed `cpu_<isa>/`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "rows.json"
+        cmd = [sys.executable, __file__, "--optimizer-rows-to", str(out), "--threads", str(torch.get_num_threads())]
+        # oneDNN (bfloat16 matmuls), MKL (float32 GEMM) and ATen's own vector kernels, each capped at `isa`
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "MKL_ENABLE_INSTRUCTIONS": isa,
+               "ATEN_CPU_CAPABILITY": isa.lower(), "PYTHONPATH": str(ROOT)}
+        subprocess.run(cmd + (["--quick"] if quick else []), env=env, check=True)
+        rows = json.loads(out.read_text())
+    for r in rows:
+        r["name"] = f"cpu_{isa.lower()}/{r['name']}"
+    return rows
+
+
 def run(quick: bool) -> list[dict]:
     logging.getLogger("rlk2.optim").setLevel(logging.ERROR)
-    reps_small, reps_large = (5, 2) if quick else (15, 3)
-    rows = optimizer_rows("demo", None, reps_small, (8, 32))
-    rows += optimizer_rows("deepseek_v3", _shape_50m(), reps_large, (2, 32))
+    reps_small, reps_large = _reps(quick)
+    rows = all_optimizer_rows(quick)
+    rows += emulated_cpu_rows(quick)
     rows += newton_schulz_rows(reps_small)
     for attn in ("eager", "sdpa"):
         rows += forward_rows("demo", None, attn, (128, 28), reps_small)
@@ -217,9 +252,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--optimizer-rows-to", type=pathlib.Path, help=argparse.SUPPRESS)  # emulated_cpu_rows' child
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.optimizer_rows_to:
+        logging.getLogger("rlk2.optim").setLevel(logging.ERROR)
+        args.optimizer_rows_to.write_text(json.dumps(all_optimizer_rows(args.quick)))
+        sys.exit(0)
     rows = run(args.quick)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'name':64} {'value':>9} {'unit':8} {'baseline_value':>14} {'ratio':>7} {'spread':>7} reps")

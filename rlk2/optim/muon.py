@@ -28,8 +28,17 @@ bfloat16; below it the float32 kernels are as fast or faster (measured: 96 x 96 
 512 x 1408 286 ms vs 136 ms)."""
 
 
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) that leave out the
+# bfloat16 dot-product instructions: under them torch's CPU bfloat16 matmuls are emulated, as on a CPU without them
+# (measured: 512 x 1408 Newton-Schulz matmuls 20x slower than float32 under AVX2, 2.5x faster without a cap).
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_has_native_bf16() -> bool:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.upper() in _ISAS_WITHOUT_BF16:
+        return False
     try:  # private torch helpers, stable since 2.3; without them assume emulated bfloat16
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:
@@ -40,8 +49,9 @@ def ns_dtype(device: torch.device, shape: tuple[int, ...] | torch.Size | None = 
     """Precision of the Newton-Schulz matmuls for matrices of `shape` on `device`.
 
     bfloat16 on CUDA (tensor cores; what Muon's authors use, and the iteration is robust to it). On CPU, bfloat16
-    only where the hardware makes it fast: CPUs with AVX512-BF16 or AMX, for matrices whose smaller side is at least
-    `BF16_MIN_DIM`; float32 otherwise, because CPUs without native bfloat16 emulate it 10-30x slower than float32.
+    only where the hardware makes it fast: CPUs with AVX512-BF16 or AMX (and no oneDNN ISA cap that hides them),
+    for matrices whose smaller side is at least `BF16_MIN_DIM`; float32 otherwise, because CPUs without native
+    bfloat16 emulate it 10-30x slower than float32.
     The choice depends only on the CPU's features and the shape, never on timings, so a run (and its resume) does
     the same maths every time on a given machine. `RLK2_NS_DTYPE=float32|bfloat16` forces one.
     """
