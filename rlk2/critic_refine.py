@@ -3,9 +3,12 @@
 The policy is also the critic (`self` backend). On prompts that have a verifier, two responses of the same
 group whose verifiable rewards differ make a *verified pair*. The policy, prompted as critic with the same
 template and rubrics as the `rubric` reward, judges the pair in both orders (position bias cancels out of the
-training signal); each critic prompt gets K sampled verdicts, a group like any other prompt's. A verdict that
-picks the verifier's better response scores 1.0, the other response or a tie 0.0. Those samples join the same
-policy update (they are ordinary rollouts with old log-probs), so the critic's standards move with the policy.
+training signal); each critic prompt gets K sampled verdicts. A verdict that picks the verifier's better response
+scores 1.0, the other response or a tie 0.0. The 2K verdicts on a pair (both orders) share one advantage baseline
+(`pair_advantages`, `critic.pair_baseline`): with one group per order, a critic that always names the same
+position ties in every group and gets no gradient at all, which made that collapse permanent in the demo. Those
+samples join the same policy update (they are ordinary rollouts with old log-probs), so the critic's standards
+move with the policy.
 
 A reply with no parsable verdict scores 0.0 here (`unparsable_reward`), as math scores an answer it cannot find:
 it is the critic role's own failure, not an infrastructure one. Measured on the demo model (probe with a

@@ -1,0 +1,102 @@
+"""One-token decode steps: absorbed MLA attention (`rlk2.decode`) vs transformers' own DeepseekV3Attention.
+
+The same model, the same KV cache contents and the same tokens, decoded with and without `absorbed_mla_decode`,
+alternating repetition by repetition; a row per (model, batch, context length). Time is the mean of one decode
+step (the whole model forward with a cache, as rlk2's sampling loop calls it) over `STEPS` steps after a prefill
+of `context` tokens. Ratio = how many times faster the absorbed step is (baseline time / absorbed time).
+
+Models: the demo policy shape (`TinyMoEShape` defaults, random weights) and the ~50 M-parameter DeepSeek-V3 config
+of `bench_optim.py`, SDPA attention (transformers' default), float32, CPU.
+
+    python bench/bench_decode.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+VOCAB = 160
+STEPS = 8
+
+
+def _model(shape=None):
+    from transformers import DeepseekV3ForCausalLM
+
+    from rlk2.policy import TinyMoEShape, tiny_deepseek_v3_config
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(tiny_deepseek_v3_config(VOCAB, shape or TinyMoEShape())).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def _decode_time(model, batch: int, context: int, absorbed: bool) -> float:
+    """Seconds per decode step after a prefill of `context` tokens."""
+    from rlk2.decode import absorbed_mla_decode
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (batch, context), generator=gen)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode(), absorbed_mla_decode(model) if absorbed else contextlib.nullcontext():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
+        nxt = torch.randint(3, VOCAB, (batch, 1), generator=gen)
+        start = time.perf_counter()
+        for t in range(STEPS):
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            pos = torch.full((batch, 1), context + t)
+            model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        return (time.perf_counter() - start) / STEPS
+
+
+def decode_rows(label: str, shape, batch: int, contexts: list[int], reps: int) -> list[dict]:
+    model = _model(shape)
+    rows = []
+    for context in contexts:
+        _decode_time(model, batch, context, True), _decode_time(model, batch, context, False)  # warm-up
+        base, ours = [], []
+        for _ in range(reps):
+            base.append(_decode_time(model, batch, context, False))
+            ours.append(_decode_time(model, batch, context, True))
+        speedups = [b / o for b, o in zip(base, ours)]
+        rows.append({"name": f"decode/{label}_batch{batch}_context{context}/absorbed_mla",
+                     "value": statistics.median(ours), "unit": "s/step",
+                     "baseline": "transformers DeepseekV3Attention (SDPA)", "baseline_value": statistics.median(base),
+                     "ratio": statistics.median(speedups), "spread": (max(speedups) - min(speedups)) / 2, "reps": reps})
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_optim import _shape_50m
+
+    reps = 3 if quick else 7
+    rows = decode_rows("demo", None, 64, [16, 128, 512] if not quick else [16, 256], reps)
+    rows += decode_rows("deepseek_v3_53M", _shape_50m(), 16, [128] if quick else [128, 512], reps)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and contexts")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args.quick)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for r in rows:
+        print(f"{r['name']:60} {r['value'] * 1e3:8.2f} ms  baseline {r['baseline_value'] * 1e3:8.2f} ms  "
+              f"x{r['ratio']:.2f} (+/- {r['spread']:.2f}, {r['reps']} reps)")
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(rows, indent=1))
