@@ -217,7 +217,20 @@ class RewardEngine:
         future = asyncio.run_coroutine_threadsafe(self._score(specs, completions, prompts, columns), self._loop)
         return await asyncio.wrap_future(future)
 
+    def stream(self, specs: Sequence[RewardSpec], prompts: list[str], columns: Mapping[str, list]) -> ScoreStream:
+        """Scores one batch in pieces, as its completions become final (see `ScoreStream`)."""
+        self._check_open()
+        return ScoreStream(self, specs, prompts, columns)
+
+    def elementwise(self, specs: Sequence[RewardSpec]) -> bool:
+        """Whether every reward of `specs` scores each sample on its own (so a batch may be scored in pieces)."""
+        return all(traits_of(self.resolve(s.name)).elementwise for s in specs)
+
     async def _score(self, specs, completions, prompts, columns) -> ScoreBatch:
+        return _assemble(specs, await self._outcomes(specs, completions, prompts, columns), len(completions))
+
+    async def _outcomes(self, specs, completions, prompts, columns) -> list:
+        """Per spec, (values, errors, extras) aligned with `completions`."""
         n = len(completions)
         completions, prompts = list(completions), list(prompts)
         if len(prompts) != n:
@@ -231,8 +244,7 @@ class RewardEngine:
         if len(set(names)) != len(names):
             raise RewardError(f"a reward is listed twice in {names}")
         fns = [self.resolve(s.name) for s in specs]
-        outcomes = await asyncio.gather(*(self._one(s, fn, completions, prompts, cols) for s, fn in zip(specs, fns)))
-        return _assemble(specs, outcomes, n)
+        return await asyncio.gather(*(self._one(s, fn, completions, prompts, cols) for s, fn in zip(specs, fns)))
 
     async def _one(self, spec: RewardSpec, fn: Callable, completions: list, prompts: list, cols: dict):
         n = len(completions)
@@ -311,6 +323,60 @@ class RewardEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ScoreStream:
+    """One batch scored in pieces: `add` the samples whose completions are final (while the others are still being
+    generated), then `finish` with every completion; its Future holds the ScoreBatch of the whole batch, the same
+    as one `submit` of all completions (error lines count over the whole batch).
+
+    Only for rewards that score each sample on its own (`RewardEngine.elementwise`): a reward that compares the
+    samples of a group must see them together, so `add` refuses. A sample added with a text that differs from
+    the one `finish` receives is scored again with the final text.
+    """
+
+    def __init__(self, engine: RewardEngine, specs: Sequence[RewardSpec], prompts: list[str],
+                 columns: Mapping[str, list]) -> None:
+        self._engine, self._specs = engine, list(specs)
+        self._prompts, self._columns = list(prompts), {k: list(v) for k, v in columns.items()}
+        self._pieces: list[tuple[list[int], concurrent.futures.Future]] = []
+        self._texts: dict[int, str] = {}
+
+    def add(self, indices: Sequence[int], completions: Sequence[str]) -> None:
+        if not self._engine.elementwise(self._specs):
+            raise RewardError("a batch can be scored in pieces only when every reward is elementwise")
+        indices = list(indices)
+        if not indices:
+            return
+        if any(i in self._texts for i in indices):
+            raise RewardError("a sample was added to the score stream twice")
+        self._texts.update(zip(indices, completions))
+        self._pieces.append((indices, self._submit(indices, list(completions))))
+
+    def finish(self, completions: Sequence[str]) -> concurrent.futures.Future:
+        n = len(completions)
+        if n != len(self._prompts):
+            raise RewardError(f"got {n} completions for {len(self._prompts)} prompts")
+        rest = [i for i in range(n) if self._texts.get(i) != completions[i]]
+        if rest:
+            self._pieces.append((rest, self._submit(rest, [completions[i] for i in rest])))
+        return asyncio.run_coroutine_threadsafe(self._gather(n), self._engine._loop)
+
+    def _submit(self, indices: list[int], completions: list[str]) -> concurrent.futures.Future:
+        prompts = [self._prompts[i] for i in indices]
+        columns = {k: [v[i] for i in indices] for k, v in self._columns.items()}
+        return asyncio.run_coroutine_threadsafe(self._engine._outcomes(self._specs, completions, prompts, columns),
+                                                self._engine._loop)
+
+    async def _gather(self, n: int) -> ScoreBatch:
+        merged = [([None] * n, [None] * n, {}) for _ in self._specs]
+        for indices, future in self._pieces:  # later pieces (re-scored texts) overwrite earlier ones
+            for (values, errs, extras), (v, e, x) in zip(merged, await asyncio.wrap_future(future)):
+                for j, i in enumerate(indices):
+                    values[i], errs[i] = v[j], e[j]
+                    for key, vals in x.items():
+                        extras.setdefault(key, [None] * n)[i] = vals[j]
+        return _assemble(self._specs, merged, n)
 
 
 def _shortcut(fn: Callable[[str, dict], float | None], completion: str, row: dict) -> float | None:

@@ -11,6 +11,7 @@ Shapes: B sequences, P prompt tokens (left padded), T completion tokens (right p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -106,11 +107,15 @@ def generate_rollouts(
     seeds: list[int] | None = None,
     record_logprobs: bool = True,
     record_routing: bool = False,
+    on_finished: Callable[[list[int], list[list[int]]], None] | None = None,
 ) -> Rollout:
     """Sample one completion per prompt (repeat prompts K times for groups) and record old log-probs.
 
     `record_logprobs=False` (evaluation) leaves `old_logp` at zero. `record_routing=True` stores the top-k experts
     of every fed token in every MoE layer as `routed_experts` (router replay, rlk2.moe; nothing for dense models).
+    `on_finished(rows, token_ids)` is called during decoding with the batch rows that just emitted EOS and their
+    completion tokens (EOS included), while the other rows still generate (the loop scores them meanwhile); rows
+    that end at the last step or run out of tokens are not reported: the returned Rollout has every row.
 
     A lean decoding loop over the model's forward and KV cache instead of `model.generate` (profiling showed
     generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
@@ -187,6 +192,9 @@ def generate_rollouts(
                 if t == max_new_tokens - 1 or not going.any():
                     break
                 if not going.all():  # drop finished sequences from the batch and the cache
+                    if on_finished is not None:
+                        done = active[~going]
+                        on_finished(done.tolist(), tokens[done, : t + 1].tolist())
                     keep = going.nonzero().squeeze(1)
                     cache.reorder_cache(keep)
                     active, nxt, attn, pos = active[keep], nxt[keep], attn[keep], pos[keep]

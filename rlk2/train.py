@@ -451,6 +451,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     # A task whose rewards all run in the worker processes is scored while the next task generates; one with a
     # caller-run reward (the rubric critic uses the policy itself) is scored after generation, in this process.
     overlap = {name: engine.runs_apart(task_specs) for name, task_specs in specs.items()}
+    # ... and if every one of them scores samples one by one, each response is scored as soon as it ends.
+    streamed = {name: overlap[name] and engine.elementwise(task_specs) for name, task_specs in specs.items()}
 
     # ------------------------------------------------------------------------------------ steps
     bar = tqdm(range(start_step + 1, cfg.trainer.steps + 1), desc="rl", disable=not accelerator.is_main_process,
@@ -477,13 +479,18 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             if not group_rows:
                 continue
             ids = encode_prompts(tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
+            # Elementwise worker rewards score each response as soon as it ends, while the rest still generate.
+            stream = engine.stream(specs[name], *_reward_inputs(group_rows, K)) if streamed[name] else None
             parts.append(generate_rollouts(
                 unwrapped, tokenizer, [i for i in ids for _ in range(K)],
                 max_new_tokens=tasks_by_name[name].max_new_tokens, temperature=temperature,
                 top_p=cfg.rollout.top_p, record_routing=moe.enabled,
                 seeds=sequence_seeds(step_seed, first + len(rows_in_order), len(group_rows), K),
+                on_finished=None if stream is None else _scorer_of_finished(stream, tokenizer),
             ))
-            if overlap[name]:  # the worker processes score this task while this process generates the next
+            if stream is not None:
+                scoring[name] = stream.finish(parts[-1].texts)
+            elif overlap[name]:  # the worker processes score this task while this process generates the next
                 scoring[name] = engine.submit(specs[name], parts[-1].texts, *_reward_inputs(group_rows, K))
             rows_in_order += group_rows
             task_of_group += [name] * len(group_rows)
@@ -810,6 +817,15 @@ def _shift_pair_index(extra, offset: int):
     if isinstance(extra, list) and all(isinstance(j, dict) and "vs" in j for j in extra):
         return [{**j, "vs": j["vs"] + offset} for j in extra]
     return extra
+
+
+def _scorer_of_finished(stream, tokenizer):
+    """generate_rollouts' `on_finished`: decode the responses that just ended, as the Rollout's texts are decoded,
+    and hand them to the reward stream (rewards.engine.ScoreStream)."""
+    def score(rows: list[int], token_ids: list[list[int]]) -> None:
+        stream.add(rows, tokenizer.batch_decode(token_ids, skip_special_tokens=True))
+
+    return score
 
 
 def _reward_inputs(group_rows: list[dict], K: int) -> tuple[list[str], dict[str, list]]:

@@ -340,3 +340,42 @@ def test_none_nan_and_inf_from_a_reward_are_unscorable():
     assert out.rewards[name] == [None, None, None, 0.5] and out.total == [None, None, None, 0.5]
     assert out.errors[name] == 2  # NaN and inf; the None was the reward's own choice, not an error
     assert "returned nan" in out.sample_errors[name][1] and out.sample_errors[name][0] is None
+
+
+@reward_traits(elementwise=True)
+def elementwise_extras(completions, *, prompts, answer, **_):
+    if "bad" in completions:
+        raise ValueError("unreadable")
+    return {"rewards": [float(c == a) for c, a in zip(completions, answer)],
+            "extras": {"seen": [f"{c}|{a}" for c, a in zip(completions, answer)]}}
+
+
+def test_a_batch_scored_in_pieces_equals_one_call(engine):
+    """The same rewards, totals, extras, error counts and lines as one `score` of the whole batch; samples added
+    early with a different text than the final one are scored again with the final text."""
+    specs = [RewardSpec("math"), RewardSpec(f"{HERE}:elementwise_extras", weight=0.5)]
+    final = [r"\boxed{4}", "bad", "4", r"\boxed{5}", "x", r"\boxed{4}"]
+    columns = {"answer": ["4", "4", "4", "4", "y", "4"]}
+    whole = engine.score(specs, final, ["p"] * 6, columns)
+    assert whole.errors[f"{HERE}:elementwise_extras"] == 1  # the elementwise worker scored "bad" alone: None
+
+    stream = engine.stream(specs, ["p"] * 6, columns)
+    stream.add([3, 0], [final[3], final[0]])
+    stream.add([4], ["changed later"])
+    stream.add([1], [final[1]])
+    pieces = stream.finish(final).result()
+    assert pieces.rewards == whole.rewards and pieces.total == whole.total
+    assert pieces.extras == whole.extras and pieces.errors == whole.errors and pieces.messages == whole.messages
+    assert pieces.extras[f"{HERE}:elementwise_extras/seen"][4] == "x|y"  # re-scored with the final text
+
+
+def test_score_stream_refuses_group_rewards_and_double_adds(engine):
+    with pytest.raises(RewardError, match="elementwise"):
+        engine.stream([RewardSpec(f"{HERE}:with_extras")], ["p"], {}).add([0], ["a"])
+    stream = engine.stream([RewardSpec("math")], ["p", "p"], {"answer": ["1", "2"]})
+    stream.add([0], [r"\boxed{1}"])
+    with pytest.raises(RewardError, match="twice"):
+        stream.add([0], [r"\boxed{1}"])
+    with pytest.raises(RewardError, match="3 completions for 2 prompts"):
+        stream.finish(["a", "b", "c"])
+    assert engine.elementwise([RewardSpec("math")]) and not engine.elementwise([RewardSpec(f"{HERE}:with_extras")])

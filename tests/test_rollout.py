@@ -133,3 +133,28 @@ def test_per_sequence_seeds_do_not_depend_on_the_batch(tiny_policy):
     assert len(set(full.texts[:4])) > 1
     other = generate_rollouts(model, tok, ids[8:], max_new_tokens=12, seeds=[s + 1000 for s in seeds[8:]])
     assert other.texts != part.texts
+
+
+def test_on_finished_reports_each_ended_response_with_its_final_tokens(tiny_policy):
+    model, tok = load_policy(tiny_policy)
+    ids = encode_prompts(tok, ["3+4=?", "12+30=?"] * 16, chat_template=True)
+    reported: dict[int, list[int]] = {}
+
+    def on_finished(rows, token_ids):
+        assert not set(rows) & set(reported)  # each row once
+        reported.update(zip(rows, token_ids))
+
+    ro = generate_rollouts(model, tok, ids, max_new_tokens=16, seed=4, on_finished=on_finished)
+    assert reported  # a random tiny model ends some responses before others
+    last = int(ro.completion_mask.sum(1).max())
+    for i in range(len(ids)):
+        n = int(ro.completion_mask[i].sum())
+        if i in reported:  # exactly the completion the Rollout holds, EOS included, and it had ended early
+            assert reported[i] == ro.completion_ids[i, :n].tolist() and not ro.truncated[i] and n < last
+        else:  # not reported: ran to the end of the batch (or out of tokens)
+            assert n == last
+    # the texts a caller decodes from the reported tokens are the Rollout's own texts
+    assert all(tok.decode(t, skip_special_tokens=True) == ro.texts[i] for i, t in reported.items())
+    # and the reports change nothing: the same rollout without the callback
+    same = generate_rollouts(model, tok, ids, max_new_tokens=16, seed=4)
+    assert torch.equal(same.completion_ids, ro.completion_ids)
