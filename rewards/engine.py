@@ -341,6 +341,20 @@ class ScoreStream:
         self._prompts, self._columns = list(prompts), {k: list(v) for k, v in columns.items()}
         self._pieces: list[tuple[list[int], concurrent.futures.Future]] = []
         self._texts: dict[int, str] = {}
+        self._decided: dict[int, list[float]] = {}  # sample -> every reward's value, from the shortcuts
+        self._shortcuts = [traits_of(engine.resolve(spec.name)).shortcut for spec in self._specs]
+
+    def _shortcut_values(self, i: int, completion: str) -> list[float] | None:
+        """Every reward's value for sample i from its shortcut, or None if some reward has to run."""
+        if not all(self._shortcuts):
+            return None
+        row = {k: v[i] for k, v in self._columns.items()}
+        values = []
+        for fn in self._shortcuts:
+            if (value := _shortcut(fn, completion, row)) is None:
+                return None
+            values.append(value)
+        return values
 
     def add(self, indices: Sequence[int], completions: Sequence[str]) -> None:
         if not self._engine.elementwise(self._specs):
@@ -351,13 +365,26 @@ class ScoreStream:
         if any(i in self._texts for i in indices):
             raise RewardError("a sample was added to the score stream twice")
         self._texts.update(zip(indices, completions))
-        self._pieces.append((indices, self._submit(indices, list(completions))))
+        # Samples that every reward's in-process shortcut decides are decided here and now (microseconds each);
+        # only the rest go to the engine, whose thread would otherwise compete with the caller (still generating)
+        # for the interpreter lock.
+        early = []
+        for i, c in zip(indices, completions):
+            values = self._shortcut_values(i, c)
+            if values is None:
+                early.append(i)
+            else:
+                self._decided[i] = values
+        if early:
+            self._pieces.append((early, self._submit(early, [self._texts[i] for i in early])))
 
     def finish(self, completions: Sequence[str]) -> concurrent.futures.Future:
         n = len(completions)
         if n != len(self._prompts):
             raise RewardError(f"got {n} completions for {len(self._prompts)} prompts")
         rest = [i for i in range(n) if self._texts.get(i) != completions[i]]
+        for i in rest:
+            self._decided.pop(i, None)
         if rest:
             self._pieces.append((rest, self._submit(rest, [completions[i] for i in rest])))
         return asyncio.run_coroutine_threadsafe(self._gather(n), self._engine._loop)
@@ -370,6 +397,9 @@ class ScoreStream:
 
     async def _gather(self, n: int) -> ScoreBatch:
         merged = [([None] * n, [None] * n, {}) for _ in self._specs]
+        for i, values in self._decided.items():  # as the engine records a shortcut's verdict: no error, no extras
+            for (vals, _, _), value in zip(merged, values):
+                vals[i] = value
         for indices, future in self._pieces:  # later pieces (re-scored texts) overwrite earlier ones
             for (values, errs, extras), (v, e, x) in zip(merged, await asyncio.wrap_future(future)):
                 for j, i in enumerate(indices):

@@ -379,3 +379,18 @@ def test_score_stream_refuses_group_rewards_and_double_adds(engine):
     with pytest.raises(RewardError, match="3 completions for 2 prompts"):
         stream.finish(["a", "b", "c"])
     assert engine.elementwise([RewardSpec("math")]) and not engine.elementwise([RewardSpec(f"{HERE}:with_extras")])
+
+
+def test_shortcut_decided_samples_of_a_stream_match_one_call(engine):
+    """math's shortcut decides plain integers when they are added; the rest (here unboxed or junk) run in the
+    workers; the final batch equals one call, and a decided sample whose final text differs is decided again."""
+    specs = [RewardSpec("math")]
+    final = [r"\boxed{4}", r"\boxed{5}", r"so it is \frac{8}{2}", r"\boxed{", r"\boxed{4}"]
+    columns = {"answer": ["4", "4", "4", "4", "7"]}
+    whole = engine.score(specs, final, ["p"] * 5, columns)
+    stream = engine.stream(specs, ["p"] * 5, columns)
+    stream.add([0, 1, 2, 3], final[:4])
+    stream.add([4], [r"\boxed{7}"])  # decided 1.0 now, but the final text is \boxed{4}: 0.0
+    pieces = stream.finish(final).result()
+    assert pieces.rewards == whole.rewards == {"math": [1.0, 0.0, 1.0, 0.0, 0.0]}
+    assert pieces.total == whole.total and pieces.errors == whole.errors
