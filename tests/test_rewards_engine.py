@@ -385,7 +385,7 @@ def test_shortcut_decided_samples_of_a_stream_match_one_call(engine):
     """math's shortcut decides plain integers when they are added; the rest (here unboxed or junk) run in the
     workers; the final batch equals one call, and a decided sample whose final text differs is decided again."""
     specs = [RewardSpec("math")]
-    final = [r"\boxed{4}", r"\boxed{5}", r"so it is \frac{8}{2}", r"\boxed{", r"\boxed{4}"]
+    final = [r"\boxed{4}", r"\boxed{5}", "the answer is 4", r"\boxed{", r"\boxed{4}"]
     columns = {"answer": ["4", "4", "4", "4", "7"]}
     whole = engine.score(specs, final, ["p"] * 5, columns)
     stream = engine.stream(specs, ["p"] * 5, columns)
