@@ -312,14 +312,20 @@ def _same_integer(gold: str, span: str) -> bool | None:
 
 
 def integer_shortcut(completion: str, row: dict) -> float | None:
-    """The engine's in-process shortcut (`RewardTraits.shortcut`): the verdict on a plain-integer gold against a
-    completion whose only box is a plain integer and comes last (then only spacing, `$` or `.`), else None.
+    """The engine's in-process shortcut (`RewardTraits.shortcut`) for a plain-integer gold: the verdict against a
+    completion whose only box is a plain integer and comes last (then only spacing, `$` or `.`); 0.0 for one
+    with no letter or digit at all outside the box commands (`\\boxed{}`, `\\boxed{.}`: nothing there can
+    denote a number, yet Math-Verify takes 3-300 ms to find that out); else None.
 
     Exactly what `check` decides for such a pair (the box is then the answer span; tests compare the two), in
     time linear in the text: the box count comes first, so `_boxes` scans once, and no regex can backtrack."""
     gold = row.get("answer")
     gold_text = "" if gold is None else str(gold).strip()
-    if not _INTEGER.fullmatch(gold_text) or completion.count("\\boxed") + completion.count("\\fbox") != 1:
+    if not _INTEGER.fullmatch(gold_text):
+        return None
+    if not any(ch.isalnum() for ch in completion.replace("\\boxed", "").replace("\\fbox", "")):
+        return None if _nesting_depth(completion) > _MAX_NESTING else 0.0  # too deep: check reports it as an error
+    if completion.count("\\boxed") + completion.count("\\fbox") != 1:
         return None
     spans = _boxes(completion)
     if len(spans) != 1 or completion[spans[0][1]:].strip(" \t\n$.") or _nesting_depth(completion) > _MAX_NESTING:

@@ -210,6 +210,22 @@ def test_engine_shortcut_decides_only_what_check_decides_the_same_way(gold, text
             assert (verdict, None) == check(gold, completion), completion
 
 
+_NO_ALNUM = st.lists(st.sampled_from(list(" -$.%(){}[]^_,;:!?*/+=<>|'\"\n~#&@") + ["\\boxed{", "\\fbox{", "\\", "\\,",
+                                        "\\!", "∞", "√", "−", "…", "·", "×", "°", "′"]), max_size=30).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(gold=st.sampled_from(["0", "1", "-1", "42", "-7", "1000000"]), text=_NO_ALNUM)
+def test_shortcut_scores_answers_without_letters_or_digits_as_check_does(gold, text):
+    """A completion with no letter or digit outside the box commands is 0.0 in process, exactly `check`'s verdict."""
+    from rewards.math import integer_shortcut
+
+    verdict = integer_shortcut(text, {"answer": gold})
+    assert verdict in (0.0, None)
+    if verdict is not None:
+        assert check(gold, text) == (0.0, None), text
+
+
 def test_engine_shortcut_is_linear_on_hostile_text():
     from rewards.math import integer_shortcut
 
