@@ -13,7 +13,8 @@ Per sample:
    matrices, `x = 3` vs `3`), plus one guard of ours: two exact rationals must be exactly equal (rounding alone
    calls 1/2004! equal to 1/2006!, a reported false positive). The verdict is cached by (gold, extracted answer).
    A plain-integer gold against one boxed plain integer (`42` vs `\boxed{42}`) is decided by integer equality
-   without the parsers: Math-Verify's verdict on such pairs, at a hundredth of the cost.
+   without the parsers: Math-Verify's verdict on such pairs, at a hundredth of the cost (and against a completion
+   with no letter or digit at all, `\boxed{}`, the verdict is 0.0 without them too).
 
 Scores: 1.0 equal, 0.0 not equal or no answer found; a prediction whose parse or comparison runs past the
 deadline is 0.0 with error "timeout" (the model wrote something pathological, so it is the model's fault).
