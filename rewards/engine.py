@@ -343,6 +343,8 @@ class ScoreStream:
         self._texts: dict[int, str] = {}
         self._decided: dict[int, list[float]] = {}  # sample -> every reward's value, from the shortcuts
         self._shortcuts = [traits_of(engine.resolve(spec.name)).shortcut for spec in self._specs]
+        self._elementwise = engine.elementwise(self._specs)
+        self._stale: set[int] = set()  # added early with a text that `finish` replaced: their early scores are dropped
 
     def _shortcut_values(self, i: int, completion: str) -> list[float] | None:
         """Every reward's value for sample i from its shortcut, or None if some reward has to run."""
@@ -357,7 +359,7 @@ class ScoreStream:
         return values
 
     def add(self, indices: Sequence[int], completions: Sequence[str]) -> None:
-        if not self._engine.elementwise(self._specs):
+        if not self._elementwise:
             raise RewardError("a batch can be scored in pieces only when every reward is elementwise")
         indices = list(indices)
         if not indices:
@@ -383,6 +385,7 @@ class ScoreStream:
         if n != len(self._prompts):
             raise RewardError(f"got {n} completions for {len(self._prompts)} prompts")
         rest = [i for i in range(n) if self._texts.get(i) != completions[i]]
+        self._stale = {i for i in rest if i in self._texts}
         for i in rest:
             self._decided.pop(i, None)
         if rest:
@@ -400,9 +403,12 @@ class ScoreStream:
         for i, values in self._decided.items():  # as the engine records a shortcut's verdict: no error, no extras
             for (vals, _, _), value in zip(merged, values):
                 vals[i] = value
-        for indices, future in self._pieces:  # later pieces (re-scored texts) overwrite earlier ones
+        for k, (indices, future) in enumerate(self._pieces):
+            final = k == len(self._pieces) - 1 and bool(self._stale)  # `finish`'s piece holds the re-scored texts
             for (values, errs, extras), (v, e, x) in zip(merged, await asyncio.wrap_future(future)):
                 for j, i in enumerate(indices):
+                    if i in self._stale and not final:
+                        continue
                     values[i], errs[i] = v[j], e[j]
                     for key, vals in x.items():
                         extras.setdefault(key, [None] * n)[i] = vals[j]
