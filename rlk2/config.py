@@ -227,6 +227,11 @@ class TrainerConfig:
     """Accelerate trackers, e.g. [tensorboard]."""
     max_bad_steps: int = 3
     """A step whose loss or gradient is NaN/inf is skipped; this many in a row stop the run with an error."""
+    shared_prompt_tokens: int = 256
+    """The training forward runs each distinct prompt once (a group's K sequences attend to one copy through a KV
+    cache; same log-probs and gradient) when that saves at least this many prompt tokens; below, the extra forward
+    call costs more than the tokens it saves (measured on the demo model, CPU). 0 = always, -1 = never. One process
+    only (DDP expects one forward per backward)."""
 
 
 @dataclass(frozen=True)
@@ -337,6 +342,8 @@ class Config:
             raise UserError("rollout.temperature: must be > 0 (log-probs are of the tempered distribution)")
         if self.trainer.steps < 0:
             raise UserError("trainer.steps: must be >= 0")
+        if self.trainer.shared_prompt_tokens < -1:
+            raise UserError("trainer.shared_prompt_tokens: must be >= 0, or -1 (never share prompts)")
         ro = self.rollout
         if ro.temperature_end is not None and ro.temperature_end <= 0:
             raise UserError("rollout.temperature_end: must be > 0 (log-probs are of the tempered distribution)")

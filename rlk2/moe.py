@@ -89,15 +89,21 @@ class RouterProbe:
     Keeps, per MoE layer, from the last forward call: `used` [N, k], the experts the layer computed with;
     `own` [N, k], the router's own top-k choice; `logits` [N, E] (with their graph) when `keep_logits`.
     `force` [L, N, k] (-1 = no record for that row) replaces the selection with the recorded experts and
-    recomputes the gate weights from the current logits (see the module docstring).
+    recomputes the gate weights from the current logits (see the module docstring). A list of such tensors forces
+    several forward calls in turn (the i-th call gets the i-th; a single tensor forces every call). With `keep_calls`, `calls` keeps every call's
+    (own, used, logits) per layer, in call order.
     """
 
-    def __init__(self, routers: list[tuple[int, nn.Module]], *, force: torch.Tensor | None = None,
-                 keep_logits: bool = False) -> None:
-        self.routers, self.force, self.keep_logits = routers, force, keep_logits
+    def __init__(self, routers: list[tuple[int, nn.Module]], *, force: torch.Tensor | list[torch.Tensor] | None = None,
+                 keep_logits: bool = False, keep_calls: bool = False) -> None:
+        self.routers, self.keep_logits, self.keep_calls = routers, keep_logits, keep_calls
+        self.force = [force] if isinstance(force, torch.Tensor) else force
+        self._per_call = isinstance(force, list)
+        self._call = [0] * len(routers)  # forward calls seen, per layer
         self.used: list[torch.Tensor | None] = [None] * len(routers)
         self.own: list[torch.Tensor | None] = [None] * len(routers)
         self.logits: list[torch.Tensor | None] = [None] * len(routers)
+        self.calls: list[list[tuple]] = [[] for _ in routers]
         self._handles: list = []
 
     def __enter__(self) -> "RouterProbe":
@@ -113,20 +119,28 @@ class RouterProbe:
     def _hook(self, slot: int) -> Callable:
         def hook(module, args, output):
             logits, weights, indices = output
+            call = self._call[slot] if self._per_call else 0
+            self._call[slot] += 1
             self.own[slot] = indices.detach()
             if self.keep_logits:
                 self.logits[slot] = logits
+            replaced = None
             if self.force is None:
                 self.used[slot] = indices.detach()
-                return None
-            forced = self.force[slot].to(device=indices.device, dtype=indices.dtype)  # [N, k]
-            if forced.shape != indices.shape:
-                raise ValueError(f"router replay: recorded routing {tuple(forced.shape)} does not match the "
-                                 f"forward's {tuple(indices.shape)} (layer slot {slot})")
-            recorded = (forced >= 0).all(dim=-1, keepdim=True)  # [N, 1]
-            indices = torch.where(recorded, forced, indices)
-            self.used[slot] = indices.detach()
-            return logits, _gate_weights(module, logits, indices, weights.dtype), indices
+            else:
+                if call >= len(self.force):
+                    raise ValueError(f"router replay: {len(self.force)} recorded routings for more forward calls")
+                forced = self.force[call][slot].to(device=indices.device, dtype=indices.dtype)  # [N, k]
+                if forced.shape != indices.shape:
+                    raise ValueError(f"router replay: recorded routing {tuple(forced.shape)} does not match the "
+                                     f"forward's {tuple(indices.shape)} (layer slot {slot})")
+                recorded = (forced >= 0).all(dim=-1, keepdim=True)  # [N, 1]
+                indices = torch.where(recorded, forced, indices)
+                self.used[slot] = indices.detach()
+                replaced = logits, _gate_weights(module, logits, indices, weights.dtype), indices
+            if self.keep_calls:
+                self.calls[slot].append((self.own[slot], self.used[slot], self.logits[slot]))
+            return replaced
 
         return hook
 
@@ -247,23 +261,39 @@ class RouterControl:
         return self._aux_fn is not None or (self.rate > 0 and not self.loads_from_record(rollout))
 
     @contextmanager
-    def training_forward(self, rollout, whole=None) -> Iterator[RoutedForward]:
+    def training_forward(self, rollout, whole=None, shared=None) -> Iterator[RoutedForward]:
         """Wrap the training forward over `rollout`: replay its recorded routing (if on) and measure the routing.
 
         `whole` (a rollout that `rollout` is a selection of) is the batch the expert loads are measured on; it
-        requires `loads_from_record(whole)`. The yielded RoutedForward is filled when the block exits (counts,
-        mismatch and aux loss; counts over the recorded routing when replay is on — the tokens the training
-        forward routes as generation did — else over the forward's own routing of the real tokens).
+        requires `loads_from_record(whole)`. `shared` (rlk2.rollout.SharedPrompts) says the forward runs as two
+        calls, the distinct prompts then the completions (`policy_logprobs(shared=...)`): the record is split the
+        same way and what the calls routed is put back in per-row order. The yielded RoutedForward is filled when
+        the block exits (counts, mismatch and aux loss; counts over the recorded routing when replay is on — the
+        tokens the training forward routes as generation did — else over the forward's own routing of the real
+        tokens).
         """
         result = RoutedForward()
         if not self.routers:
             yield result
             return
         recorded = getattr(rollout, "routed_experts", None)  # [L, B, S, k] or None
-        force = recorded.flatten(1, 2) if (self.replay and recorded is not None) else None
-        probe = RouterProbe(self.routers, force=force, keep_logits=self._aux_fn is not None)
+        P = rollout.prompt_ids.shape[1]
+        force = None
+        if self.replay and recorded is not None:
+            force = recorded.flatten(1, 2) if shared is None else list(shared.split(recorded, P))
+        probe = RouterProbe(self.routers, force=force, keep_logits=self._aux_fn is not None,
+                            keep_calls=shared is not None)
         with probe:
             yield result
+        if shared is not None:  # the two calls' records back in the per-row token order [B*(P+T), ...]
+            for slot, calls in enumerate(probe.calls):
+                if len(calls) != 2:
+                    raise ValueError(f"training_forward: shared prompts expect 2 forward calls, saw {len(calls)}")
+                (own_p, used_p, logit_p), (own_c, used_c, logit_c) = calls
+                probe.own[slot] = shared.merge(own_p, own_c, P)
+                probe.used[slot] = shared.merge(used_p, used_c, P)
+                if logit_p is not None:
+                    probe.logits[slot] = shared.merge(logit_p, logit_c, P)
         attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [B, S] 1 on real tokens
         real = attn.reshape(-1).bool()  # [N]
         num_experts = self.routers[0][1].num_experts

@@ -277,18 +277,80 @@ def _sampling_logprobs(logits: torch.Tensor, *, temperature: float, top_p: float
     return F.log_softmax(scores, dim=-1)
 
 
+@dataclass(frozen=True)
+class SharedPrompts:
+    """Which rows of a rollout repeat a prompt (a group's K samples do): the training forward can then run each
+    distinct prompt once and let every completion attend to its prompt's keys through a KV cache.
+
+    The attention over a prompt never looks at what follows it, so the prompt's hidden states, keys and values are
+    the same for every row that shares it; the completion tokens' log-probs come out the same (to float rounding)
+    and the gradient reaching the prompt is the sum over its rows, as in the per-row forward. With group size K
+    that removes (K - 1) / K of the prompt tokens from the forward and the backward; nothing else changes.
+    `first` [U] is the first row holding each distinct prompt; `row_of` [B] is each row's distinct prompt.
+    """
+
+    first: torch.Tensor
+    row_of: torch.Tensor
+
+    @staticmethod
+    def of(rollout: Rollout) -> "SharedPrompts | None":
+        """The sharing in `rollout`, or None when no prompt repeats (nothing to gain) or nothing was generated."""
+        B, P = rollout.prompt_ids.shape
+        if B < 2 or P == 0 or rollout.completion_ids.shape[1] == 0:
+            return None
+        key = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # a prompt is its tokens and its padding
+        distinct, row_of = torch.unique(key, dim=0, return_inverse=True)
+        if len(distinct) == B:
+            return None
+        rows = torch.arange(B, device=row_of.device)
+        first = torch.full((len(distinct),), B, device=row_of.device).scatter_reduce(0, row_of, rows, "amin")
+        return SharedPrompts(first, row_of)
+
+    def saved_tokens(self, rollout: Rollout) -> int:
+        """Real prompt tokens the shared forward does not run: those of every row but its prompt's first."""
+        return int(rollout.prompt_mask.sum()) - int(rollout.prompt_mask[self.first].sum())
+
+    def split(self, per_token: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-token record [L, B, P+T, ...] as the two forward calls see their tokens: [L, U*P, ...] for the
+        distinct prompts, [L, B*T, ...] for the completions."""
+        prompts = per_token[:, self.first, :prompt_len].flatten(1, 2)
+        return prompts, per_token[:, :, prompt_len:].flatten(1, 2)
+
+    def merge(self, prompts: torch.Tensor, completions: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """The inverse of `split` for one layer: [U*P, ...] and [B*T, ...] -> [B*(P+T), ...], row-major like a
+        per-row forward's tokens (each prompt repeated for its rows; differentiable)."""
+        B = len(self.row_of)
+        prompts = prompts.unflatten(0, (-1, prompt_len))[self.row_of]  # [B, P, ...]
+        return torch.cat([prompts, completions.unflatten(0, (B, -1))], dim=1).flatten(0, 1)
+
+
 def policy_logprobs(
-    model, rollout: Rollout, *, temperature: float, with_entropy: bool = False
+    model, rollout: Rollout, *, temperature: float, with_entropy: bool = False, shared: SharedPrompts | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, T] of the rollout's tokens under `model`, computed as generate() saw them (+ entropy [B, T])."""
-    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, P+T]
-    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    """Log-probs [B, T] of the rollout's tokens under `model`, computed as generate() saw them (+ entropy [B, T]).
+
+    `shared` (from `SharedPrompts.of(rollout)`) runs each distinct prompt once: one forward over the U distinct
+    prompts with a KV cache, whose rows are then copied to the B sequences (`index_select`, so gradients add up
+    over the copies), and one forward over the B completions attending to it. Same log-probs, fewer tokens.
+    """
+    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [B, P+T]
     # Same position ids as generate(): count of real tokens before each position (left padding skipped).
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
-    T = rollout.completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature  # [B, T, V]: position t predicts completion token t
-    logprobs = F.log_softmax(logits, dim=-1)
+    P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    if shared is None:
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, P+T]
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1,
+                       use_cache=False).logits[:, :-1]  # [B, T, V]: position t predicts completion token t
+    else:
+        first = shared.first
+        head = model(input_ids=rollout.prompt_ids[first], attention_mask=rollout.prompt_mask[first],
+                     position_ids=pos[first, :P], use_cache=True, logits_to_keep=1)
+        cache = head.cache
+        cache.reorder_cache(shared.row_of)  # [U, ...] -> [B, ...]
+        tail = model(input_ids=rollout.completion_ids, attention_mask=attn, position_ids=pos[:, P:], cache=cache,
+                     use_cache=True, logits_to_keep=T).logits  # [B, T, V]
+        logits = torch.cat([head.logits[shared.row_of], tail[:, :-1]], dim=1)
+    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
     logp = torch.gather(logprobs, 2, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:

@@ -281,7 +281,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                                   local_groups, loss_scale, pad_to_global_width, sequence_seeds)
     from rlk2.evaluate import EvalTask, evaluate_policy
     from rlk2.moe import RouterControl
-    from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
+    from rlk2.rollout import SharedPrompts, concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
 
     # ------------------------------------------------------------------------------------ setup
     _quiet_libraries()
@@ -610,10 +610,18 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             rows = torch.zeros(1, dtype=torch.long, device=adv.device)
         sub = ro if rows is None else ro.select(rows)
         whole = ro if rows is not None and moe.loads_from_record(ro) else None
+        # A group's K sequences share their prompt: the training forward runs each distinct prompt once
+        # (rlk2.rollout.SharedPrompts; same log-probs and gradient) when that saves enough tokens. Two forward calls
+        # per backward: one process only, since DDP expects one forward per backward.
+        shared = None
+        if accelerator.num_processes == 1 and cfg.trainer.shared_prompt_tokens >= 0:
+            shared = SharedPrompts.of(sub)
+            if shared is not None and shared.saved_tokens(sub) < cfg.trainer.shared_prompt_tokens:
+                shared = None
         # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
         for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
-            with moe.training_forward(sub, whole=whole) as routed:  # replays the recorded experts (moe.router_replay)
-                logp, _ = policy_logprobs(model, sub, temperature=temperature)
+            with moe.training_forward(sub, whole=whole, shared=shared) as routed:  # replays the recorded experts
+                logp, _ = policy_logprobs(model, sub, temperature=temperature, shared=shared)
             if rows is not None:  # [B, T]: computed rows in place, the old log-probs elsewhere
                 logp = ro.old_logp.index_put((rows.unsqueeze(1), torch.arange(logp.shape[1], device=logp.device)),
                                              logp)

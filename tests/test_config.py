@@ -41,6 +41,7 @@ def test_dotted_overrides_apply_with_types():
         (["optim.name=sgd"], "optim.name"),
         (["algo.inner_steps=0"], "algo.inner_steps"),  # would train nothing, silently
         (["trainer.steps"], "trainer.steps"),
+        (["trainer.shared_prompt_tokens=-2"], "trainer.shared_prompt_tokens"),
     ],
 )
 def test_bad_overrides_name_the_key_in_one_line(overrides, needle):

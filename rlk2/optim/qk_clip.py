@@ -53,9 +53,11 @@ class AttentionClip:
         self._future_cache: dict[tuple, torch.Tensor] = {}
         self.running_max: torch.Tensor | None = None  # [H] float32, max since the last take()
         self._captured: dict[str, torch.Tensor] = {}
-        self._inputs: tuple = (None, None)  # (position_embeddings, attention_mask) of the current call
+        # (position_embeddings, attention_mask, KV cache) of the current call
+        self._inputs: tuple = (None, None, None)
         params = list(inspect.signature(module.forward).parameters)
-        self._arg_index = {k: params.index(k) for k in ("position_embeddings", "attention_mask") if k in params}
+        self._arg_index = {k: params.index(k) for k in ("position_embeddings", "attention_mask", "cache",
+                                                         "past_key_values") if k in params}
         rope_module = sys.modules[type(module).__module__]
         self._rope: Callable = rope_module.apply_rotary_pos_emb
         self.num_heads = 0
@@ -87,7 +89,9 @@ class AttentionClip:
 
     def _pre_hook(self, _module, args, kwargs):
         if torch.is_grad_enabled():
-            self._inputs = (self._arg("position_embeddings", args, kwargs), self._arg("attention_mask", args, kwargs))
+            cache = self._arg("cache", args, kwargs)
+            self._inputs = (self._arg("position_embeddings", args, kwargs), self._arg("attention_mask", args, kwargs),
+                            cache if cache is not None else self._arg("past_key_values", args, kwargs))
 
     def _arg(self, name: str, args: tuple, kwargs: dict):
         if name in kwargs:
@@ -103,8 +107,22 @@ class AttentionClip:
                 smax = self.head_max_logits()
         finally:
             self._captured.clear()
-            self._inputs = (None, None)
+            self._inputs = (None, None, None)
         self.running_max = smax if self.running_max is None else torch.maximum(self.running_max, smax)
+
+    def _cached(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's KV cache (keys, values) after the call, when it holds more positions than the call fed:
+        a forward that continues a cache (the training forward that runs shared prompts once, rlk2.rollout
+        .SharedPrompts) attends to keys it did not project itself, already rotated (and normed) by the model."""
+        cache = self._inputs[2]
+        if cache is None or not hasattr(cache, "layers"):
+            return None
+        idx = self.module.layer_idx
+        s = cache.get_seq_length(idx)
+        if s <= t:
+            return None
+        layer = cache.layers[idx]
+        return layer.keys[..., :s, :], layer.values[..., :s, :]
 
     def _captured_device(self) -> torch.device:
         return next(iter(self._captured.values())).device
@@ -198,7 +216,11 @@ class StandardAttentionClip(AttentionClip):
         q = q.reshape(bsz, t, -1, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
         k = k.reshape(bsz, k.shape[1], -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, d]
         cos, sin = self._inputs[0]
-        q, k = self._rope(q, k, cos.float(), sin.float())
+        cached = self._cached(t)
+        if cached is None:
+            q, k = self._rope(q, k, cos.float(), sin.float())
+        else:  # the cache's keys are rotated already: rotate the queries only
+            q, k = self._rope(q, q, cos.float(), sin.float())[0], cached[0].float()
         hq, hkv, s = q.shape[1], k.shape[1], k.shape[2]
 
         def logits(rows: slice) -> torch.Tensor:
@@ -245,12 +267,16 @@ class MLAClip(AttentionClip):
         # batched GEMM over the concatenation (the model's own product, to float rounding). One copy each: the
         # query's transpose, and the key assembled from kv_b_proj's k-nope rows and the shared rotary key.
         q = q.view(bsz, t, h, dn + dr).transpose(1, 2).contiguous()
-        k = q.new_empty(bsz, h, t, dn + dr)
-        # kv_b_proj ran on the cache-expanded latents; the last T positions are this call's tokens.
-        k[..., :dn] = kv_b[:, -t:].reshape(bsz, t, h, dn + self.dv)[..., :dn].transpose(1, 2)
+        s = kv_b.shape[-2]  # kv_b_proj ran on the cache-expanded latents: every key position, this call's last
+        k = q.new_empty(bsz, h, s, dn + dr)
+        k[..., :dn] = kv_b.reshape(bsz, s, h, dn + self.dv)[..., :dn].transpose(1, 2)
         k_rot = kv_a[..., -dr:].reshape(bsz, 1, t, dr)  # one rotary key for all heads
         cos, sin = self._inputs[0]
-        if self._complex_rope:
+        cached = self._cached(t)
+        if cached is not None:  # the cache holds every position's rotary key, rotated by the model already
+            q[..., dn:] = self._rope(q[..., dn:], q[..., dn:], cos.float(), sin.float())[0]
+            k[..., dn:] = cached[1].float()
+        elif self._complex_rope:
             # Interleaved RoPE rotates each pair (x0, x1) by its angle: (x0 + i x1) * (cos + i sin), done in place
             # on the query copy. It leaves the pairs interleaved where the model's function de-interleaves them;
             # q and k share the layout, so every dot product is the same (3 ops instead of the function's ~14).
@@ -264,9 +290,9 @@ class MLAClip(AttentionClip):
             k[..., dn:] = k_rot
 
         def logits(rows: slice) -> torch.Tensor:
-            return q[rows] @ k[rows].mT  # [b, H, T, T]
+            return q[rows] @ k[rows].mT  # [b, H, T, S]
 
-        return self._max_over_chunks(logits, bsz, h * t * t)
+        return self._max_over_chunks(logits, bsz, h * t * s)
 
     def clip(self, heads: list[tuple[int, float]]) -> None:
         q_width, kv_width = self.dn + self.dr, self.dn + self.dv
