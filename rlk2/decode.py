@@ -88,3 +88,160 @@ def _absorbed_forward(self, hidden_states: torch.Tensor, position_embeddings, at
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = ((probs @ c).transpose(0, 1) @ w[:, dn:].mT).transpose(0, 1)  # [B, H, dv]
     return self.o_proj(out.reshape(bsz, 1, h * dv)), None
+
+
+# ================================================================================================ latent decoder
+class LatentDecoder:
+    """One-token decode steps of a DeepSeek-V3-family model (the demo's and K2's architecture) as one plain function
+    over the model's own weights, with a static latent KV cache.
+
+    Why by hand: a decode step feeds n tokens through every layer, and for a small model on a CPU the step's time is
+    the per-operation overhead of transformers' modules (masks rebuilt, RMSNorm as six kernels, RoPE as twelve, the
+    cache classes, output dataclasses), not arithmetic. Here a layer is ~45 tensor operations: fused RMSNorm
+    (`F.rms_norm`), RoPE as one complex product, absorbed MLA attention over a preallocated latent cache (no
+    concatenation per token), and the MoE block with the router's own selection rule. No library we depend on ships
+    a decode path for transformers models (vLLM and SGLang bring their own model code); transformers' `generate`
+    goes through the same modules. The prefill (many tokens) stays the model's own forward: its cache seeds ours.
+
+    Same model, same numbers to float rounding (tested against transformers' forward, logits and routing); used by
+    `generate_rollouts` when `supports(model)`: a DeepseekV3ForCausalLM with plain `nn.Linear` projections (no
+    LoRA, no quantised layers), float weights, interleaved or plain RoPE, with or without a query LoRA rank.
+    """
+
+    def __init__(self, model: nn.Module, cache, prompt_mask: torch.Tensor, max_new_tokens: int,
+                 record_routing: bool = False) -> None:
+        self.model, self.inner = model, model.model
+        self.cfg = model.config
+        self.layers = list(self.inner.layers[: self.cfg.num_hidden_layers])
+        self.record_routing = record_routing
+        self.routes: list[torch.Tensor] = []  # per MoE layer, the experts of the last step's tokens [n, k]
+        B, P = prompt_mask.shape
+        # Columns in multiples of 16: torch's CPU softmax takes a scalar path on rows shorter than 16 (~12x slower
+        # per element, measured), so every step attends over a multiple of 16 columns, the unwritten ones masked.
+        width = -(-(P + max_new_tokens) // 16) * 16
+        attn0 = self.layers[0].self_attn
+        r, dr = attn0.kv_lora_rank, attn0.qk_rope_head_dim
+        dtype, device = self.inner.embed_tokens.weight.dtype, prompt_mask.device
+        # The latent cache: one [B, P + max_new_tokens, r] latent and one rotated key per position, per layer.
+        self.latent = [torch.zeros(B, width, r, dtype=dtype, device=device) for _ in self.layers]
+        self.rot = [torch.zeros(B, width, dr, dtype=dtype, device=device) for _ in self.layers]
+        for i, layer in enumerate(cache.layers[: len(self.layers)]):
+            self.latent[i][:, :P] = layer.keys[:, 0, -P:]
+            self.rot[i][:, :P] = layer.values[:, 0, -P:]
+        # Additive mask over cache columns: 0 on every written position, -inf on the prompts' left padding and on
+        # the columns not written yet.
+        self.bias = torch.full((B, width), float("-inf"), dtype=torch.float32, device=device)
+        self.bias[:, :P].masked_fill_(prompt_mask.bool(), 0.0)
+        self.width = P  # columns written so far
+        # RoPE as a complex turn per position: cos + i sin of each pair's angle (the model's own rotary embedding,
+        # attention scaling included), one table for every position this generation can reach.
+        positions = torch.arange(width, device=device)[None]
+        cos, sin = self.inner.rotary_emb(self.latent[0][:1, :1], positions)
+        self.turn = torch.complex(cos[0, :, : dr // 2].float(), sin[0, :, : dr // 2].float())  # [width, dr/2]
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        if type(model).__name__ != "DeepseekV3ForCausalLM" or inner is None:
+            return False
+        if not model.dtype.is_floating_point or type(model.lm_head) is not nn.Linear:
+            return False
+        for layer in inner.layers:
+            attn = layer.self_attn
+            linears = [attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj] + (
+                [attn.q_proj] if attn.q_lora_rank is None else [attn.q_a_proj, attn.q_b_proj])
+            mlp = layer.mlp
+            if hasattr(mlp, "experts"):
+                linears += [mlp.shared_experts.gate_proj, mlp.shared_experts.up_proj, mlp.shared_experts.down_proj]
+                if type(mlp.experts.gate_up_proj) is not nn.Parameter:
+                    return False
+            else:
+                linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            if any(type(m) is not nn.Linear for m in linears) or attn.o_proj.bias is not None \
+                    or attn.kv_b_proj.bias is not None:
+                return False
+            if model.config.hidden_act != "silu":
+                return False
+        return True
+
+    def reorder(self, keep: torch.Tensor) -> None:
+        """Keep only rows `keep` (in that order): finished sequences leave the cache."""
+        self.latent = [c.index_select(0, keep) for c in self.latent]
+        self.rot = [c.index_select(0, keep) for c in self.rot]
+        self.bias = self.bias.index_select(0, keep)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per active row ([n] ids at [n] position ids); return next-token logits [n, V]."""
+        col = self.width
+        self.width += 1
+        turn = self.turn[positions]  # [n, dr/2]
+        x = self.inner.embed_tokens(tokens)  # [n, H]
+        self.routes = []
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(layer.self_attn, _rms(layer.input_layernorm, x), turn, i, col)
+            h = _rms(layer.post_attention_layernorm, x)
+            x = x + (self._moe(layer.mlp, h) if hasattr(layer.mlp, "experts") else _mlp(layer.mlp, h))
+        return self.model.lm_head(_rms(self.inner.norm, x))
+
+    def _attention(self, attn, x: torch.Tensor, turn: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        n = x.shape[0]
+        h, dn, dr, dv, r = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim, \
+            attn.kv_lora_rank
+        if attn.q_lora_rank is None:
+            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
+        else:
+            q = F.linear(_rms(attn.q_a_layernorm, F.linear(x, attn.q_a_proj.weight, attn.q_a_proj.bias)),
+                         attn.q_b_proj.weight, attn.q_b_proj.bias)
+        q = q.view(n, h, dn + dr)
+        kv = F.linear(x, attn.kv_a_proj_with_mqa.weight, attn.kv_a_proj_with_mqa.bias)  # [n, r + dr]
+        self.latent[i][:, col] = _rms(attn.kv_a_layernorm, kv[:, :r])
+        self.rot[i][:, col] = _rotate(kv[:, r:], turn, self.cfg.rope_interleave)
+        if i == 0:
+            self.bias[:, col] = 0.0
+        s = -(-(col + 1) // 16) * 16  # the written columns, rounded up to the softmax's fast width
+        c, k_rot = self.latent[i][:, :s], self.rot[i][:, :s]  # [n, S, r], [n, S, dr]
+        q_rot = _rotate(q[..., dn:], turn.unsqueeze(1), self.cfg.rope_interleave)  # [n, h, dr]
+        w = attn.kv_b_proj.weight.view(h, dn + dv, r)  # per head: k-nope rows (W_UK), then value rows (W_UV)
+        q_latent = torch.bmm(q[..., :dn].transpose(0, 1), w[:, :dn]).transpose(0, 1)  # [n, h, r]
+        scores = torch.baddbmm(self.bias[:, None, :s], q_latent, c.mT, alpha=attn.scaling) \
+            .baddbmm_(q_rot, k_rot.mT, alpha=attn.scaling)  # [n, h, S]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.bmm(torch.bmm(probs, c).transpose(0, 1), w[:, dn:].mT)  # [h, n, dv]
+        return F.linear(out.transpose(0, 1).reshape(n, h * dv), attn.o_proj.weight)
+
+    def _moe(self, moe, x: torch.Tensor) -> torch.Tensor:
+        router = moe.gate
+        logits = F.linear(x.float(), router.weight.float())  # [n, E], the router's own float32 scores
+        scores = logits.sigmoid()
+        choice = scores + router.e_score_correction_bias
+        if router.num_group > 1:  # group-limited routing: only the topk_group best groups (top-2 sum) compete
+            grouped = choice.view(len(x), router.num_group, -1)
+            best = grouped.topk(2, dim=-1)[0].sum(dim=-1).topk(router.topk_group, dim=-1, sorted=False)[1]
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(len(x), -1)
+        idx = choice.topk(router.top_k, dim=-1, sorted=False)[1]  # [n, k]
+        weights = scores.gather(1, idx)
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * router.routed_scaling_factor
+        if self.record_routing:
+            self.routes.append(idx)
+        return moe.experts(x, idx, weights) + _mlp(moe.shared_experts, x)
+
+
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)) *
+                    F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def _rotate(x: torch.Tensor, turn: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE in the layout transformers' DeepSeek-V3 functions produce: the pairs are (x[2j], x[2j+1]) when
+    interleaved, (x[j], x[j + d/2]) otherwise; the output is [rotated first members | rotated second members]."""
+    d = x.shape[-1]
+    pairs = x.unflatten(-1, (d // 2, 2)) if interleaved else x.unflatten(-1, (2, d // 2)).transpose(-1, -2)
+    z = torch.view_as_complex(pairs.float().contiguous()) * turn
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlk2.decode import absorbed_mla_decode
+from rlk2.decode import LatentDecoder, absorbed_mla_decode
 from rlk2.moe import RouterProbe, find_routers
 
 
@@ -108,6 +108,7 @@ def generate_rollouts(
     record_logprobs: bool = True,
     record_routing: bool = False,
     on_finished: Callable[[list[int], list[list[int]]], None] | None = None,
+    use_latent_decoder: bool = True,
 ) -> Rollout:
     """Sample one completion per prompt (repeat prompts K times for groups) and record old log-probs.
 
@@ -121,6 +122,8 @@ def generate_rollouts(
     generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
     - each distinct prompt is prefilled once and its cache row copied to the K samples of its group;
     - a sequence that emits EOS leaves the batch (its cache rows are dropped), so later tokens cost less;
+    - decode steps of DeepSeek-V3-family models run through `rlk2.decode.LatentDecoder` (a plain function over
+      the weights with a static latent cache; `use_latent_decoder=False` keeps the model's own forward);
     - tokens are drawn by an exponential race, argmax(log p - log E) with E ~ Exp(1), which is exactly a draw
       from p, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
     - or, with `seeds` (one per sequence), from counter-based noise: sequence i's draw at position t is a pure
@@ -170,6 +173,9 @@ def generate_rollouts(
                 used = probe.take().view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
                 routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
             cache.reorder_cache(row_of)
+            # Decode steps: the plain-function decoder where the architecture allows (rlk2.decode), else the model.
+            lean = LatentDecoder(model, cache, mask, max_new_tokens, record_routing=routes is not None) \
+                if use_latent_decoder and LatentDecoder.supports(model) else None
             logits = out.logits[row_of, -1]  # [B, V]
             active = torch.arange(B, device=device)  # batch rows still generating, in cache order
             attn = mask  # [n, P + t] attention mask of the active rows
@@ -196,15 +202,18 @@ def generate_rollouts(
                         done = active[~going]
                         on_finished(done.tolist(), tokens[done, : t + 1].tolist())
                     keep = going.nonzero().squeeze(1)
-                    cache.reorder_cache(keep)
+                    lean.reorder(keep) if lean is not None else cache.reorder_cache(keep)
                     active, nxt, attn, pos = active[keep], nxt[keep], attn[keep], pos[keep]
-                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-                out = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=pos.unsqueeze(1),
-                            cache=cache, use_cache=True)
-                logits = out.logits[:, -1]
+                if lean is not None:
+                    logits = lean.step(nxt, pos)
+                else:
+                    attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+                    logits = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=pos.unsqueeze(1),
+                                   cache=cache, use_cache=True).logits[:, -1]
                 pos = pos + 1
                 if routes is not None:  # the forward just fed completion token t of the active rows
-                    routes[:, active, P + t] = probe.take().to(routes.dtype)
+                    fed = torch.stack(lean.routes) if lean is not None else probe.take()
+                    routes[:, active, P + t] = fed.to(routes.dtype)
     finally:
         model.train(was_training)
 
