@@ -12,7 +12,7 @@ Shapes: B sequences, P prompt tokens (left padded), T completion tokens (right p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,22 @@ class Rollout:
             routed_experts=None if self.routed_experts is None else self.routed_experts[:, rows, p0 : P + t1],
             entropy=None if self.entropy is None else self.entropy[rows, :t1],
         )
+
+
+    def pad_prompts(self, width: int, pad_id: int) -> "Rollout":
+        """The same rollout with its prompts left-padded to `width` columns (more padding, nothing else: the
+        position ids count real tokens only, and router records get -1, "no record", on the new columns)."""
+        B, P = self.prompt_ids.shape
+        extra = width - P
+        if extra <= 0:
+            return self
+        routes = self.routed_experts
+        if routes is not None:
+            routes = torch.cat([routes.new_full((routes.shape[0], B, extra, routes.shape[3]), -1), routes], dim=2)
+        return replace(
+            self, prompt_ids=torch.cat([self.prompt_ids.new_full((B, extra), pad_id), self.prompt_ids], dim=1),
+            prompt_mask=torch.cat([self.prompt_mask.new_zeros((B, extra)), self.prompt_mask], dim=1),
+            routed_experts=routes)
 
 
 def encode_prompts(tokenizer, prompts: list[str], *, chat_template: bool) -> list[list[int]]:

@@ -266,7 +266,7 @@ class MetricsFile:
 def train(cfg: Config, *, resume: bool = False) -> dict:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import DistributedType, gather_object, set_seed
     from tqdm.auto import tqdm
 
     from rewards.engine import RewardEngine, RewardSpec
@@ -609,6 +609,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         elif rows is not None and len(rows) == 0:  # nothing moves the weights here: one sequence keeps DDP in step
             rows = torch.zeros(1, dtype=torch.long, device=adv.device)
         sub = ro if rows is None else ro.select(rows)
+        if sub.prompt_ids.shape[1] + sub.completion_ids.shape[1] < 16:
+            # torch's CPU softmax takes a scalar path on rows shorter than 16 (~12x slower per element): sequences
+            # this short get left padding up to 16 positions, which costs less than the slow path (~5 % of the
+            # training pass on the demo, measured). Padding changes no log-prob: it is masked and has no position.
+            sub = sub.pad_prompts(16 - sub.completion_ids.shape[1], tokenizer.pad_token_id)
         whole = ro if rows is not None and moe.loads_from_record(ro) else None
         # A group's K sequences share their prompt: the training forward runs each distinct prompt once
         # (rlk2.rollout.SharedPrompts; same log-probs and gradient) when that saves enough tokens. Two forward calls
@@ -618,6 +623,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             shared = SharedPrompts.of(sub)
             if shared is not None and shared.saved_tokens(sub) < cfg.trainer.shared_prompt_tokens:
                 shared = None
+        plain_grads = accelerator.scaler is None and accelerator.distributed_type in (
+            DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # whole, unscaled, all-reduced
         # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
         for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
             with moe.training_forward(sub, whole=whole, shared=shared) as routed:  # replays the recorded experts
@@ -650,7 +657,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 skipped += 1
                 continue
             if cfg.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if plain_grads:  # the norm just computed is the one to clip by: no second pass over the gradients
+                    torch.nn.utils.clip_grads_with_norm_(grads, cfg.optim.grad_clip, grad_norm)
+                else:  # sharded or loss-scaled gradients: accelerate knows how to reduce and unscale them
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             moe.update_bias(routed)
             scheduler.step()

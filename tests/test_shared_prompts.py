@@ -136,3 +136,24 @@ def test_qk_clip_records_the_same_max_logits(family, attn):
         maxima.append(torch.stack([a.take() for a in opt.attentions]))
         model.zero_grad()
     torch.testing.assert_close(maxima[1], maxima[0], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_prompts_changes_no_log_prob_and_no_record():
+    model = model_of("deepseek_v3").train()
+    ro = grouped_rollout(groups=2, K=2, P=4, T=3)
+    layers = len(find_routers(model))
+    ro.routed_experts = torch.randint(0, 8, (layers, 4, 7, 2), dtype=torch.int16)
+    padded = ro.pad_prompts(9, pad_id=0)
+    assert padded.prompt_ids.shape == (4, 9) and padded.routed_experts.shape == (layers, 4, 12, 2)
+    assert (padded.routed_experts[:, :, :5] == -1).all() and torch.equal(padded.routed_experts[:, :, 5:],
+                                                                         ro.routed_experts)
+    assert ro.pad_prompts(3, pad_id=0) is ro
+    ctl = RouterControl(model, router_replay=True, bias_update_rate=1e-3, aux_loss_coef=0.0)
+    out = []
+    for r in (ro, padded):
+        with ctl.training_forward(r) as routed:
+            logp, _ = policy_logprobs(model, r, temperature=1.0)
+        out.append((logp, routed.counts))
+    mask = ro.completion_mask.bool()
+    torch.testing.assert_close(out[1][0][mask], out[0][0][mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1][1], out[0][1])
