@@ -101,43 +101,49 @@ class LatentDecoder:
     (`F.rms_norm`), RoPE as one complex product, absorbed MLA attention over a preallocated latent cache (no
     concatenation per token), and the MoE block with the router's own selection rule. No library we depend on ships
     a decode path for transformers models (vLLM and SGLang bring their own model code); transformers' `generate`
-    goes through the same modules. The prefill (many tokens) stays the model's own forward: its cache seeds ours.
+    goes through the same modules. The prompts' prefill runs through the same function, with a causal mask.
 
     Same model, same numbers to float rounding (tested against transformers' forward, logits and routing); used by
     `generate_rollouts` when `supports(model)`: a DeepseekV3ForCausalLM with plain `nn.Linear` projections (no
     LoRA, no quantised layers), float weights, interleaved or plain RoPE, with or without a query LoRA rank.
     """
 
-    def __init__(self, model: nn.Module, cache, prompt_mask: torch.Tensor, max_new_tokens: int,
+    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                  record_routing: bool = False) -> None:
+        """Prefill `prompt_ids` [U, P] (left padded, `prompt_mask` 1 on real tokens): `logits` [U, V] then predict
+        each prompt's first completion token. `reorder` expands or drops rows; `step` feeds one token per row."""
         self.model, self.inner = model, model.model
         self.cfg = model.config
         self.layers = list(self.inner.layers[: self.cfg.num_hidden_layers])
         self.record_routing = record_routing
-        self.routes: list[torch.Tensor] = []  # per MoE layer, the experts of the last step's tokens [n, k]
-        B, P = prompt_mask.shape
+        self.routes: list[torch.Tensor] = []  # per MoE layer, the experts of the last call's tokens [n * t, k]
+        U, P = prompt_mask.shape
         # Columns in multiples of 16: torch's CPU softmax takes a scalar path on rows shorter than 16 (~12x slower
         # per element, measured), so every step attends over a multiple of 16 columns, the unwritten ones masked.
         width = -(-(P + max_new_tokens) // 16) * 16
         attn0 = self.layers[0].self_attn
         r, dr = attn0.kv_lora_rank, attn0.qk_rope_head_dim
         dtype, device = self.inner.embed_tokens.weight.dtype, prompt_mask.device
-        # The latent cache: one [B, P + max_new_tokens, r] latent and one rotated key per position, per layer.
-        self.latent = [torch.zeros(B, width, r, dtype=dtype, device=device) for _ in self.layers]
-        self.rot = [torch.zeros(B, width, dr, dtype=dtype, device=device) for _ in self.layers]
-        for i, layer in enumerate(cache.layers[: len(self.layers)]):
-            self.latent[i][:, :P] = layer.keys[:, 0, -P:]
-            self.rot[i][:, :P] = layer.values[:, 0, -P:]
+        # The latent cache: one [rows, width, r] latent and one rotated key per position, per layer.
+        self.latent = [torch.zeros(U, width, r, dtype=dtype, device=device) for _ in self.layers]
+        self.rot = [torch.zeros(U, width, dr, dtype=dtype, device=device) for _ in self.layers]
         # Additive mask over cache columns: 0 on every written position, -inf on the prompts' left padding and on
         # the columns not written yet.
-        self.bias = torch.full((B, width), float("-inf"), dtype=torch.float32, device=device)
+        self.bias = torch.full((U, width), float("-inf"), dtype=torch.float32, device=device)
         self.bias[:, :P].masked_fill_(prompt_mask.bool(), 0.0)
-        self.width = P  # columns written so far
+        self.width = 0  # columns written so far
         # RoPE as a complex turn per position: cos + i sin of each pair's angle (the model's own rotary embedding,
         # attention scaling included), one table for every position this generation can reach.
-        positions = torch.arange(width, device=device)[None]
-        cos, sin = self.inner.rotary_emb(self.latent[0][:1, :1], positions)
+        cos, sin = self.inner.rotary_emb(self.latent[0][:1, :1], torch.arange(width, device=device)[None])
         self.turn = torch.complex(cos[0, :, : dr // 2].float(), sin[0, :, : dr // 2].float())  # [width, dr/2]
+        # The prefill: causal attention over the prompt; a padding position (which no real token attends to)
+        # attends to itself only, so that its row of the softmax is not empty.
+        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() counts them: real tokens only
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        keep = causal & prompt_mask.bool()[:, None, :] | torch.eye(P, dtype=torch.bool, device=device)  # [U, P, P]
+        bias = torch.full((U, P, width), float("-inf"), device=device)
+        bias[..., :P].masked_fill_(keep, 0.0)
+        self.logits = self._forward(prompt_ids, positions, bias)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -172,19 +178,28 @@ class LatentDecoder:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed one token per active row ([n] ids at [n] position ids); return next-token logits [n, V]."""
-        col = self.width
-        self.width += 1
-        turn = self.turn[positions]  # [n, dr/2]
-        x = self.inner.embed_tokens(tokens)  # [n, H]
+        self.bias[:, self.width] = 0.0
+        return self._forward(tokens[:, None], positions[:, None], self.bias[:, None])
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Feed [n, t] tokens at [n, t] positions into columns width..width+t-1 of the cache, attending with the
+        additive `bias` [n, t, >= S]; return the logits after each row's last token [n, V]."""
+        col, t = self.width, tokens.shape[1]
+        self.width += t
+        s = -(-self.width // 16) * 16  # the written columns, rounded up to the softmax's fast width
+        bias = bias[..., :s]
+        turn = self.turn[positions]  # [n, t, dr/2]
+        x = self.inner.embed_tokens(tokens)  # [n, t, H]
         self.routes = []
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.self_attn, _rms(layer.input_layernorm, x), turn, i, col)
+            x = x + self._attention(layer.self_attn, _rms(layer.input_layernorm, x), turn, bias, i, col, s)
             h = _rms(layer.post_attention_layernorm, x)
             x = x + (self._moe(layer.mlp, h) if hasattr(layer.mlp, "experts") else _mlp(layer.mlp, h))
-        return self.model.lm_head(_rms(self.inner.norm, x))
+        return self.model.lm_head(_rms(self.inner.norm, x[:, -1]))
 
-    def _attention(self, attn, x: torch.Tensor, turn: torch.Tensor, i: int, col: int) -> torch.Tensor:
-        n = x.shape[0]
+    def _attention(self, attn, x: torch.Tensor, turn: torch.Tensor, bias: torch.Tensor, i: int, col: int,
+                   s: int) -> torch.Tensor:
+        n, t = x.shape[:2]
         h, dn, dr, dv, r = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim, \
             attn.kv_lora_rank
         if attn.q_lora_rank is None:
@@ -192,24 +207,25 @@ class LatentDecoder:
         else:
             q = F.linear(_rms(attn.q_a_layernorm, F.linear(x, attn.q_a_proj.weight, attn.q_a_proj.bias)),
                          attn.q_b_proj.weight, attn.q_b_proj.bias)
-        q = q.view(n, h, dn + dr)
-        kv = F.linear(x, attn.kv_a_proj_with_mqa.weight, attn.kv_a_proj_with_mqa.bias)  # [n, r + dr]
-        self.latent[i][:, col] = _rms(attn.kv_a_layernorm, kv[:, :r])
-        self.rot[i][:, col] = _rotate(kv[:, r:], turn, self.cfg.rope_interleave)
-        if i == 0:
-            self.bias[:, col] = 0.0
-        s = -(-(col + 1) // 16) * 16  # the written columns, rounded up to the softmax's fast width
+        q = q.view(n, t, h, dn + dr)
+        kv = F.linear(x, attn.kv_a_proj_with_mqa.weight, attn.kv_a_proj_with_mqa.bias)  # [n, t, r + dr]
+        self.latent[i][:, col : col + t] = _rms(attn.kv_a_layernorm, kv[..., :r])
+        self.rot[i][:, col : col + t] = _rotate(kv[..., r:], turn, self.cfg.rope_interleave)
         c, k_rot = self.latent[i][:, :s], self.rot[i][:, :s]  # [n, S, r], [n, S, dr]
-        q_rot = _rotate(q[..., dn:], turn.unsqueeze(1), self.cfg.rope_interleave)  # [n, h, dr]
+        q_rot = _rotate(q[..., dn:], turn.unsqueeze(2), self.cfg.rope_interleave)  # [n, t, h, dr]
         w = attn.kv_b_proj.weight.view(h, dn + dv, r)  # per head: k-nope rows (W_UK), then value rows (W_UV)
-        q_latent = torch.bmm(q[..., :dn].transpose(0, 1), w[:, :dn]).transpose(0, 1)  # [n, h, r]
-        scores = torch.baddbmm(self.bias[:, None, :s], q_latent, c.mT, alpha=attn.scaling) \
-            .baddbmm_(q_rot, k_rot.mT, alpha=attn.scaling)  # [n, h, S]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.bmm(torch.bmm(probs, c).transpose(0, 1), w[:, dn:].mT)  # [h, n, dv]
-        return F.linear(out.transpose(0, 1).reshape(n, h * dv), attn.o_proj.weight)
+        # Heads are the rows of per-sequence GEMMs over the latents: [n, h*t, r] x [n, r, S].
+        q_latent = torch.bmm(q[..., :dn].permute(2, 0, 1, 3).reshape(h, n * t, dn), w[:, :dn])  # [h, n*t, r]
+        q_latent = q_latent.view(h, n, t, r).transpose(0, 1).reshape(n, h * t, r)
+        scores = torch.bmm(q_latent, c.mT).baddbmm_(q_rot.transpose(1, 2).reshape(n, h * t, dr), k_rot.mT)
+        scores = torch.add(bias.unsqueeze(1), scores.view(n, h, t, s), alpha=attn.scaling)  # [n, h, t, S]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(n, h * t, s)
+        attended = torch.bmm(probs, c).view(n, h, t, r).transpose(0, 1).reshape(h, n * t, r)
+        out = torch.bmm(attended, w[:, dn:].mT)  # [h, n*t, dv]
+        return F.linear(out.view(h, n, t, dv).permute(1, 2, 0, 3).reshape(n, t, h * dv), attn.o_proj.weight)
 
     def _moe(self, moe, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])  # [n * t, H]: the router and experts see tokens
         router = moe.gate
         logits = F.linear(x.float(), router.weight.float())  # [n, E], the router's own float32 scores
         scores = logits.sigmoid()
@@ -226,7 +242,7 @@ class LatentDecoder:
         weights = weights * router.routed_scaling_factor
         if self.record_routing:
             self.routes.append(idx)
-        return moe.experts(x, idx, weights) + _mlp(moe.shared_experts, x)
+        return (moe.experts(x, idx, weights) + _mlp(moe.shared_experts, x)).view(shape)
 
 
 def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

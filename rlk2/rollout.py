@@ -182,17 +182,22 @@ def generate_rollouts(
             # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
             distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
             d_ids, d_mask = distinct[:, :P], distinct[:, P:]
-            out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
-                        use_cache=True, logits_to_keep=1)
-            cache = out.cache
-            if routes is not None:  # prefill rows are the U distinct prompts: expand to B; left padding is not a token
-                used = probe.take().view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
-                routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
-            cache.reorder_cache(row_of)
-            # Decode steps: the plain-function decoder where the architecture allows (rlk2.decode), else the model.
-            lean = LatentDecoder(model, cache, mask, max_new_tokens, record_routing=routes is not None) \
+            # The plain-function decoder where the architecture allows (rlk2.decode), else the model's forward.
+            lean = LatentDecoder(model, d_ids, d_mask, max_new_tokens, record_routing=routes is not None) \
                 if use_latent_decoder and LatentDecoder.supports(model) else None
-            logits = out.logits[row_of, -1]  # [B, V]
+            if lean is None:
+                out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
+                            use_cache=True, logits_to_keep=1)
+                cache, first_logits = out.cache, out.logits[:, -1]
+                cache.reorder_cache(row_of)
+            else:
+                first_logits = lean.logits
+                lean.reorder(row_of)
+            if routes is not None:  # prefill rows are the U distinct prompts: expand to B; left padding is not a token
+                fed = torch.stack(lean.routes) if lean is not None else probe.take()
+                used = fed.view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
+                routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
+            logits = first_logits[row_of]  # [B, V]
             active = torch.arange(B, device=device)  # batch rows still generating, in cache order
             attn = mask  # [n, P + t] attention mask of the active rows
             pos = mask.sum(dim=1)  # [n] position id of the token about to be sampled (same rule as policy_logprobs)

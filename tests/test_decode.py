@@ -111,8 +111,8 @@ def _routed_model(attn: str, q_lora_rank=None, rope_interleave=True, groups: int
 
 
 def _steps(model, latent: bool, steps: int = 6):
-    """Logits [steps, B, V] and routes [steps, L, B, k] of one-token decode steps after a left-padded prefill; two
-    rows leave the batch after the third step, as finished sequences do."""
+    """Logits [B, V] and routes [L, B, k] of a left-padded prefill (routes of its real tokens) and of one-token decode
+    steps after it; two rows leave the batch after the third step, as finished sequences do."""
     from rlk2.moe import RouterProbe, find_routers
 
     gen = torch.Generator().manual_seed(1)
@@ -121,9 +121,17 @@ def _steps(model, latent: bool, steps: int = 6):
     mask[1, :4] = mask[3, :2] = 0
     logits, routes = [], []
     with torch.no_grad(), RouterProbe(find_routers(model)) as probe:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-        cache, pos = out.cache, mask.sum(1)
-        dec = LatentDecoder(model, cache, mask, steps, record_routing=True) if latent else None
+        if latent:  # the prefill: logits after each prompt, and the routing of its real tokens
+            dec = LatentDecoder(model, ids, mask, steps, record_routing=True)
+            logits.append(dec.logits)
+            routes.append(torch.stack(dec.routes).view(-1, 5, 9, 2)[:, mask.bool()])
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                        use_cache=True)
+            cache = out.cache
+            logits.append(out.logits[:, -1])
+            routes.append(probe.take().view(-1, 5, 9, 2)[:, mask.bool()])
+        pos = mask.sum(1)
         rows = torch.arange(5)
         for t in range(steps):
             if t == 3:
