@@ -246,6 +246,8 @@ class LatentDecoder:
 
 
 def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one fused call, the weight included (the same products as the module's)
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
 
 
