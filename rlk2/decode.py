@@ -242,7 +242,22 @@ class LatentDecoder:
         weights = weights * router.routed_scaling_factor
         if self.record_routing:
             self.routes.append(idx)
-        return (moe.experts(x, idx, weights) + _mlp(moe.shared_experts, x)).view(shape)
+        return (_experts(moe.experts, x, idx, weights) + _mlp(moe.shared_experts, x)).view(shape)
+
+
+def _experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The routed experts' weighted sum for tokens x [n, H] routed to idx [n, k]. Up to 2 tokens (the last
+    sequences still generating): each token's k experts' weights gathered and applied as one batched product
+    (~10 operations instead of the grouped kernel's few hundred: 65 vs 130 us for one token on the demo shape);
+    more tokens: the model's own experts implementation, where gathering weight copies per token would cost more."""
+    n, k = idx.shape
+    if n > 2 or type(experts).__name__ != "DeepseekV3Experts":
+        return experts(x, idx, weights)
+    flat = idx.reshape(-1)
+    gate, up = torch.bmm(experts.gate_up_proj.index_select(0, flat), x.repeat_interleave(k, 0).unsqueeze(-1)) \
+        .squeeze(-1).chunk(2, dim=-1)  # [n*k, I] each
+    y = torch.bmm(experts.down_proj.index_select(0, flat), (experts.act_fn(gate) * up).unsqueeze(-1))  # [n*k, H, 1]
+    return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
 
 def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

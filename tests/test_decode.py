@@ -110,9 +110,9 @@ def _routed_model(attn: str, q_lora_rank=None, rope_interleave=True, groups: int
     return model
 
 
-def _steps(model, latent: bool, steps: int = 6):
+def _steps(model, latent: bool, steps: int = 7):
     """Logits [B, V] and routes [L, B, k] of a left-padded prefill (routes of its real tokens) and of one-token decode
-    steps after it; two rows leave the batch after the third step, as finished sequences do."""
+    steps after it; rows leave the batch after the third and the fifth step, as finished sequences do."""
     from rlk2.moe import RouterProbe, find_routers
 
     gen = torch.Generator().manual_seed(1)
@@ -134,8 +134,8 @@ def _steps(model, latent: bool, steps: int = 6):
         pos = mask.sum(1)
         rows = torch.arange(5)
         for t in range(steps):
-            if t == 3:
-                keep = torch.tensor([0, 2, 4])
+            if t in (3, 5):  # rows finish: 3 left, then 1 (the decoder's one-token expert path)
+                keep = torch.tensor([0, 2, 4]) if t == 3 else torch.tensor([1])
                 rows, pos, mask = rows[keep], pos[keep], mask[keep]
                 dec.reorder(keep) if latent else cache.reorder_cache(keep)
             tok = torch.randint(3, 64, (5,), generator=gen)[rows]
