@@ -1,9 +1,10 @@
-"""One-token decode steps: absorbed MLA attention (`rlk2.decode`) vs transformers' own DeepseekV3Attention.
+"""One-token decode steps: rlk2's (`rlk2.decode`) vs transformers' own DeepseekV3 forward.
 
-The same model, the same KV cache contents and the same tokens, decoded with and without `absorbed_mla_decode`,
-alternating repetition by repetition; a row per (model, batch, context length). Time is the mean of one decode
-step (the whole model forward with a cache, as rlk2's sampling loop calls it) over `STEPS` steps after a prefill
-of `context` tokens. Ratio = how many times faster the absorbed step is (baseline time / absorbed time).
+The same model, the same prompt and the same tokens, decoded three ways, alternating repetition by repetition:
+transformers' forward with its KV cache (the baseline), the same forward with `absorbed_mla_decode`, and
+`LatentDecoder` (the plain-function decode step `generate_rollouts` uses); a row per (model, batch, context
+length, way). Time is the mean of one decode step (the whole model, as the sampling loop calls it) over `STEPS`
+steps after a prefill of `context` tokens. Ratio = how many times faster than the baseline.
 
 Models: the demo policy shape (`TinyMoEShape` defaults, random weights) and the ~50 M-parameter DeepSeek-V3 config
 of `bench_optim.py`, SDPA attention (transformers' default), float32, CPU.
@@ -57,20 +58,41 @@ def _decode_time(model, batch: int, context: int, absorbed: bool) -> float:
         return (time.perf_counter() - start) / STEPS
 
 
+def _latent_time(model, batch: int, context: int) -> float:
+    """Seconds per `LatentDecoder` decode step after its own prefill of `context` tokens."""
+    from rlk2.decode import LatentDecoder
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (batch, context), generator=gen)
+    with torch.inference_mode():
+        decoder = LatentDecoder(model, ids, torch.ones_like(ids), STEPS)
+        nxt = torch.randint(3, VOCAB, (batch,), generator=gen)
+        start = time.perf_counter()
+        for t in range(STEPS):
+            decoder.step(nxt, torch.full((batch,), context + t))
+        return (time.perf_counter() - start) / STEPS
+
+
 def decode_rows(label: str, shape, batch: int, contexts: list[int], reps: int) -> list[dict]:
     model = _model(shape)
+    ways = {"absorbed_mla": lambda c: _decode_time(model, batch, c, True),
+            "latent_decoder": lambda c: _latent_time(model, batch, c)}
     rows = []
     for context in contexts:
-        _decode_time(model, batch, context, True), _decode_time(model, batch, context, False)  # warm-up
-        base, ours = [], []
+        for fn in (*ways.values(), lambda c: _decode_time(model, batch, c, False)):
+            fn(context)  # warm-up
+        base, ours = [], {name: [] for name in ways}
         for _ in range(reps):
             base.append(_decode_time(model, batch, context, False))
-            ours.append(_decode_time(model, batch, context, True))
-        speedups = [b / o for b, o in zip(base, ours)]
-        rows.append({"name": f"decode/{label}_batch{batch}_context{context}/absorbed_mla",
-                     "value": statistics.median(ours), "unit": "s/step",
-                     "baseline": "transformers DeepseekV3Attention (SDPA)", "baseline_value": statistics.median(base),
-                     "ratio": statistics.median(speedups), "spread": (max(speedups) - min(speedups)) / 2, "reps": reps})
+            for name, fn in ways.items():
+                ours[name].append(fn(context))
+        for name, times in ours.items():
+            speedups = [b / o for b, o in zip(base, times)]
+            rows.append({"name": f"decode/{label}_batch{batch}_context{context}/{name}",
+                         "value": statistics.median(times), "unit": "s/step",
+                         "baseline": "transformers DeepseekV3 forward (SDPA)",
+                         "baseline_value": statistics.median(base), "ratio": statistics.median(speedups),
+                         "spread": (max(speedups) - min(speedups)) / 2, "reps": reps})
     return rows
 
 
@@ -80,6 +102,7 @@ def run(quick: bool) -> list[dict]:
 
     reps = 3 if quick else 7
     rows = decode_rows("demo", None, 64, [16, 128, 512] if not quick else [16, 256], reps)
+    rows += decode_rows("demo", None, 1, [16], reps)  # the last sequence still generating
     rows += decode_rows("deepseek_v3_53M", _shape_50m(), 16, [128] if quick else [128, 512], reps)
     return rows
 
