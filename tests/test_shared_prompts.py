@@ -3,28 +3,14 @@ gradients, router records and QK-Clip maxima as the forward over every row."""
 
 import pytest
 import torch
-import transformers as tf
 
 from rlk2.moe import RouterControl, RouterProbe, find_routers
 from rlk2.optim import MuonClip
-from rlk2.policy import TinyMoEShape, tiny_deepseek_v3_config
 from rlk2.rollout import Rollout, SharedPrompts, policy_logprobs
+from tests.test_moe import tiny_model as model_of
 from tests.test_optim_qk_clip import FAMILIES, build
 
 VOCAB = 64
-
-
-def model_of(family: str):
-    torch.manual_seed(0)
-    if family == "deepseek_v3":
-        shape = TinyMoEShape(hidden_size=32, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=16)
-        return tf.DeepseekV3ForCausalLM(tiny_deepseek_v3_config(VOCAB, shape))
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=8,
-                                                        num_experts_per_tok=2))
-    return tf.Qwen3ForCausalLM(tf.Qwen3Config(**common))
 
 
 def grouped_rollout(groups: int = 3, K: int = 4, P: int = 6, T: int = 5, seed: int = 0) -> Rollout:
