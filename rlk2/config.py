@@ -299,8 +299,12 @@ class CriticConfig:
     agreement_every: int = 1
     """Measure critic/agreement every N steps (always at step 0 and at the last step)."""
     warm_start_examples: int = 0
-    """Critic-format rows added to the supervised warm start, each critic prompt once with each verdict: they teach
-    the reply format, not the judgement (for toy models that have never seen a critic prompt)."""
+    """Critic-format rows added to the supervised warm start (for toy models that have never seen a critic prompt):
+    a gold completion against another row's, in random order (rlk2.critic_refine.format_warmup_rows)."""
+    warm_start_verdicts: str = "both"
+    """both: each critic prompt once with each verdict (the reply format, no judgement: the critic starts at
+    chance); gold: the gold completion's letter (a critic initialised on synthetic preference pairs, as K2's
+    starts from preference data; the pairs' wrong answers are other rows' answers, not the policy's near misses)."""
 
     def __post_init__(self) -> None:
         for key in ("pairs_per_prompt", "max_new_tokens", "heldout_pairs", "agreement_every"):
@@ -310,6 +314,7 @@ class CriticConfig:
             raise UserError("critic.max_pairs: must be >= 1 (or null for no cap)")
         if self.warm_start_examples < 0:
             raise UserError("critic.warm_start_examples: must be >= 0")
+        _choice("critic.warm_start_verdicts", self.warm_start_verdicts, ("both", "gold"))
 
 
 @dataclass(frozen=True)

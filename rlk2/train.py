@@ -167,7 +167,8 @@ def _critic_refiner(cfg: Config, num_processes: int):
 
 def _critic_warm_start_key(cfg: Config) -> list:
     c = cfg.critic
-    return [c.warm_start_examples, c.template, list(c.rubrics), critic_tasks(cfg), c.max_new_tokens]
+    return [c.warm_start_examples, c.template, list(c.rubrics), critic_tasks(cfg), c.max_new_tokens] + (
+        [c.warm_start_verdicts] if c.warm_start_verdicts != "both" else [])  # earlier caches keep their key
 
 
 def _critic_warm_start_rows(cfg: Config, task_rows: dict) -> list[dict]:
@@ -178,7 +179,8 @@ def _critic_warm_start_rows(cfg: Config, task_rows: dict) -> list[dict]:
 
     grounding = [r for name in critic_tasks(cfg) for r in task_rows.get(name, [])]
     fmt = CriticRefiner(template=cfg.critic.template, rubrics=cfg.critic.rubrics)
-    return format_warmup_rows(grounding, n=cfg.critic.warm_start_examples, refiner=fmt, seed=cfg.run.seed)
+    return format_warmup_rows(grounding, n=cfg.critic.warm_start_examples, refiner=fmt, seed=cfg.run.seed,
+                              verdicts=cfg.critic.warm_start_verdicts)
 
 
 def _demo_corpus(task_rows: dict) -> list[str]:
