@@ -42,6 +42,7 @@ def test_dotted_overrides_apply_with_types():
         (["algo.inner_steps=0"], "algo.inner_steps"),  # would train nothing, silently
         (["trainer.steps"], "trainer.steps"),
         (["trainer.shared_prompt_tokens=-2"], "trainer.shared_prompt_tokens"),
+        (["critic.warm_start_verdicts=half"], "critic.warm_start_verdicts"),
     ],
 )
 def test_bad_overrides_name_the_key_in_one_line(overrides, needle):

@@ -124,6 +124,21 @@ def test_format_warmup_rows_teach_format_not_judgement():
     assert 150 < agree < 250  # coin-flip verdicts: about half agree with the gold, far from 0 or 400
 
 
+def test_format_warmup_rows_with_gold_verdicts_name_the_gold():
+    rows = [{"prompt": f"{a}+1=?", "completion": f"\\boxed{{{a + 1}}}"} for a in range(50)]
+    out = format_warmup_rows(rows, n=200, refiner=CriticRefiner(**TOY), seed=0, verdicts="gold")
+    assert len(out) == 200
+    shown_first = 0
+    for r in out:
+        gold = r["completion"].split(" Verdict")[0]
+        shown_a = r["prompt"].split("A=")[1].split(" B=")[0]
+        assert parse_verdict(r["completion"]).verdict == ("A" if shown_a == gold else "B")
+        shown_first += shown_a == gold
+    assert 70 < shown_first < 130  # the gold is shown first about half the time: position carries no signal
+    with pytest.raises(ValueError, match="verdicts"):
+        format_warmup_rows(rows, n=2, refiner=CriticRefiner(**TOY), seed=0, verdicts="some")
+
+
 def test_critic_samples_join_the_same_k2_update(policy):
     from rlk2.algorithms import LOSSES, group_advantages
     from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
