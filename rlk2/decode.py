@@ -92,8 +92,8 @@ def _absorbed_forward(self, hidden_states: torch.Tensor, position_embeddings, at
 
 # ================================================================================================ latent decoder
 class LatentDecoder:
-    """One-token decode steps of a DeepSeek-V3-family model (the demo's and K2's architecture) as one plain function
-    over the model's own weights, with a static latent KV cache.
+    """The prompts' prefill and the one-token decode steps of a DeepSeek-V3-family model (the demo's and K2's
+    architecture) as one plain function over the model's own weights, with a static latent KV cache.
 
     Why by hand: a decode step feeds n tokens through every layer, and for a small model on a CPU the step's time is
     the per-operation overhead of transformers' modules (masks rebuilt, RMSNorm as six kernels, RoPE as twelve, the
@@ -101,7 +101,7 @@ class LatentDecoder:
     (`F.rms_norm`), RoPE as one complex product, absorbed MLA attention over a preallocated latent cache (no
     concatenation per token), and the MoE block with the router's own selection rule. No library we depend on ships
     a decode path for transformers models (vLLM and SGLang bring their own model code); transformers' `generate`
-    goes through the same modules. The prompts' prefill runs through the same function, with a causal mask.
+    goes through the same modules.
 
     Same model, same numbers to float rounding (tested against transformers' forward, logits and routing); used by
     `generate_rollouts` when `supports(model)`: a DeepseekV3ForCausalLM with plain `nn.Linear` projections (no
