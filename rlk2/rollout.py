@@ -66,7 +66,6 @@ class Rollout:
             entropy=None if self.entropy is None else self.entropy[rows, :t1],
         )
 
-
     def pad_prompts(self, width: int, pad_id: int) -> "Rollout":
         """The same rollout with its prompts left-padded to `width` columns (more padding, nothing else: the
         position ids count real tokens only, and router records get -1, "no record", on the new columns)."""
@@ -138,8 +137,8 @@ def generate_rollouts(
     generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
     - each distinct prompt is prefilled once and its cache row copied to the K samples of its group;
     - a sequence that emits EOS leaves the batch (its cache rows are dropped), so later tokens cost less;
-    - decode steps of DeepSeek-V3-family models run through `rlk2.decode.LatentDecoder` (a plain function over
-      the weights with a static latent cache; `use_latent_decoder=False` keeps the model's own forward);
+    - the prefill and decode steps of DeepSeek-V3-family models run through `rlk2.decode.LatentDecoder` (a plain
+      function over the weights with a static latent cache; `use_latent_decoder=False` keeps the model's forward);
     - tokens are drawn by an exponential race, argmax(log p - log E) with E ~ Exp(1), which is exactly a draw
       from p, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
     - or, with `seeds` (one per sequence), from counter-based noise: sequence i's draw at position t is a pure

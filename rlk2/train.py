@@ -611,7 +611,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         elif rows is not None and len(rows) == 0:  # nothing moves the weights here: one sequence keeps DDP in step
             rows = torch.zeros(1, dtype=torch.long, device=adv.device)
         sub = ro if rows is None else ro.select(rows)
-        if sub.prompt_ids.shape[1] + sub.completion_ids.shape[1] < 16:
+        if sub.prompt_ids.shape[1] + sub.completion_ids.shape[1] < 16 and sub.prompt_ids.device.type == "cpu":
             # torch's CPU softmax takes a scalar path on rows shorter than 16 (~12x slower per element): sequences
             # this short get left padding up to 16 positions, which costs less than the slow path (~5 % of the
             # training pass on the demo, measured). Padding changes no log-prob: it is masked and has no position.
