@@ -14,9 +14,7 @@ of `bench_optim.py`, SDPA attention (transformers' default), float32, CPU.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import pathlib
 import statistics
 import sys
@@ -109,17 +107,6 @@ def run(quick: bool) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and contexts")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args.quick)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for r in rows:
-        print(f"{r['name']:60} {r['value'] * 1e3:8.2f} ms  baseline {r['baseline_value'] * 1e3:8.2f} ms  "
-              f"x{r['ratio']:.2f} (+/- {r['spread']:.2f}, {r['reps']} reps)")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(rows, indent=1))
+    import run_all  # this file's folder is on sys.path
+
+    run_all.standalone(run, "decode", __doc__, "fewer repetitions and contexts")

@@ -19,8 +19,6 @@ call), against the target of its deadline + 1 s.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import random
 import statistics
@@ -164,14 +162,6 @@ def run(quick: bool) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 checks instead of 10,000")
-    args = parser.parse_args()
-    rows = run(args.quick)
-    print(f"{'name':52} {'value':>10} {'unit':9} {'baseline_value':>14} {'ratio':>7} {'spread':>7} reps")
-    for r in rows:
-        print(f"{r['name']:52} {r['value']:>10.2f} {r['unit']:9} {r['baseline_value']:>14.2f} {r['ratio']:>7.2f} "
-              f"{r['spread']:>7.2f} {r['reps']}")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "math.json").write_text(json.dumps(rows, indent=1))
+    import run_all  # this file's folder is on sys.path
+
+    run_all.standalone(run, "math", __doc__, "1,000 checks instead of 10,000", threads=False)

@@ -27,8 +27,6 @@ sandboxes (a saturated pool without queueing), reported against the median `dock
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -229,17 +227,9 @@ def run(quick: bool) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="500 programs and smaller baseline samples")
-    args = parser.parse_args()
-    rows = run(args.quick)
-    print(f"{'name':46} {'value':>9} {'unit':10} {'baseline':45} {'base':>8} {'ratio':>7} {'spread':>6} reps")
-    for r in rows:
-        print(f"{r['name']:46} {r['value']:>9.3f} {r['unit']:10} {r['baseline']:45} {r['baseline_value']:>8.3f} "
-              f"{r['ratio']:>7.2f} {r['spread']:>6.2f} {r['reps']}")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sandbox.json").write_text(json.dumps(rows, indent=1))
+    import run_all  # this file's folder is on sys.path
+
+    run_all.standalone(run, "sandbox", __doc__, "500 programs and smaller baseline samples", threads=False)
     load = os.getloadavg()[0]
     print(f"cpus: {os.cpu_count()}, load average at the end: {load:.1f} (other work on the machine depresses the rates;"
           f" 2 x programs_per_cpu_s is the CPU-bound ceiling)")

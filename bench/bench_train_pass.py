@@ -13,8 +13,6 @@ a few tokens save.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -81,17 +79,7 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args.quick)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for r in rows:
-        print(f"{r['name']:80} {r['value'] * 1e3:8.2f} ms  baseline {r['baseline_value'] * 1e3:8.2f} ms  "
-              f"x{r['ratio']:.2f} (+/- {r['spread']:.2f}, {r['reps']} reps)")
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_pass.json").write_text(json.dumps(rows, indent=1))
+    sys.path.insert(0, str(ROOT))
+    import run_all  # this file's folder is on sys.path
+
+    run_all.standalone(run, "train_pass", __doc__, "fewer repetitions and cases")

@@ -120,6 +120,26 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(r) for r in lines), *errors])
 
 
+def standalone(run, name: str, doc: str, quick_help: str, *, threads: bool = True) -> list[dict]:
+    """A benchmark file run on its own (`python bench/bench_<name>.py [--quick] [--threads N]`): runs it, prints
+    the same table as this runner, writes `bench/out/<name>.json`, and returns the rows."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = check_rows(run(args.quick))
+    print(format_table([{"bench": name, "status": "ok", "rows": rows}]))
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="each benchmark's short version")
