@@ -64,6 +64,14 @@ def test_yaml_rubrics_and_their_errors(tmp_path):
         load_rubrics([str(bad)])
 
 
+@pytest.mark.parametrize("name", ["rows.jsonl", "rubric"])
+def test_rubric_file_of_another_kind_is_refused_by_its_suffix(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('{"prompt": "max(1,2,3)=?"}\n')  # parses as YAML; the suffix says it is not a rubric file
+    with pytest.raises(RubricError, match=r"a rubric file is \.toml, \.yaml or \.yml, not "):
+        load_rubric_file(path)
+
+
 def test_duplicate_names_across_files_name_both_files(tmp_path):
     (tmp_path / "a.toml").write_text(GOOD)
     (tmp_path / "b.toml").write_text(GOOD)

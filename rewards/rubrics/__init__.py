@@ -71,6 +71,8 @@ def load_rubric_file(path: str | Path) -> list[Rubric]:
     path = Path(path)
     if not path.is_file():
         raise RubricError(f"{path}: rubric file not found")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise RubricError(f"{path}: a rubric file is .toml, .yaml or .yml, not {path.suffix or 'no suffix'}")
     data = _read_table(path)
     if not isinstance(data, dict) or "rubric" not in data:
         raise RubricError(f"{path}: expected a list of [[rubric]] tables (key 'rubric')")
