@@ -40,7 +40,7 @@ def _model(shape=None):
 
 def _decode_time(model, batch: int, context: int, absorbed: bool) -> float:
     """Seconds per decode step after a prefill of `context` tokens."""
-    from rlk2.decode import absorbed_mla_decode
+    from rlk2.rollout.decode import absorbed_mla_decode
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (batch, context), generator=gen)
@@ -58,7 +58,7 @@ def _decode_time(model, batch: int, context: int, absorbed: bool) -> float:
 
 def _latent_time(model, batch: int, context: int) -> float:
     """Seconds per `LatentDecoder` decode step after its own prefill of `context` tokens."""
-    from rlk2.decode import LatentDecoder
+    from rlk2.rollout.decode import LatentDecoder
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (batch, context), generator=gen)

@@ -35,8 +35,8 @@ def measure(policy: str | None, prompts: int, samples: int, reps: int) -> dict[s
     import transformers
 
     from rewards.engine import RewardEngine
-    from rlk2.eval_tasks import build_eval_task, find_task_file, load_task_config
-    from rlk2.evaluate import evaluate_policy
+    from rlk2.eval.tasks import build_eval_task, find_task_file, load_task_config
+    from rlk2.eval.evaluate import evaluate_policy
     from rlk2.policy import load_policy
 
     transformers.utils.logging.set_verbosity_error()

@@ -27,7 +27,7 @@ Timing: each framework runs `STEPS` RL steps in its own subprocess with one torc
 alternating (rlk2 first in repetitions 1, 3, ..., TRL first in 2, 4, ...), `reps` repetitions. A step's time is the wall time between the ends of
 two consecutive steps, so it includes everything the loop does (generation, old log-probs, rewards, loss,
 backward, optimizer, logging); the first step (warm-up) is dropped. rlk2 is driven through `rlk2.train.train`
-with a config (its end-of-step timestamps come from wrapping `MetricsFile.write`), TRL through
+with a config (its end-of-step timestamps come from the loop's `on_step` seam), TRL through
 `GRPOTrainer.train()` (timestamps from a `TrainerCallback.on_step_end`). samples/s = 64 / median step time;
 tokens/s = median over steps of completion tokens (up to and including EOS) / step time. Ratio = rlk2 / TRL per repetition; the
 row reports the median of the per-repetition ratios and spread = (max - min) / 2 of them.
@@ -81,7 +81,7 @@ def prepare_policy() -> pathlib.Path:
     from rlk2.data import builtin_split
     from rlk2.policy import TinyMoEShape, build_demo_policy, load_policy
     from rlk2.rollout import encode_prompts
-    from rlk2.warmstart import cache_key, run_sft
+    from rlk2.policy.warmstart import cache_key, run_sft
 
     key = cache_key(task=TASK, shape=TinyMoEShape(), ws=WARM_START, version=1)
     out = CACHE / key
@@ -134,25 +134,22 @@ def run_rlk2(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path,
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     cfg = load_config(workdir / "recipe.yaml")
 
-    # The loop writes one metrics row at the end of each step (and one per eval): stamp each write.
+    # The loop's seam: called when the steps begin (after the step-0 evaluation) and after each step is logged.
     stamps: list[tuple[float, dict]] = []
-    write = loop.MetricsFile.write
 
-    def stamped_write(self, row: dict) -> None:
-        write(self, row)
+    def stamp(step: int, row: dict) -> None:
         stamps.append((time.perf_counter(), row))
 
-    loop.MetricsFile.write = stamped_write
     if profile is None:
-        loop.train(cfg)
+        loop.train(cfg, on_step=stamp)
     else:
         import cProfile
 
         prof = cProfile.Profile()
-        prof.runcall(loop.train, cfg)
+        prof.runcall(loop.train, cfg, on_step=stamp)
         prof.dump_stats(str(profile))
-    steps_rows = [(t, r) for t, r in stamps if "loss" in r]
-    start = max(t for t, r in stamps if r["step"] == 0)  # the step-0 eval ends just before step 1 begins
+    steps_rows = [(t, r) for t, r in stamps if r]
+    start = next(t for t, r in stamps if not r)  # the steps begin: the step-0 evaluation is over
     return {
         "step_end": [start] + [t for t, _ in steps_rows],
         "tokens": [r["completion/mean_length"] * PROMPTS_PER_STEP * GROUP_SIZE for _, r in steps_rows],
@@ -285,7 +282,7 @@ def _eval_reward(path: str | pathlib.Path) -> float:
     """Mean math reward of a policy on EVAL_PROMPTS held-out prompts x EVAL_SAMPLES samples at temperature 1."""
     from rewards import RewardEngine, RewardSpec
     from rlk2.data import builtin_split
-    from rlk2.evaluate import EvalTask, evaluate_policy
+    from rlk2.eval.evaluate import EvalTask, evaluate_policy
     from rlk2.policy import load_policy
 
     rows = builtin_split(TASK, "eval")[:EVAL_PROMPTS]
@@ -327,28 +324,28 @@ def learning(seeds: list[int], steps: int, threads: int | None) -> dict:
 
 
 # ================================================================================================ profile
-def _category(filename: str, name: str) -> str | None:
-    """Which part of an RL step a direct callee of `rlk2.train.train` belongs to (None: setup, eval, other)."""
+# The loop's phases (rlk2.train), and inside `update` the calls that make up the training pass.
+PHASES = {"generate": "generation (sampling loop, old log-probs, decode)", "score": "rewards (engine, math reward)",
+          "refine_critic": "critic refinement", "advantages": "advantages",
+          "log": "logging (metrics.jsonl, rollouts file, progress bar)"}
+UPDATE_PARTS = {"policy_logprobs": "log-probs forward (training pass, over the sequences with signal)",
+                "_training_rows": "log-probs forward (training pass, over the sequences with signal)",
+                "backward": "backward"}
+
+
+def _category(caller: str, filename: str, name: str) -> str | None:
+    """Which part of an RL step a call belongs to: a phase of `rlk2.train.train`, or a part of `update`."""
     from rlk2.algorithms import LOSSES
 
-    # generate_rollouts is wrapped by torch.inference_mode, so train's direct callee is the decorator's wrapper; it
-    # is the only decorated function train calls itself (evaluation calls it from run_eval).
-    if name in ("generate_rollouts", "decorate_context"):
-        return "generation (sampling loop, old log-probs, decode)"
-    if name in ("policy_logprobs", "select", "index_put", "trained_rows"):
-        return "log-probs forward (training pass, over the sequences with signal)"
-    if name in {f.__name__ for f in LOSSES.values()} | {"group_advantages"}:
-        return "advantages + loss"
-    if name == "backward":
-        return "backward"
-    if name in ("clip_grad_norm_", "zero_grad") or (name == "step" and ("optim" in filename or "lr_sched" in filename)):
+    if caller == "train":
+        return PHASES.get(name)
+    if name in UPDATE_PARTS:
+        return UPDATE_PARTS[name]
+    if name in {f.__name__ for f in LOSSES.values()}:
+        return "loss"
+    if name in ("clip_grads_with_norm_", "zero_grad", "get_total_norm") or (
+            name == "step" and ("optim" in filename or "lr_sched" in filename)):
         return "optimizer (clip, AdamW step, scheduler, zero_grad)"
-    if name in ("score", "submit", "result", "budget_penalty"):
-        return "rewards (engine, math reward)"
-    if name in ("encode_prompts", "sample", "concat_rollouts", "to", "unwrap_model"):
-        return "prompts + batching"
-    if name in ("write", "dumps", "open", "set_postfix", "get_last_lr"):
-        return "logging (metrics.jsonl, rollouts file, progress bar)"
     return None
 
 
@@ -366,12 +363,16 @@ def profile(steps: int, threads: int | None) -> dict:
 
 def breakdown(stats: dict, res: dict, steps: int) -> dict:
     """Seconds per step of each part, from pstats' raw stats of a profiled rlk2 worker and its result."""
-    train_key = next(k for k in stats if k[2] == "train" and k[0].endswith(os.path.join("rlk2", "train.py")))
+    def key(fn: str) -> tuple:
+        return next(k for k in stats if k[2] == fn and k[0].endswith(os.path.join("rlk2", "train.py")))
+
     parts: dict[str, float] = {}
-    for (filename, _, name), (*_, callers) in stats.items():
-        cat = _category(filename, name)
-        if cat and train_key in callers:
-            parts[cat] = parts.get(cat, 0.0) + callers[train_key][3] / steps  # cumulative time from train()
+    for caller in ("train", "update"):
+        caller_key = key(caller)
+        for (filename, _, name), (*_, callers) in stats.items():
+            cat = _category(caller, filename, name)
+            if cat and caller_key in callers:
+                parts[cat] = parts.get(cat, 0.0) + callers[caller_key][3] / steps  # cumulative time from the caller
     ends = res["step_end"]
     per_step = (ends[-1] - ends[0]) / steps
     parts["other (loop body, tensor -> Python conversions)"] = per_step - sum(parts.values())

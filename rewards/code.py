@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from rewards.engine import reward_traits
+from rewards.traits import reward_traits
 from sandboxes import ExecutionResult, Job, JobError, SandboxError, Status, open_backend
 
 log = logging.getLogger("rewards.code")

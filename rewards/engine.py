@@ -40,54 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rewards.pool import _CallState, _Job, _Pool, _call_kwargs, _failed, _normalise, _reason
+from rewards.registry import required_columns, resolve_reward
+from rewards.traits import RewardError, RewardTraits, reward_traits, traits_of
+
+__all__ = ["RewardEngine", "RewardError", "RewardSpec", "RewardTraits", "ScoreBatch", "ScoreStream", "reward_traits",
+           "traits_of"]
 
 logger = logging.getLogger("rewards")
-
-
-class RewardError(ValueError):
-    """A reward cannot be used as configured (unknown name, missing column, bad option). One-line message."""
-
-
-# ----------------------------------------------------------------------------------------------- traits
-
-
-@dataclass(frozen=True)
-class RewardTraits:
-    run_in: Literal["worker", "caller"] = "worker"
-    """"worker": a killable worker process (default). "caller": this process, for stateful or trivial rewards."""
-    elementwise: bool = False
-    """Scores each sample independently: the engine may call it per sample and charges a timeout to one sample."""
-    timeout_score: float | None = None
-    """Score of a sample whose own evaluation timed out (elementwise only); None = unscorable."""
-    whole_batch: bool = False
-    """Never split the batch into chunks (group-relative rewards that compare completions of one prompt)."""
-    shortcut: Callable[[str, dict], float | None] | None = None
-    """Elementwise rewards: `shortcut(completion, row)` (row = the sample's dataset columns) gives the final score
-    of the samples it can decide at a glance, None for the rest, which go to the reward proper. It runs in this
-    process before any dispatch, so it must be cheap and linear in the text: it exists for the common, trivial
-    case (math's plain-integer answers), whose worker round trip would cost more than the check itself."""
-
-    def __post_init__(self) -> None:
-        if self.shortcut is not None and not self.elementwise:
-            raise RewardError("reward_traits: a shortcut decides single samples, so it needs elementwise=True")
-
-
-_TRAITS_ATTR = "__rlk2_reward_traits__"
-
-
-def reward_traits(**traits: Any) -> Callable[[Callable], Callable]:
-    """Decorator declaring how the engine runs a reward, e.g. `@reward_traits(elementwise=True)`."""
-    value = RewardTraits(**traits)
-
-    def mark(fn: Callable) -> Callable:
-        setattr(fn, _TRAITS_ATTR, value)
-        return fn
-
-    return mark
-
-
-def traits_of(fn: Callable) -> RewardTraits:
-    return getattr(fn, _TRAITS_ATTR, None) or RewardTraits()
 
 
 # ------------------------------------------------------------------------------------------ public types
@@ -162,15 +121,11 @@ class RewardEngine:
 
     def resolve(self, name: str) -> Callable:
         if name not in self._fns:
-            from rewards import resolve_reward
-
             self._fns[name] = resolve_reward(name)
         return self._fns[name]
 
     def check_columns(self, specs: Sequence[RewardSpec], columns: Iterable[str], *, where: str) -> None:
         """Fails now, with one line naming the reward and the column, instead of at step 300."""
-        from rewards import required_columns
-
         available = set(columns)
         seen: set[str] = set()
         for spec in specs:
@@ -204,6 +159,18 @@ class RewardEngine:
         (the training loop generates the next task's completions) while the workers score."""
         self._check_open()
         return asyncio.run_coroutine_threadsafe(self._score(specs, completions, prompts, columns), self._loop)
+
+    def score_later(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
+                    columns: Mapping[str, list]) -> concurrent.futures.Future:
+        """A Future of the batch's ScoreBatch, scored while the caller goes on where that is safe: when every reward
+        runs in the worker processes (`runs_apart`) the batch is submitted and the call returns at once; a
+        caller-run reward (the rubric critic uses the live policy) is scored now, before the caller touches the
+        model again, and the Future is already done."""
+        if self.runs_apart(specs):
+            return self.submit(specs, completions, prompts, columns)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(self.score(specs, completions, prompts, columns))
+        return done
 
     def runs_apart(self, specs: Sequence[RewardSpec]) -> bool:
         """Whether every reward of `specs` runs in the worker processes, so scoring cannot touch this process's

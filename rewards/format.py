@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rewards.engine import RewardError, reward_traits
+from rewards.traits import RewardError, reward_traits
 from rewards.math import last_boxed
 
 

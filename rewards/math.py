@@ -57,7 +57,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rewards.engine import reward_traits
+from rewards.traits import reward_traits
 
 _CACHE_SIZE = 16384
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")

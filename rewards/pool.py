@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from rewards.registry import resolve_reward
+
 logger = logging.getLogger("rewards")
 
 _MAX_REASON = 160  # characters kept of an error reason: messages are log lines, not tracebacks
@@ -137,8 +139,6 @@ def _worker_main(rfd: int, wfd: int, memory_mb: int, preload: str) -> None:
                 getattr(loaded, func)()
         except Exception as exc:  # reported when a job needs it; a broken optional module must not kill the pool
             print(f"rewards worker: preload {item} failed: {_reason(exc)}", file=sys.stderr)
-    from rewards import resolve_reward
-
     loop = asyncio.new_event_loop()  # one loop for the worker's life: async rewards may keep clients on it
     fns: dict[str, Callable] = {}
     outbox.send(("ready", os.getpid()))

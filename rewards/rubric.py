@@ -25,9 +25,9 @@ scalar per response.
   half a loss against an anchor of strength 1, so perfect records stay finite) and gives r_i = p_i / (p_i + 1),
   the chance of beating an average response. A response without any outcome is None (counted by the engine).
 
-Critic backends are looked up by name (`self`, `checkpoint`, `openai`, in `rlk2.critic`: they need the model
-stack, so this module imports them only when a call needs one), by `pkg.module:factory`, or passed as an object
-with a `complete(prompts, *, max_new_tokens, temperature, seed) -> list[Reply]` method. Reasons and verdicts come
+Critic backends (`rewards.critic`) are looked up by name (`openai` here; `checkpoint` once `rlk2.critic` is
+imported; `self` is the live policy, which `rlk2 train` passes in as an object), by `pkg.module:factory`, or
+passed as an object with a `complete(prompts, *, max_new_tokens, temperature, seed) -> list[Reply]` method. Reasons and verdicts come
 back as extras (`rubric/judgments`: per sample, every judgment it took part in; `rubric/unparsable`);
 `summarize` turns one call's judgments into counts and position consistency for logging.
 
@@ -45,42 +45,27 @@ for start-up checks.
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import json
 import math
 import random
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
-from rewards.engine import reward_traits
+from rewards.critic import BACKENDS, Critic, Reply, get_critic, register_backend
+from rewards.traits import reward_traits
 from rewards.rubrics import (DEFAULT_RUBRICS, DEFAULT_TEMPLATE, PLACEHOLDERS, RUBRIC_DIR, Rubric, RubricError,
                              fill_template, load_rubric_file, load_rubrics, load_template, render_rubrics, rubric_path)
 
 __all__ = [  # the rubric-file and template helpers of rewards.rubrics are re-exported: one import for users
     "AGGREGATES", "BACKENDS", "DEFAULT_RUBRICS", "DEFAULT_TEMPLATE", "PLACEHOLDERS", "RUBRIC_DIR", "Critic", "Reply",
     "Rubric", "RubricError", "Verdict", "bradley_terry", "check_options", "choose_pairs", "combine_rubric_outcomes",
-    "fill_template", "get_critic", "load_rubric_file", "load_rubrics", "load_template", "outcome_for_first",
+    "fill_template", "get_critic", "load_rubric_file", "register_backend", "load_rubrics", "load_template", "outcome_for_first",
     "parse_verdict", "render_rubrics", "rubric", "rubric_path", "summarize", "win_rate",
 ]
 
-BACKENDS = {"self": "rlk2.critic:SelfCritic", "checkpoint": "rlk2.critic:CheckpointCritic",
-            "openai": "rlk2.critic:OpenAICritic"}
 _MAX_REASON = 400
-
-
-class Reply(NamedTuple):
-    """One critic completion: its text, or None with the reason the backend could not produce it."""
-
-    text: str | None
-    error: str | None = None
-
-
-class Critic(Protocol):
-    def complete(self, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int) -> list[Reply]: ...
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
@@ -189,32 +174,6 @@ def bradley_terry(k: int, outcomes: dict[tuple[int, int], float], *, prior: floa
 
 
 AGGREGATES = {"winrate": win_rate, "bradley_terry": bradley_terry}
-
-
-# ------------------------------------------------------------------------------------------------ backends
-_critics: dict[str, Any] = {}
-_critics_lock = threading.Lock()
-
-
-def get_critic(backend: Any, options: dict[str, Any] | None = None) -> Critic:
-    """A critic backend: an object with `complete`, a name in BACKENDS, or `pkg.module:factory`; cached by options."""
-    if hasattr(backend, "complete"):
-        return backend
-    if not isinstance(backend, str) or not (backend in BACKENDS or ":" in backend):
-        raise RubricError(f"rubric: unknown critic backend {backend!r} "
-                          f"(use {', '.join(BACKENDS)} or pkg.module:factory)")
-    target = BACKENDS.get(backend, backend)
-    options = dict(options or {})
-    key = json.dumps([target, options], sort_keys=True, default=str)
-    with _critics_lock:
-        if key not in _critics:
-            module, _, attr = target.partition(":")
-            factory = getattr(importlib.import_module(module), attr)
-            try:
-                _critics[key] = factory(**options)
-            except TypeError as exc:  # an option the backend does not take
-                raise RubricError(f"rubric: critic backend {backend!r}: {exc}") from None
-        return _critics[key]
 
 
 # ------------------------------------------------------------------------------------------------ the reward

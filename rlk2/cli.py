@@ -1,8 +1,8 @@
 """The `rlk2` console script: one entry, one subcommand per user task (DESIGN.md 2.1).
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; this file only
-dispatches, so a command's heavy imports (torch, transformers, docker) load only when that command runs.
-Errors the user caused (`UserError`, bad config) print as one line and exit 2, never as a traceback.
+Every subcommand's arguments are declared here, so `rlk2 --help` and argument errors never import torch; the
+command's module (`rlk2.train`, `rlk2.eval.cli`, `rlk2.score`, `rlk2.serve`, `sandboxes.cli`) is imported only to
+run it. Errors the user caused (`UserError`, a reward named wrong) print as one line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,16 +10,82 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
-# name -> (module, one-line help). A command module keeps heavy imports inside its functions: every module
-# here is imported to build the parser, so `rlk2 --help` must stay fast.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("rlk2.train", "run an RL fine-tune (no CONFIG = configs/demo.yaml)"),
-    "score": ("rlk2.cli_rewards", "score JSONL rows offline with a reward: one JSON result line per input line"),
-    "rewards": ("rlk2.cli_rewards", "list the available rewards and the dataset columns each one needs"),
-    "sandbox": ("sandboxes.cli", "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP"),
-    "serve": ("rlk2.serve", "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)"),
-    "eval": ("rlk2.evaluate", "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95 %% intervals, report and plots"),
+from rewards.engine import RewardError
+from rlk2.errors import UserError
+from sandboxes.cli import add_arguments as _sandbox_arguments
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML recipe (default configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.group_size=4")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                        help="HF checkpoint dir, PEFT adapter dir, or rlk2 run dir (latest checkpoint; "
+                             "RUN_DIR:step-N for one step, RUN_DIR:start for the policy the run started from)")
+    parser.add_argument("--tasks", help="comma-separated task names in configs/eval/ or .yaml paths "
+                                        "(default: the run's own tasks when a run dir is given, else arith)")
+    parser.add_argument("--k", default="1,4,8", help="pass@k values, comma-separated (default 1,4,8)")
+    parser.add_argument("--samples", type=int, help="samples per prompt, n >= every k (default: the largest k)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the bootstrap (default 0)")
+    parser.add_argument("--out", help="output directory (default evals/<date-time>)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts of each task")
+    parser.add_argument("--batch-size", type=int, default=256, help="sequences generated at once (default 256)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass@1 measurement")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--reward-workers", type=int, default=2, help="reward worker processes (default 2)")
+
+
+def _score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", required=True, metavar="NAME",
+                        help="a built-in name (see `rlk2 rewards`), pkg.module:function, or an entry point")
+    parser.add_argument("--input", metavar="FILE", help="JSONL file of rows (default: stdin)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword option passed to the reward; VALUE is parsed as JSON when it can be")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="deadline per call (per sample for elementwise rewards such as math), default 10")
+    parser.add_argument("--workers", type=int, default=2, help="reward worker processes, 1..64 (default 2)")
+
+
+def _rewards_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME", help="also describe these rewards (e.g. dotted paths)")
+    parser.add_argument("--config", metavar="CONFIG", help="also describe the rewards that this training config names")
+    parser.add_argument("--json", action="store_true", help="one JSON object per reward instead of a table")
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="local Hugging Face checkpoint directory (or PEFT adapter)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port; the URL is printed)")
+    parser.add_argument("--model-name", help="model id reported by /v1/models (default: the directory name)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--max-batch", type=int, default=32, help="most sequences generated together (default 32)")
+    parser.add_argument("--batch-window-ms", type=float, default=5.0, help="wait for more requests to batch")
+    parser.add_argument("--plain-prompts", action="store_true",
+                        help="for a tokenizer without a chat template: join the messages' contents as plain text")
+    parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none")
+
+
+# name -> (arguments, "module:function" that runs it, one-line help)
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] = {
+    "train": (_train_arguments, "rlk2.train:run", "run an RL fine-tune (no CONFIG = configs/demo.yaml)"),
+    "score": (_score_arguments, "rlk2.score:run_score",
+              "score JSONL rows offline with a reward: one JSON result line per input row"),
+    "rewards": (_rewards_arguments, "rlk2.score:run_rewards",
+                "list the available rewards and the dataset columns each one needs"),
+    "sandbox": (_sandbox_arguments, "sandboxes.cli:run",
+                "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP"),
+    "serve": (_serve_arguments, "rlk2.serve:run",
+              "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)"),
+    "eval": (_eval_arguments, "rlk2.eval.cli:run",
+             "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95 %% intervals, report and plots"),
 }
 
 
@@ -31,30 +97,23 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlk2", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (add_arguments, target, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"))
-        module = importlib.import_module(module_name)
-        adder = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
-        adder(sp)
-        sp.set_defaults(_module=module_name, _name=name)
+        add_arguments(sp)
+        sp.set_defaults(_target=target)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rewards.engine import RewardError  # a reward named wrong, a column missing: the user's mistake too
-    from rlk2.errors import UserError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    module = importlib.import_module(args._module)
-    runner = getattr(module, f"run_{args._name}", None) or module.run
+    args = build_parser().parse_args(argv)
+    module, _, function = args._target.partition(":")
     try:
-        return int(runner(args) or 0)
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
     except (UserError, RewardError) as exc:
-        print(f"rlk2 {args._name}: error: {exc}", file=sys.stderr)
+        print(f"rlk2 {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rlk2 {args._name}: interrupted", file=sys.stderr)
+        print(f"rlk2 {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

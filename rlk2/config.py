@@ -1,20 +1,28 @@
 """The run configuration: one frozen dataclass tree, YAML recipes, dotted command-line overrides.
 
 Defaults live here, with a docstring under every field. `load_config(path, overrides)` merges
-defaults <- YAML <- overrides with OmegaConf (type-checked, unknown keys rejected) and returns a frozen `Config`;
-every user mistake becomes a `UserError` whose one line names the key.
+defaults <- YAML <- overrides with OmegaConf (type-checked, unknown keys rejected), then checks every value's range
+once (`Config.__post_init__`), and returns a frozen `Config`; every user mistake is a `UserError` whose one line
+names the key. `load_structured` is the same loader for any other dataclass schema (the evaluation task files).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from rlk2.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+LOSS_NAMES = ("k2", "grpo", "dr_grpo", "dapo", "gspo")  # rlk2.algorithms.LOSSES (checked equal in the tests)
 
 
 @dataclass(frozen=True)
@@ -30,17 +38,39 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class DemoModelConfig:
+class TinyMoEShape:
+    """Shape of the tiny DeepSeek-V3 demo MoE (used when policy.path is unset). Defaults give ~1 M parameters."""
+
     hidden_size: int = 96
-    """Width of the tiny DeepSeek-V3 demo model (used when policy.path is unset)."""
+    """Model width."""
     num_hidden_layers: int = 3
-    """Layers; the first is dense, the rest MoE."""
+    """Decoder layers; the first `first_k_dense_replace` are dense, the rest MoE."""
     num_attention_heads: int = 4
     """MLA heads."""
+    intermediate_size: int = 256
+    """Width of the dense layers' MLP."""
+    moe_intermediate_size: int = 64
+    """Width of each expert's MLP."""
     n_routed_experts: int = 8
     """Routed experts per MoE layer (sigmoid top-k router)."""
     num_experts_per_tok: int = 2
-    """Experts chosen per token."""
+    """Experts chosen per token (k)."""
+    n_shared_experts: int = 1
+    """Shared experts every token goes through."""
+    first_k_dense_replace: int = 1
+    """Leading layers that are dense."""
+    q_lora_rank: Optional[int] = None
+    """Rank of the query compression (null: a plain query projection)."""
+    kv_lora_rank: int = 32
+    """Width of MLA's compressed key/value latent."""
+    qk_nope_head_dim: int = 16
+    """Per-head query/key width without rotary embedding."""
+    qk_rope_head_dim: int = 8
+    """Per-head query/key width with rotary embedding (even)."""
+    v_head_dim: int = 16
+    """Per-head value width."""
+    max_position_embeddings: int = 256
+    """Context length in tokens."""
 
 
 @dataclass(frozen=True)
@@ -65,14 +95,10 @@ class PolicyConfig:
     """transformers attention implementation: eager | sdpa."""
     chat_template: bool = True
     """Wrap prompts with the tokenizer's chat template (as a user turn) when it has one."""
-    demo: DemoModelConfig = field(default_factory=DemoModelConfig)
+    demo: TinyMoEShape = field(default_factory=TinyMoEShape)
     """Shape of the demo model."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters (PEFT)."""
-
-    def __post_init__(self) -> None:
-        _choice("policy.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice("policy.attn_implementation", self.attn_implementation, ("eager", "sdpa"))
 
 
 @dataclass(frozen=True)
@@ -173,15 +199,16 @@ class AlgoConfig:
     loss: str = "k2"
     """Policy loss: k2 | grpo | dr_grpo | dapo | gspo (rlk2.algorithms.LOSSES)."""
     tau: float = 0.05
-    """k2: regularisation strength tau of the squared mirror-descent objective."""
+    """k2: regularisation strength tau of the squared mirror-descent objective (> 0)."""
     length_norm: bool = False
     """k2: average the per-token log-ratio instead of summing it."""
     clip_low: float = 0.2
     """Ratio clip below 1 (grpo family)."""
     clip_high: float = 0.2
     """Ratio clip above 1 (grpo family; dapo's clip-higher uses a larger value)."""
-    scale_rewards: bool = True
-    """grpo: divide advantages by the group's reward std."""
+    scale_rewards: Optional[bool] = None
+    """Divide each group's advantages by its reward std: null = the loss's own convention (grpo, dapo, gspo scale;
+    k2 and dr_grpo do not, as their papers define them); true / false force it either way."""
     inner_steps: int = 1
     """Optimizer steps per rollout batch (>1 makes the policy move off pi_old within the batch)."""
     filter_zero_std: bool = False
@@ -207,9 +234,6 @@ class OptimConfig:
     qk_clip_tau: Optional[float] = 100.0
     """muonclip: QK-Clip threshold on the max pre-softmax logit (null disables clipping)."""
 
-    def __post_init__(self) -> None:
-        _choice("optim.name", self.name, ("adamw", "muonclip"))
-
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -220,7 +244,7 @@ class TrainerConfig:
     save_every: int = 0
     """Checkpoint period in steps (0 = only at the end)."""
     keep_last: int = 2
-    """How many checkpoints to keep."""
+    """How many checkpoints to keep (0 = all)."""
     save_rollouts: bool = True
     """Write rollouts/step-<N>.jsonl."""
     trackers: list[str] = field(default_factory=list)
@@ -232,6 +256,8 @@ class TrainerConfig:
     cache; same log-probs and gradient) when that saves at least this many prompt tokens; below, the extra forward
     call costs more than the tokens it saves (measured on the demo model, CPU). 0 = always, -1 = never. One process
     only (DDP expects one forward per backward)."""
+    reward_workers: int = 2
+    """Worker processes of the reward engine (rewards that run apart from training: math, code, user rewards)."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +267,7 @@ class EvalConfig:
     samples: int = 4
     """Samples per held-out prompt (pass@1 is their mean success)."""
     temperature: float = 1.0
-    """Sampling temperature for evaluation samples."""
+    """Sampling temperature for evaluation samples (> 0; the greedy measurement is `greedy`)."""
     greedy: bool = True
     """Also measure greedy pass@1."""
     batch_size: int = 256
@@ -261,23 +287,14 @@ class MoEConfig:
     """Weight of transformers' load-balancing loss over the training forward's router logits (Qwen3-MoE,
     Mixtral, ...; 0 = off). DeepSeek-V3-family routers have none: use bias_update_rate."""
 
-    def __post_init__(self) -> None:
-        if self.bias_update_rate < 0:
-            raise UserError("moe.bias_update_rate: must be >= 0 (0 turns the bias update off)")
-        if self.aux_loss_coef < 0:
-            raise UserError("moe.aux_loss_coef: must be >= 0 (0 turns the loss off)")
-
 
 @dataclass(frozen=True)
 class CriticConfig:
     refine: bool = False
     """Closed-loop critic refinement (K2, DESIGN.md 5): the policy, as critic, judges pairs of its own responses
     whose verifiable rewards differ; agreement with the verifier is the critic role's reward, in the same policy
-    update. Single process only (see rlk2.critic_refine)."""
-    template: Optional[str] = None
-    """Critic prompt template (.txt); null = rewards/critic_prompt.txt. Use the same one as the rubric reward."""
-    rubrics: list[str] = field(default_factory=lambda: ["core", "prescriptive"])
-    """Rubric sets by name, or .toml / .yaml paths, shown to the critic (as for the rubric reward)."""
+    update. Single process only (see rlk2.critic.refine). The critic prompt template and rubrics are the rubric
+    reward's own (`template` and `rubrics` in its kwargs), or the shipped ones when no task has a rubric reward."""
     tasks: list[str] = field(default_factory=list)
     """Tasks whose verifiable rewards ground the critic; empty = every task without a `rubric` reward."""
     pairs_per_prompt: int = 1
@@ -288,33 +305,23 @@ class CriticConfig:
     max_new_tokens: int = 64
     """Token budget of one critic reply (reason + verdict)."""
     unparsable_reward: Optional[float] = 0.0
-    """Critic-role reward of a reply without a parsable verdict (null = unscorable; see rlk2.critic_refine)."""
+    """Critic-role reward of a reply without a parsable verdict (null = unscorable; see rlk2.critic.refine)."""
     pair_baseline: bool = True
     """Both orders of a pair form one advantage group (2 x group_size verdicts) instead of one group per order.
     A critic that always names the same position is then right in one order and wrong in the other, so its
     samples still get advantages (toward judging the responses, not the position); with one group per order
-    every such group ties and carries no gradient (see rlk2.critic_refine.pair_advantages)."""
+    every such group ties and carries no gradient (see rlk2.critic.refine.pair_advantages)."""
     heldout_pairs: int = 128
     """Held-out verified pairs (from the step-0 evaluation samples) on which critic/agreement is measured."""
     agreement_every: int = 1
     """Measure critic/agreement every N steps (always at step 0 and at the last step)."""
     warm_start_examples: int = 0
     """Critic-format rows added to the supervised warm start (for toy models that have never seen a critic prompt):
-    a gold completion against another row's, in random order (rlk2.critic_refine.format_warmup_rows)."""
+    a gold completion against another row's, in random order (rlk2.critic.refine.format_warmup_rows)."""
     warm_start_verdicts: str = "both"
     """both: each critic prompt once with each verdict (the reply format, no judgement: the critic starts at
     chance); gold: the gold completion's letter (a critic initialised on synthetic preference pairs, as K2's
     starts from preference data; the pairs' wrong answers are other rows' answers, not the policy's near misses)."""
-
-    def __post_init__(self) -> None:
-        for key in ("pairs_per_prompt", "max_new_tokens", "heldout_pairs", "agreement_every"):
-            if getattr(self, key) < 1:
-                raise UserError(f"critic.{key}: must be >= 1")
-        if self.max_pairs is not None and self.max_pairs < 1:
-            raise UserError("critic.max_pairs: must be >= 1 (or null for no cap)")
-        if self.warm_start_examples < 0:
-            raise UserError("critic.warm_start_examples: must be >= 0")
-        _choice("critic.warm_start_verdicts", self.warm_start_verdicts, ("both", "gold"))
 
 
 @dataclass(frozen=True)
@@ -332,49 +339,121 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise UserError("tasks: at least one task is required")
-        for i, task in enumerate(self.tasks):
-            if not task.rewards:
-                raise UserError(f"tasks[{i}].rewards: task '{task.name}' has no reward")
-            if task.max_new_tokens < 1:
-                raise UserError(f"tasks[{i}].max_new_tokens: must be >= 1")
-        if self.rollout.group_size < 2:
-            raise UserError("rollout.group_size: must be >= 2 (advantages compare responses within a group)")
-        if self.rollout.prompts_per_step < 1:
-            raise UserError("rollout.prompts_per_step: must be >= 1")
-        if self.rollout.temperature <= 0:
-            raise UserError("rollout.temperature: must be > 0 (log-probs are of the tempered distribution)")
-        if self.trainer.steps < 0:
-            raise UserError("trainer.steps: must be >= 0")
-        if self.trainer.shared_prompt_tokens < -1:
-            raise UserError("trainer.shared_prompt_tokens: must be >= 0, or -1 (never share prompts)")
-        ro = self.rollout
-        if ro.temperature_end is not None and ro.temperature_end <= 0:
-            raise UserError("rollout.temperature_end: must be > 0 (log-probs are of the tempered distribution)")
-        if ro.temperature_decay_steps < 0:
-            raise UserError("rollout.temperature_decay_steps: must be >= 0")
-        _choice("rollout.temperature_schedule", ro.temperature_schedule, ("linear", "cosine"))
-        _choice("rollout.sampling", ro.sampling, ("uniform", "prioritized"))
-        if not 0 < ro.priority_floor <= 1:
-            raise UserError("rollout.priority_floor: must be in (0, 1]")
-        ptx = self.algo.ptx
-        if ptx.weight < 0:
-            raise UserError("algo.ptx.weight: must be >= 0 (0 turns the PTX loss off)")
-        if ptx.weight > 0 and not ptx.source:
-            raise UserError("algo.ptx.source: required when algo.ptx.weight > 0 (a built-in task or a .jsonl file)")
-        if ptx.batch_size < 1:
-            raise UserError("algo.ptx.batch_size: must be >= 1")
-        if self.algo.inner_steps < 1:
-            raise UserError("algo.inner_steps: must be >= 1 (optimizer steps per rollout batch)")
-        from rlk2.algorithms import LOSSES
-
-        _choice("algo.loss", self.algo.loss, tuple(LOSSES))
+        _check_finite(self, "")
+        for key, ok, rule in _rules(self):
+            if not ok:
+                raise UserError(f"{key}: {rule}")
         _check_critic_tasks(self)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+# ================================================================================================ validation
+def _rules(c: Config) -> list[tuple[str, bool, str]]:
+    """(key, value is acceptable, the rule in words) for every value with a range: checked once, at load."""
+    ro, al, op, tr, ev, ws, sh, cr = c.rollout, c.algo, c.optim, c.trainer, c.eval, c.warm_start, c.policy.demo, c.critic
+    names = [t.name for t in c.tasks]
+    rules = [
+        ("run.seed", c.run.seed >= 0, "must be >= 0"),
+        ("policy.dtype", c.policy.dtype in ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
+        ("policy.attn_implementation", c.policy.attn_implementation in ("eager", "sdpa"), "must be eager or sdpa"),
+        ("policy.lora.r", c.policy.lora.r >= 1, "must be >= 1"),
+        ("warm_start.steps", not ws.enabled or ws.steps >= 1, "must be >= 1 (or warm_start.enabled=false)"),
+        ("warm_start.batch_size", ws.batch_size >= 1, "must be >= 1"),
+        ("warm_start.lr", ws.lr > 0, "must be > 0"),
+        ("warm_start.examples", ws.examples >= 1, "must be >= 1"),
+        ("tasks", bool(c.tasks), "at least one task is required"),
+        ("tasks", len(set(names)) == len(names),
+         f"task names must be distinct ('{next((n for n in names if names.count(n) > 1), '')}' appears twice): they "
+         "name the metrics eval/<task>/..."),
+        ("rollout.group_size", ro.group_size >= 2, "must be >= 2 (advantages compare responses within a group)"),
+        ("rollout.prompts_per_step", ro.prompts_per_step >= 1, "must be >= 1"),
+        ("rollout.temperature", ro.temperature > 0, "must be > 0 (log-probs are of the tempered distribution)"),
+        ("rollout.temperature_end", ro.temperature_end is None or ro.temperature_end > 0,
+         "must be > 0 (log-probs are of the tempered distribution)"),
+        ("rollout.temperature_decay_steps", ro.temperature_decay_steps >= 0, "must be >= 0"),
+        ("rollout.temperature_schedule", ro.temperature_schedule in ("linear", "cosine"), "must be linear or cosine"),
+        ("rollout.top_p", 0 < ro.top_p <= 1, "must be in (0, 1]"),
+        ("rollout.sampling", ro.sampling in ("uniform", "prioritized"), "must be uniform or prioritized"),
+        ("rollout.priority_floor", 0 < ro.priority_floor <= 1, "must be in (0, 1]"),
+        ("algo.loss", al.loss in LOSS_NAMES, f"'{al.loss}' is not one of {', '.join(LOSS_NAMES)}"),
+        ("algo.tau", al.tau > 0, "must be > 0 (the k2 loss's regularisation strength)"),
+        ("algo.clip_low", 0 <= al.clip_low < 1, "must be in [0, 1)"),
+        ("algo.clip_high", al.clip_high >= 0, "must be >= 0"),
+        ("algo.inner_steps", al.inner_steps >= 1, "must be >= 1 (optimizer steps per rollout batch)"),
+        ("algo.ptx.weight", al.ptx.weight >= 0, "must be >= 0 (0 turns the PTX loss off)"),
+        ("algo.ptx.source", al.ptx.weight == 0 or bool(al.ptx.source),
+         "required when algo.ptx.weight > 0 (a built-in task or a .jsonl file)"),
+        ("algo.ptx.batch_size", al.ptx.batch_size >= 1, "must be >= 1"),
+        ("optim.name", op.name in ("adamw", "muonclip"), f"'{op.name}' is not one of adamw, muonclip"),
+        ("optim.lr", op.lr > 0, "must be > 0"),
+        ("optim.weight_decay", op.weight_decay >= 0, "must be >= 0"),
+        ("optim.warmup_steps", op.warmup_steps >= 0, "must be >= 0"),
+        ("optim.grad_clip", op.grad_clip >= 0, "must be >= 0 (0 = off)"),
+        ("optim.qk_clip_tau", op.qk_clip_tau is None or op.qk_clip_tau > 0, "must be > 0 (or null to disable)"),
+        ("trainer.steps", tr.steps >= 0, "must be >= 0"),
+        ("trainer.log_every", tr.log_every >= 1, "must be >= 1"),
+        ("trainer.save_every", tr.save_every >= 0, "must be >= 0 (0 = only at the end)"),
+        ("trainer.keep_last", tr.keep_last >= 0, "must be >= 0 (0 = keep every checkpoint)"),
+        ("trainer.max_bad_steps", tr.max_bad_steps >= 1, "must be >= 1"),
+        ("trainer.shared_prompt_tokens", tr.shared_prompt_tokens >= -1, "must be >= 0, or -1 (never share prompts)"),
+        ("trainer.reward_workers", 1 <= tr.reward_workers <= 64, "must be in 1..64"),
+        ("eval.every", ev.every >= 0, "must be >= 0 (0 = only at the start and the end)"),
+        ("eval.samples", ev.samples >= 1, "must be >= 1"),
+        ("eval.temperature", ev.temperature > 0, "must be > 0 (greedy pass@1 is measured by eval.greedy)"),
+        ("eval.batch_size", ev.batch_size >= 1, "must be >= 1"),
+        ("moe.bias_update_rate", c.moe.bias_update_rate >= 0, "must be >= 0 (0 turns the bias update off)"),
+        ("moe.aux_loss_coef", c.moe.aux_loss_coef >= 0, "must be >= 0 (0 turns the loss off)"),
+        ("critic.pairs_per_prompt", cr.pairs_per_prompt >= 1, "must be >= 1"),
+        ("critic.max_new_tokens", cr.max_new_tokens >= 1, "must be >= 1"),
+        ("critic.heldout_pairs", cr.heldout_pairs >= 1, "must be >= 1"),
+        ("critic.agreement_every", cr.agreement_every >= 1, "must be >= 1"),
+        ("critic.max_pairs", cr.max_pairs is None or cr.max_pairs >= 1, "must be >= 1 (or null for no cap)"),
+        ("critic.warm_start_examples", cr.warm_start_examples >= 0, "must be >= 0"),
+        ("critic.warm_start_verdicts", cr.warm_start_verdicts in ("both", "gold"), "must be both or gold"),
+    ]
+    shape = [(k, getattr(sh, k)) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                          "intermediate_size", "moe_intermediate_size", "n_routed_experts",
+                                          "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
+                                          "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")]
+    rules += [(f"policy.demo.{k}", v >= 1, "must be >= 1") for k, v in shape]
+    rules += [
+        ("policy.demo.num_experts_per_tok", sh.num_experts_per_tok <= sh.n_routed_experts,
+         f"must be <= policy.demo.n_routed_experts ({sh.n_routed_experts})"),
+        ("policy.demo.qk_rope_head_dim", sh.qk_rope_head_dim % 2 == 0, "must be even (rotary pairs)"),
+        ("policy.demo.n_shared_experts", sh.n_shared_experts >= 0, "must be >= 0"),
+        ("policy.demo.first_k_dense_replace", 0 <= sh.first_k_dense_replace <= sh.num_hidden_layers,
+         "must be in 0..policy.demo.num_hidden_layers"),
+        ("policy.demo.q_lora_rank", sh.q_lora_rank is None or sh.q_lora_rank >= 1, "must be >= 1 (or null)"),
+    ]
+    for i, t in enumerate(c.tasks):
+        rules += [
+            (f"tasks[{i}].rewards", bool(t.rewards), f"task '{t.name}' has no reward"),
+            (f"tasks[{i}].name", bool(t.name.strip()), "must be a non-empty name"),
+            (f"tasks[{i}].weight", t.weight > 0, "must be > 0 (the task's share of each batch)"),
+            (f"tasks[{i}].max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
+            (f"tasks[{i}].eval_size", t.eval_size >= 1, "must be >= 1 (held-out prompts for evaluation)"),
+        ]
+        rules += [(f"tasks[{i}].rewards[{j}].timeout_s", r.timeout_s > 0, "must be > 0")
+                  for j, r in enumerate(t.rewards)]
+        rules.append((f"tasks[{i}].rewards", not t.rewards or t.overlong_penalty != 0 or any(r.weight for r in t.rewards),
+                      f"every reward of task '{t.name}' has weight 0 (and no overlong_penalty): its responses "
+                      "could never produce a gradient"))
+    return rules
+
+
+def _check_finite(node: Any, key: str) -> None:
+    """NaN and infinity are refused in every float field (a NaN temperature would silently skip every step)."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"{key}: {node} is not a finite number")
 
 
 def _check_critic_tasks(cfg: Config) -> None:
@@ -394,81 +473,98 @@ def critic_tasks(cfg: Config) -> list[str]:
     return [t.name for t in cfg.tasks if not any(r.name.rsplit(":", 1)[-1] == "rubric" for r in t.rewards)]
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-
-
+# ================================================================================================ loading
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """defaults <- YAML file <- `key=value` overrides, validated; returns the frozen Config."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise UserError(f"override {item!r}: expected key=value, e.g. rollout.group_size=4")
+    return load_structured(Config, read_yaml(path), where=path.name, overrides=overrides)
+
+
+def read_yaml(path: Path) -> DictConfig:
     try:
-        schema = OmegaConf.structured(Config)
-        file_cfg = OmegaConf.load(path)
-        plain = OmegaConf.to_container(OmegaConf.merge(schema, file_cfg))
-        for item in overrides:
-            key, value = item.split("=", 1)
-            _set_dotted(plain, key, _parse_value(value))
-        merged = OmegaConf.merge(schema, plain)  # validates every key and type, overrides included
-        obj = OmegaConf.to_object(merged)
-    except UserError:
-        raise
-    except OmegaConfBaseException as exc:
-        raise UserError(_omegaconf_message(exc, path)) from None
-    except Exception as exc:  # yaml syntax errors and the like
+        data = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors and the like
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: {first}") from None
-    return obj
+    if not isinstance(data, DictConfig):
+        raise UserError(f"{path}: expected a mapping of sections or fields, got {type(data).__name__}")
+    return data
 
 
-def _set_dotted(tree: dict, key: str, value) -> None:
-    """Set `a.b.0.c` in a plain dict/list tree; list segments are indices. Unknown dict keys are created here and
-    rejected by the schema merge that follows, so the error names the key either way."""
-    parts = key.split(".")
-    node = tree
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"override {key!r}: '{'.'.join(parts[:i])}' has {len(node)} entries; '{part}' is not an index")
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise UserError(f"override {key!r}: '{'.'.join(parts[:i])}' is a value, not a section")
-        if last:
-            node[part] = value
-        else:
-            if isinstance(node, dict) and part not in node:
-                node[part] = {}
-            node = node[part]
+def load_structured(schema: type, data: DictConfig, *, where: str, overrides: typing.Sequence[str] = ()) -> Any:
+    """`data` merged onto the dataclass `schema`'s defaults, then each `key=value` override, validated by
+    OmegaConf (types, unknown keys) and by the dataclasses' own checks; returns the frozen dataclass.
 
-
-def _parse_value(text: str):
-    """Override values are YAML scalars or flow collections: 3, 0.5, true, null, [a, b], {k: v}."""
-    import yaml
-
+    Every mistake is one `UserError` line naming the key: `where` (the file) for the file's own values, the
+    override for an override's."""
+    base = OmegaConf.structured(schema)
+    merged = _merge(base, data, where, schema)
+    plain = OmegaConf.create(OmegaConf.to_container(merged))  # untyped: overrides may reach into lists
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override {item!r}: expected key=value, e.g. rollout.group_size=4")
+        try:
+            value = OmegaConf.from_dotlist([f"value={text}"])["value"]  # YAML scalars and flow collections
+            OmegaConf.update(plain, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise UserError(f"override {item!r}: {_first_line(exc)}") from None
+        merged = _merge(base, plain, f"override {key}", schema, key_hint=key)
     try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
+        return OmegaConf.to_object(merged)  # runs the dataclasses' own checks (__post_init__), which raise UserError
+    except OmegaConfBaseException as exc:
+        raise UserError(f"{where}: {_first_line(exc)}") from None
 
 
-def _omegaconf_message(exc: Exception, path: Path) -> str:
-    key = getattr(exc, "full_key", None) or ""
+def _merge(base: DictConfig, data: DictConfig, where: str, schema: type, key_hint: str | None = None) -> DictConfig:
+    """OmegaConf.merge with errors that name the full key, also inside lists of dataclasses (`tasks[1].rewards[0]
+    .weight`), where OmegaConf's own message names only the last segment."""
+    _check_lists(schema, data, "", where)
+    try:
+        return OmegaConf.merge(base, data)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or key_hint or ""
+        raise UserError(_message(exc, key, where)) from None
+
+
+def _check_lists(schema: type, data: Any, prefix: str, where: str) -> None:
+    """Validate each element of every list-of-dataclass field on its own, so that an error can name its index."""
+    if not isinstance(data, DictConfig) or not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        key = f"{prefix}{f.name}"
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+            if not isinstance(value, ListConfig):
+                raise UserError(f"{where}: config key '{key}': expected a list of {args[0].__name__} entries")
+            for i, item in enumerate(value):
+                _check_lists(args[0], item, f"{key}[{i}].", where)
+                try:
+                    OmegaConf.merge(OmegaConf.structured(args[0]), item)
+                except OmegaConfBaseException as exc:
+                    inner = getattr(exc, "full_key", None) or ""
+                    raise UserError(_message(exc, f"{key}[{i}]" + (f".{inner}" if inner else ""), where)) from None
+        elif dataclasses.is_dataclass(hint):
+            _check_lists(hint, value, f"{key}.", where)
+
+
+def _message(exc: Exception, key: str, where: str) -> str:
+    msg = _first_line(exc)
+    if "not in" in msg or ("Key '" in msg and "not" in msg):
+        return f"unknown config key '{key}' ({where})"
+    return f"config key '{key}': {msg} ({where})" if key else f"{where}: {msg}"
+
+
+def _first_line(exc: Exception) -> str:
     msg = getattr(exc, "msg", None) or str(exc)
-    msg = msg.strip().splitlines()[0]
-    if "not in" in msg or "Key '" in msg and "not" in msg:
-        return f"unknown config key '{key}' (in {path.name} or an override)"
-    if key:
-        return f"config key '{key}': {msg}"
-    return f"{path.name}: {msg}"
+    lines = msg.strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def to_dict(cfg: Config) -> dict:
@@ -476,6 +572,4 @@ def to_dict(cfg: Config) -> dict:
 
 
 def to_yaml(cfg: Config) -> str:
-    import yaml
-
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -8,14 +8,15 @@ comparable across runs.
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
-import zlib
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+from datasets import Dataset
+
 from rlk2.errors import UserError
+from sandboxes import jsonl
 
 Row = dict
 
@@ -100,34 +101,11 @@ def builtin_split(name: str, split: str) -> list[Row]:
 
 # ----------------------------------------------------------------------------------------------- files
 def read_jsonl(path: str | Path) -> list[Row]:
-    """Read a JSONL file (or .jsonl.gz); a malformed line is a one-line error naming the file and line number.
-
-    Hand-written rather than `datasets.load_dataset("json")` because that reports parse errors without the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    rows = []
-    opener = gzip.open if path.suffix == ".gz" else open
+    """The rows of a .jsonl / .jsonl.gz file (`sandboxes.jsonl`: blank lines skipped, errors name the line)."""
     try:
-        with opener(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1})") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-    except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a truncated / corrupt gzip stream
-        raise UserError(f"{path}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    return rows
+        return [row for _, row in jsonl.read_jsonl(path)]
+    except jsonl.JsonlError as exc:
+        raise UserError(str(exc)) from None
 
 
 def read_rows(path: str | Path) -> list[Row]:
@@ -137,8 +115,6 @@ def read_rows(path: str | Path) -> list[Row]:
     if path.suffix == ".parquet":
         if not path.is_file():
             raise UserError(f"{path}: file not found")
-        from datasets import Dataset
-
         return Dataset.from_parquet(str(path)).to_list()
     raise UserError(f"{path}: unsupported dataset format (use .jsonl or .parquet)")
 
@@ -220,8 +196,6 @@ class PromptSampler:
     def _prioritized(self, name: str, count: int, step: int) -> list[Row]:
         # Weighted draw without replacement (Efraimidis-Spirakis): the `take` rows with the largest
         # log(u) / weight, u ~ U(0, 1]. More than a task's row count in one step: further rounds.
-        import numpy as np
-
         rows = self.task_rows[name]
         weights = np.ones(len(rows))  # unseen rows: success 0, weight 1
         for i in self.success[name]:

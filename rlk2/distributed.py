@@ -26,10 +26,13 @@ generation steps every rank through a different number of forwards, which sharde
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
 from rlk2.errors import UserError
 from rlk2.rollout import Rollout
@@ -46,10 +49,6 @@ def ddp_kwargs() -> list:
     """Accelerate kwargs handlers: DDP that tolerates parameters without a gradient on a rank (MoE experts no token
     of its slice was routed to), and a process-group timeout long enough for the others to wait while the main
     process evaluates or saves a large model alone (the default is 10 minutes for NCCL)."""
-    from datetime import timedelta
-
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
     return [DistributedDataParallelKwargs(find_unused_parameters=True),
             InitProcessGroupKwargs(timeout=timedelta(hours=2))]
 
@@ -155,8 +154,6 @@ def gather_step(accelerator, *, ro: Rollout, entropy: torch.Tensor, mask: torch.
     """Everything the log section reads, over the global batch, in the same order one process would hold it.
 
     The returned Rollout carries the completions, masks and texts (its prompt tensors are empty: not logged)."""
-    from accelerate.utils import gather_object
-
     def cat(t: torch.Tensor) -> torch.Tensor:
         return accelerator.gather(t.contiguous())
 
@@ -202,8 +199,6 @@ def run_alone(num_processes: int, fn, *args, **kwargs) -> None:
     if num_processes == 1:
         fn(*args, **kwargs)
         return
-    import multiprocessing
-
     child = multiprocessing.get_context("spawn").Process(target=_alone, args=(fn, args, kwargs))
     child.start()
     child.join()

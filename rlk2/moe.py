@@ -170,29 +170,6 @@ def routing_mismatch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tu
     return int(differ.sum()), int(mask.bool().sum())
 
 
-@torch.no_grad()
-def skew_routers(model: nn.Module, rollout, favoured: tuple[int, ...] = (0, 1), scale: float = 3.0) -> None:
-    """Make every router of `model` prefer the `favoured` experts on `rollout`'s tokens (adds the mean router input
-    direction to their gate rows): a deliberately imbalanced router for the load-balancing test and benchmark."""
-    from rlk2.rollout import policy_logprobs
-
-    routers = find_routers(model)
-    hidden: dict[int, torch.Tensor] = {}
-    hooks = [r.register_forward_hook(lambda _m, a, _o, i=i: hidden.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
-             for i, r in routers]
-    try:
-        with torch.no_grad():
-            policy_logprobs(model, rollout, temperature=1.0)
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        for i, router in routers:
-            m = hidden[i].mean(dim=0)
-            for e in favoured:
-                router.weight[e] += scale * m / m.norm()
-
-
 def update_correction_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> None:
     """DeepSeek-V3's auxiliary-loss-free update, in place: b_i += rate * sign(mean load - load_i)."""
     if counts.sum() <= 0:

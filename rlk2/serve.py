@@ -7,7 +7,7 @@ backend is tested against, and a quick way to talk to a checkpoint by hand::
     rlk2 serve runs/demo/checkpoints/step-60 --port 8000
     curl -s 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "2+2=?"}]}'
 
-Concurrent requests with the same sampling settings are batched into one `generate` call: a batcher thread
+Concurrent requests with the same sampling settings are batched into one generation call (`rlk2.rollout`): a batcher thread
 waits `--batch-window-ms` for company, then runs up to `--max-batch` sequences together. Written on the standard
 library's `http.server` because no ASGI stack is a dependency of rlk2, and one JSON route needs none. There is
 no authentication: bind to anything but loopback only on a network you trust.
@@ -27,30 +27,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rlk2.errors import UserError
+from rlk2.policy import load_policy
+from rlk2.rollout import context_limit, encode_messages, generate_replies
 
 _MAX_BODY = 8 * 2**20
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="local Hugging Face checkpoint directory (or PEFT adapter)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port; the URL is printed)")
-    parser.add_argument("--model-name", help="model id reported by /v1/models (default: the directory name)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--max-batch", type=int, default=32, help="most sequences generated together (default 32)")
-    parser.add_argument("--batch-window-ms", type=float, default=5.0, help="wait for more requests to batch")
-    parser.add_argument("--plain-prompts", action="store_true",
-                        help="for a tokenizer without a chat template: join the messages' contents as plain text")
-    parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none")
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from rlk2.policy import load_policy
-
+    """`rlk2 serve CHECKPOINT` (arguments: rlk2.cli)."""
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be 0..65535")
     if args.max_batch < 1:
@@ -135,12 +122,10 @@ class Generator:
         return batch
 
     def _loop(self) -> None:
-        from rlk2.critic import generate_ids
-
         while (batch := self._take()) is not None:
             max_new, temperature, top_p, seed = batch[0].key
             try:
-                flat = generate_ids(self.model, self.tokenizer, [ids for job in batch for ids in job.encoded],
+                flat = generate_replies(self.model, self.tokenizer, [ids for job in batch for ids in job.encoded],
                                     max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed,
                                     batch_size=self.max_batch)
                 for job in batch:
@@ -172,8 +157,6 @@ def _number(body: dict, key: str, default: Any, lo: float, hi: float, integer: b
 
 def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, default_max_tokens: int) -> dict:
     """Validates a chat-completions body; every problem is a 4xx with a one-line message naming the field."""
-    from rlk2.critic import encode_messages
-
     if not isinstance(body, dict):
         raise _BadRequest(400, "request body must be a JSON object")
     if body.get("stream"):
@@ -211,8 +194,6 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
 
 def make_server(engine: Generator, model_name: str, host: str, port: int, *,
                 default_max_tokens: int = 256) -> ThreadingHTTPServer:
-    from rlk2.critic import context_limit
-
     limit = context_limit(engine.model)
     created = int(time.time())
 

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from typing import Any, Iterable, TextIO
+from typing import TextIO
+
+from sandboxes import DEFAULT_IMAGE, Limits, open_backend, probe
+from sandboxes.bwrap_backend import BwrapOptions, resolve_root
+from sandboxes.docker_backend import default_engines, engine_client
+from sandboxes.image import MIRROR, SUITE, build_dockerfile, build_offline
+from sandboxes.result import JobError, SandboxError, read_jobs
+from sandboxes.serve import serve
 
 PROG = "rlk2 sandbox"
 
@@ -51,10 +59,6 @@ def _pool_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    from sandboxes.result import SandboxError
-
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         return {"build": _build, "doctor": _doctor, "exec": _exec, "serve": _serve}[args.sandbox_command](args)
@@ -65,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------- commands
 def _build(args: argparse.Namespace) -> int:
-    import docker
-
-    from sandboxes.docker_backend import default_engines, engine_client
-    from sandboxes.image import DEFAULT_IMAGE, MIRROR, SUITE, build_dockerfile, build_offline
+    import docker  # the SDK loads only where a command talks to an engine (`rlk2 --help` stays fast)
 
     url = args.engine or default_engines()[0]
     try:
@@ -89,9 +90,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from sandboxes import DEFAULT_IMAGE, probe
-    from sandboxes.bwrap_backend import BwrapOptions, resolve_root
-    from sandboxes.docker_backend import default_engines
 
     found = probe()
     details = {"docker": f"engines {', '.join(default_engines())}, image {DEFAULT_IMAGE}",
@@ -101,28 +99,7 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if any(p is None for p in found.values()) else 1
 
 
-def read_jobs(lines: Iterable[str]) -> list[Any]:
-    """Parse and validate JSONL jobs; a bad line raises CliError naming the line and field."""
-    from sandboxes.result import Job, JobError
-
-    jobs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise CliError(f"line {n}: not valid JSON ({exc})") from None
-        try:
-            jobs.append(Job.from_dict(row))
-        except JobError as exc:
-            raise CliError(f"line {n}: {exc}") from None
-    return jobs
-
-
 def _open(args: argparse.Namespace):
-    from sandboxes import Limits, open_backend
-
     overrides = {}
     if args.timeout_s is not None:
         if args.timeout_s <= 0:
@@ -141,12 +118,17 @@ def _exec(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     if args.input:
         try:
-            with open(args.input, encoding="utf-8") as f:
-                jobs = read_jobs(f)
+            with open(args.input, "rb") as f:
+                jobs = read_jobs(f, args.input)
         except OSError as exc:
             raise CliError(f"cannot read {args.input}: {exc.strerror}") from None
+        except JobError as exc:
+            raise CliError(str(exc)) from None
     else:
-        jobs = read_jobs(sys.stdin)
+        try:
+            jobs = read_jobs(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>")
+        except JobError as exc:
+            raise CliError(str(exc)) from None
     if not jobs:
         return 0
     with _open(args) as pool:
@@ -158,7 +140,6 @@ def _exec(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sandboxes.serve import serve
 
     with _open(args) as pool:
         serve(pool, args.host, args.port)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Mapping
+
+from sandboxes.jsonl import JsonlError, iter_jsonl
 
 
 class Status(str, enum.Enum):
@@ -150,3 +153,17 @@ class ExecutionResult:
         return cls(status=Status(raw["status"]), passed=sum(verdicts), total=len(verdicts), verdicts=verdicts,
                    stdout=raw.get("stdout", ""), stderr=raw.get("stderr", ""), wall_s=float(raw.get("wall_s", 0.0)),
                    error=raw.get("error"), id=job_id, backend=backend)
+
+
+def read_jobs(lines: Iterable[str | bytes], source: str = "<input>") -> list[Job]:
+    """JSONL jobs (the `sandboxes.jsonl` rules: blank lines skipped); a bad line is a JobError naming source:line."""
+    jobs = []
+    try:
+        for lineno, row in iter_jsonl(lines, source):
+            try:
+                jobs.append(Job.from_dict(row))
+            except JobError as exc:
+                raise JobError(f"{source}:{lineno}: {exc}") from None
+    except JsonlError as exc:
+        raise JobError(str(exc)) from None
+    return jobs

@@ -13,13 +13,12 @@ import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from sandboxes.pool import SlotPool
+from sandboxes.result import JobError, read_jobs
 
 MAX_BODY = 64 << 20
 
 
 def make_handler(pool: SlotPool) -> type[BaseHTTPRequestHandler]:
-    from sandboxes.cli import CliError, read_jobs
-
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -38,12 +37,15 @@ def make_handler(pool: SlotPool) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             if self.path != "/run":
                 return self._reply(404, b'{"error": "not found"}')
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
             if length <= 0 or length > MAX_BODY:
                 return self._reply(400, json.dumps({"error": f"body must be 1..{MAX_BODY} bytes"}).encode())
             try:
-                jobs = read_jobs(self.rfile.read(length).decode("utf-8").splitlines())
-            except (CliError, UnicodeDecodeError) as exc:
+                jobs = read_jobs(self.rfile.read(length).splitlines(), "request body line")
+            except JobError as exc:
                 return self._reply(400, json.dumps({"error": str(exc)}).encode())
             results = pool.run_batch(jobs)
             body = "".join(json.dumps(r.to_json()) + "\n" for r in results).encode()

@@ -11,9 +11,9 @@ import torch
 
 from rewards.rubric import Reply, RubricError, parse_verdict, rubric
 from rlk2.algorithms import group_advantages
-from rlk2.critic import (CheckpointCritic, CriticRefiner, SelfCritic, VerifiedPair, bind_policy,
-                         format_warmup_rows, generate_texts, pairs_from_records, unbind_policy, verified_pairs)
-from rlk2.critic_refine import agreement_metrics, agreement_reward, pair_advantages
+from rlk2.critic import (CheckpointCritic, CriticRefiner, PolicyCritic, VerifiedPair, format_warmup_rows,
+                         generate_texts, pairs_from_records, verified_pairs)
+from rlk2.critic.refine import agreement_metrics, agreement_reward, pair_advantages
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = {"template": str(ROOT / "configs/critic/toy_prompt.txt"),
@@ -28,27 +28,26 @@ def policy(tiny_policy):
 
 
 # ----------------------------------------------------------------------------------------------- backends
-def test_self_critic_needs_the_live_policy_and_then_sees_its_weights(policy):
+def test_self_critic_is_refused_outside_training_and_the_live_critic_sees_the_weights(policy):
     model, tok = policy
-    unbind_policy()
-    with pytest.raises(RubricError, match="bind_policy"):
-        SelfCritic().complete(["1+1=?"], max_new_tokens=4, temperature=0.0, seed=0)
-    bind_policy(model, tok)
+    with pytest.raises(RubricError, match="only `rlk2 train`"):  # the name alone: no live policy to find
+        rubric(["a", "b"], prompts=["p", "p"], backend="self")
+    critic = PolicyCritic(model, tok)  # what the loop passes in the reward's options instead of the name
+    first = critic.complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
+    assert all(isinstance(r.text, str) and r.error is None for r in first)
+    assert first == critic.complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
+    state = torch.get_rng_state()
+    critic.complete(["1+1=?"], max_new_tokens=6, temperature=1.0, seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # sampling with its own generator: the global RNG untouched
+    with torch.no_grad():  # move the live weights: the same critic object now answers differently
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight.mul_(-1.0)
     try:
-        first = SelfCritic().complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
-        assert all(isinstance(r.text, str) and r.error is None for r in first)
-        assert first == SelfCritic().complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
-        with torch.no_grad():  # move the live weights: the same critic object now answers differently
-            saved = model.lm_head.weight.clone()
-            model.lm_head.weight.mul_(-1.0)
-        try:
-            moved = SelfCritic().complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
-        finally:
-            with torch.no_grad():
-                model.lm_head.weight.copy_(saved)
-        assert moved != first
+        moved = critic.complete(["1+1=?", "2+2=?"], max_new_tokens=6, temperature=0.0, seed=0)
     finally:
-        unbind_policy()
+        with torch.no_grad():
+            model.lm_head.weight.copy_(saved)
+    assert moved != first
 
 
 def test_checkpoint_critic_and_too_long_prompts(tiny_policy, policy):
@@ -64,11 +63,8 @@ def test_checkpoint_critic_and_too_long_prompts(tiny_policy, policy):
 
 def test_rubric_reward_with_a_real_local_critic(policy):
     """The untrained tiny model writes no verdicts: every sample is None and every judgment is counted."""
-    bind_policy(*policy)
-    try:
-        out = rubric(["\\boxed{3}", "\\boxed{4}"], prompts=["1+2=?"] * 2, backend="self", max_new_tokens=8, **TOY)
-    finally:
-        unbind_policy()
+    out = rubric(["\\boxed{3}", "\\boxed{4}"], prompts=["1+2=?"] * 2, backend=PolicyCritic(*policy), max_new_tokens=8,
+                 **TOY)
     assert len(out["rewards"]) == 2
     for r, j in zip(out["rewards"], out["extras"]["judgments"]):
         assert len(j) == 2 and all(x["error"] is None for x in j)  # generated fine

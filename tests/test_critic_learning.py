@@ -32,7 +32,7 @@ def test_refinement_lifts_agreement_on_a_learnable_judgement(tmp_path):
     from rlk2.data import PromptSampler, builtin_split
     from rlk2.policy import build_demo_policy, load_policy
     from rlk2.rollout import encode_prompts, generate_rollouts, policy_logprobs
-    from rlk2.warmstart import run_sft
+    from rlk2.policy.warmstart import run_sft
 
     torch.set_num_threads(1)
     train, held_rows = builtin_split("max", "train"), builtin_split("max", "eval")[:128]

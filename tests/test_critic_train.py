@@ -56,8 +56,6 @@ trainer: {{steps: 2}}
 eval: {{samples: 4, greedy: false}}
 critic:
   refine: true
-  template: {TOY_TEMPLATE}
-  rubrics: [{TOY_RUBRIC}]
   max_pairs: 3
   max_new_tokens: 8
   heldout_pairs: 6
@@ -144,7 +142,7 @@ def test_critic_config_error_on_the_command_line_is_one_line(tmp_path):
 
 
 def test_refinement_is_refused_on_several_processes():
-    from rlk2.critic_refine import check_refine_launch
+    from rlk2.critic.refine import check_refine_launch
 
     check_refine_launch(1)
     with pytest.raises(UserError, match=r"critic\.refine: supported on one process only, this launch has 2"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM
 
-from rlk2.decode import LatentDecoder, absorbed_mla_decode
+from rlk2.rollout.decode import LatentDecoder, absorbed_mla_decode
 from rlk2.policy import TinyMoEShape, load_policy, tiny_deepseek_v3_config
 from rlk2.rollout import encode_prompts, generate_rollouts
 
@@ -71,7 +71,7 @@ def test_only_decode_steps_are_absorbed_and_the_forward_is_restored():
 
 
 def test_rollouts_are_the_same_with_and_without_absorption(tiny_policy, monkeypatch):
-    import rlk2.rollout as rollout
+    import rlk2.rollout.generate as rollout
 
     model, tok = load_policy(tiny_policy)
     ids = encode_prompts(tok, ["1+2=?", "45+67=?", "9+99=?"] * 4, chat_template=True)

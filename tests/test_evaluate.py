@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rlk2.evaluate import (
+from rlk2.eval.metrics import (
     TaskOutcome,
     bootstrap_ci,
     bootstrap_diff_ci,
@@ -189,8 +189,8 @@ def _fake_eval(seed):
 
 
 def test_report_keys_are_stable(tmp_path):
-    from rlk2.eval_report import REPORT_KEYS, TASK_KEYS, build_report, markdown_tables
-    from rlk2.eval_run import Checkpoint
+    from rlk2.eval.report import REPORT_KEYS, TASK_KEYS, build_report, markdown_tables
+    from rlk2.eval.cli import Checkpoint
 
     ckpts = [Checkpoint("a", tmp_path / "a", "hf", label="a"), Checkpoint("b", tmp_path / "b", "peft", label="b")]
     task = SimpleNamespace(name="arith", prompts=["p"] * 6, specs=[SimpleNamespace(name="math")], max_new_tokens=12)

@@ -23,7 +23,7 @@ def checkpoints(tiny_policy, tmp_path_factory):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rlk2.checkpoint import save_checkpoint
+    from rlk2.run_dir import save_checkpoint
     from rlk2.config import load_config, to_yaml
     from rlk2.policy import load_policy
 
@@ -156,7 +156,7 @@ def test_bad_input_is_one_line_and_exit_2(checkpoints, tmp_path, capsys, args, n
 def test_evaluate_policy_keeps_the_training_loop_keys(tiny_policy):
     """train.py builds EvalTask positionally and reads these keys from evaluate_policy."""
     from rewards.engine import RewardEngine, RewardSpec
-    from rlk2.evaluate import EvalTask, evaluate_policy
+    from rlk2.eval.evaluate import EvalTask, evaluate_policy
     from rlk2.policy import load_policy
 
     model, tok = load_policy(tiny_policy)

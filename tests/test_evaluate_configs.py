@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rlk2.errors import UserError
-from rlk2.eval_tasks import EvalTaskConfig, find_task_file, load_task_config, read_task_rows
+from rlk2.eval.tasks import EvalTaskConfig, find_task_file, load_task_config, read_task_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_CONFIGS = sorted((ROOT / "configs" / "eval").glob("*.yaml"))
@@ -47,7 +47,7 @@ def test_builtin_task_uses_the_held_out_split():
 
 def test_local_jsonl_columns_are_mapped_and_prompts_rendered():
     from rewards.engine import RewardEngine
-    from rlk2.eval_tasks import build_eval_task
+    from rlk2.eval.tasks import build_eval_task
 
     cfg = load_task_config(find_task_file("word_problems"))
     with RewardEngine(num_workers=1) as engine:
@@ -89,7 +89,7 @@ def test_bad_task_file_is_one_line_naming_file_and_field(tmp_path, text, field):
 
 def test_bad_rows_name_the_row(tmp_path):
     from rewards.engine import RewardEngine
-    from rlk2.eval_tasks import build_eval_task
+    from rlk2.eval.tasks import build_eval_task
 
     (tmp_path / "d.jsonl").write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2"}\n')
     (tmp_path / "t.yaml").write_text("name: t\nsource: d.jsonl\nprompt_template: '{q}'\ncolumns: {answer: a}\n")

@@ -89,7 +89,7 @@ def test_dataset_reader(lines, tail, gzipped):
 @FUZZ
 @given(_jsonl_lines())
 def test_score_input_reader(lines):
-    from rlk2.cli_rewards import read_rows
+    from rlk2.score import read_rows
 
     try:
         read_rows(io.StringIO("".join(line + "\n" for line in lines)), "in.jsonl")
@@ -115,12 +115,12 @@ def _job_lines():
 @FUZZ
 @given(_job_lines())
 def test_sandbox_exec_reader(lines):
-    from sandboxes.cli import CliError, read_jobs
+    from sandboxes.result import JobError, read_jobs
 
     try:
-        read_jobs(lines)
-    except CliError as exc:
-        assert str(exc).startswith("line ") and "\n" not in str(exc)
+        read_jobs(lines, "jobs.jsonl")
+    except JobError as exc:
+        assert str(exc).startswith("jobs.jsonl:") and "\n" not in str(exc)
 
 
 # ---------------------------------------------------------------------------------------- through the real CLIs

@@ -11,13 +11,13 @@ from rlk2.moe import (
     RouterProbe,
     expert_counts,
     find_routers,
-    skew_routers,
     load_cv,
     routing_mismatch,
     update_correction_bias,
 )
 from rlk2.policy import TinyMoEShape, load_policy, tiny_deepseek_v3_config
 from rlk2.rollout import Rollout, concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
+from rlk2.testing import skew_routers
 
 VOCAB = 64
 

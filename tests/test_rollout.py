@@ -89,7 +89,7 @@ def test_seeded_rollouts_leave_the_global_rng_alone(tiny_policy):
 
 def test_counter_noise_is_splitmix64():
     """The int64 tensor arithmetic (wrapping multiply, masked shifts) equals splitmix64 on Python integers."""
-    from rlk2.rollout import _mix64, _to_int64
+    from rlk2.rollout.sampling import mix64 as _mix64, to_int64 as _to_int64
 
     def reference(z: int) -> int:  # splitmix64's output function, on unbounded ints reduced mod 2**64
         m = (1 << 64) - 1
@@ -103,7 +103,7 @@ def test_counter_noise_is_splitmix64():
 
 
 def test_counter_noise_is_exponential():
-    from rlk2.rollout import _mix64, _sequence_exponentials
+    from rlk2.rollout.sampling import mix64 as _mix64, sequence_exponentials as _sequence_exponentials
 
     e = _sequence_exponentials(_mix64(torch.arange(64)), 3, 4096)  # [64, 4096]
     # Exp(1): mean 1, P(E > 1) = e^-1 = 0.368; 262k draws put both within ~0.01 of their value.

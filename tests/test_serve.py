@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from rewards.rubric import rubric
-from rlk2.critic import OpenAICritic, generate_texts
+from rewards.critic import OpenAICritic
+from rlk2.critic import generate_texts
 
 pytestmark = pytest.mark.integration  # starts the real `rlk2 serve` CLI on a tiny checkpoint
 

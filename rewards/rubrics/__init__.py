@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rewards.engine import RewardError
+from rewards.traits import RewardError
 
 RUBRIC_DIR = Path(__file__).resolve().parent
 DEFAULT_TEMPLATE = RUBRIC_DIR.parent / "critic_prompt.txt"

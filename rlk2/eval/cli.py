@@ -19,25 +19,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import transformers
+import yaml
+
+from rewards.engine import RewardEngine
+from rlk2.config import load_config
 from rlk2.errors import UserError
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                        help="HF checkpoint dir, PEFT adapter dir, or rlk2 run dir (latest checkpoint; "
-                             "RUN_DIR:step-N for one step, RUN_DIR:start for the policy the run started from)")
-    parser.add_argument("--tasks", help="comma-separated task names in configs/eval/ or .yaml paths "
-                                        "(default: the run's own tasks when a run dir is given, else arith)")
-    parser.add_argument("--k", default="1,4,8", help="pass@k values, comma-separated (default 1,4,8)")
-    parser.add_argument("--samples", type=int, help="samples per prompt, n >= every k (default: the largest k)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the bootstrap (default 0)")
-    parser.add_argument("--out", help="output directory (default evals/<date-time>)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts of each task")
-    parser.add_argument("--batch-size", type=int, default=256, help="sequences generated at once (default 256)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass@1 measurement")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+from rlk2.eval.evaluate import evaluate_policy
+from rlk2.eval.report import build_report, markdown_tables, write_outputs
+from rlk2.eval.tasks import build_eval_task, find_task_file, from_run_task, load_task_config
+from rlk2.policy import load_policy
+from rlk2.run_dir import list_checkpoints, read_metrics
 
 
 # ================================================================================================ checkpoints
@@ -58,8 +51,6 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def _run_settings(run_dir: Path) -> tuple[str, bool]:
-    import yaml
-
     try:
         policy = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("policy") or {}
     except yaml.YAMLError as exc:
@@ -69,8 +60,6 @@ def _run_settings(run_dir: Path) -> tuple[str, bool]:
 
 def resolve_checkpoint(spec: str) -> Checkpoint:
     """Turn one CKPT argument into the directory to load, with a one-line error for anything else."""
-    from rlk2.checkpoint import list_checkpoints
-
     path, selector = Path(spec), None
     if not path.exists() and ":" in spec:
         head, _, selector = spec.rpartition(":")
@@ -142,8 +131,6 @@ def parse_ks(text: str) -> list[int]:
 
 
 def _task_configs(arg: str | None, ckpts: list[Checkpoint]):
-    from rlk2.eval_tasks import find_task_file, from_run_task, load_task_config
-
     if arg:
         names = [t.strip() for t in arg.split(",") if t.strip()]
         if not names:
@@ -152,8 +139,6 @@ def _task_configs(arg: str | None, ckpts: list[Checkpoint]):
     else:
         run_dir = next((c.run_dir for c in ckpts if c.run_dir is not None), None)
         if run_dir is not None:
-            from rlk2.config import load_config
-
             cfgs = [from_run_task(t) for t in load_config(run_dir / "config.yaml").tasks]
         else:
             cfgs = [load_task_config(find_task_file("arith"))]
@@ -164,8 +149,6 @@ def _task_configs(arg: str | None, ckpts: list[Checkpoint]):
 
 
 def _device(name: str):
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -179,6 +162,7 @@ def _device(name: str):
 
 # ================================================================================================ run
 def run(args: argparse.Namespace) -> int:
+    """`rlk2 eval CKPT [CKPT ...]` (arguments: rlk2.cli)."""
     ks = parse_ks(args.k)
     samples = args.samples if args.samples is not None else max(ks)
     if samples < max(ks):
@@ -188,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--bootstrap", args.bootstrap)):
         if value is not None and value < 1:
             raise UserError(f"{flag}: must be >= 1")
+    if not 1 <= args.reward_workers <= 64:
+        raise UserError(f"--reward-workers: {args.reward_workers} is not in 1..64")
     ckpts = [resolve_checkpoint(s) for s in args.checkpoints]
     _unique_labels(ckpts)
     task_cfgs = _task_configs(args.tasks, ckpts)
@@ -195,10 +181,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("evals") / time.strftime("%Y%m%d-%H%M%S")
     settings = {"ks": ks, "samples": samples, "temperature": args.temperature, "greedy": not args.no_greedy,
                 "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
-                "bootstrap_resamples": args.bootstrap, "confidence": 0.95, "device": str(device)}
+                "bootstrap_resamples": args.bootstrap, "confidence": 0.95, "device": str(device),
+                "reward_workers": args.reward_workers}
     report = evaluate_checkpoints(ckpts, task_cfgs, settings, out, device=device)
-    from rlk2.eval_report import markdown_tables
-
     print(markdown_tables(report))
     print(f"report: {out / 'report.md'} (and report.json, {len(report['plots'])} plots)")
     return 0
@@ -206,18 +191,9 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dict, out: Path, *, device) -> dict:
     """Evaluate every checkpoint on every task, then write the report files into `out`; returns report.json's dict."""
-    import torch
-    import transformers
-
-    from rewards.engine import RewardEngine
-    from rlk2.eval_report import build_report, write_outputs
-    from rlk2.eval_tasks import build_eval_task
-    from rlk2.evaluate import evaluate_policy
-    from rlk2.policy import load_policy
-
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    engine = RewardEngine(num_workers=2)
+    engine = RewardEngine(num_workers=settings["reward_workers"])
     try:
         tasks = [build_eval_task(cfg, engine, limit=settings["limit"]) for cfg in task_cfgs]  # fail before loading
         results = []
@@ -240,5 +216,6 @@ def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dic
     finally:
         engine.close()
     report = build_report(ckpts, task_cfgs, tasks, results, settings)
-    write_outputs(report, ckpts, tasks, results, out)
+    run_metrics = {c.run_dir: read_metrics(c.run_dir) for c in ckpts if c.run_dir is not None}
+    write_outputs(report, ckpts, tasks, results, out, run_metrics)
     return report

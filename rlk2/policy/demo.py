@@ -1,4 +1,4 @@
-"""The policy: the tiny DeepSeek-V3 demo model, its offline tokenizer, and loading any local causal LM.
+"""The demo policy: a tiny DeepSeek-V3 MoE and its offline tokenizer, built from scratch.
 
 The demo model is a real `transformers.DeepseekV3ForCausalLM` (MLA attention, one shared expert, first layer
 dense, sigmoid top-k router over routed experts), only small. Its tokenizer is trained offline with the
@@ -8,25 +8,15 @@ arithmetic is not hidden inside multi-digit merges. Both are saved as a normal H
 
 from __future__ import annotations
 
-import json
 import string
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DeepseekV3Config,
-    DeepseekV3ForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
 
-from rlk2.errors import UserError
+from rlk2.config import TinyMoEShape
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
@@ -37,27 +27,6 @@ DEMO_CHAT_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %}{{ m['content'] }}" + EOS + "{% endif %}"
     "{% endfor %}"
 )
-
-
-@dataclass(frozen=True)
-class TinyMoEShape:
-    """Sizes of the demo DeepSeek-V3 MoE. Defaults give ~1 M parameters."""
-
-    hidden_size: int = 96
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    intermediate_size: int = 256
-    moe_intermediate_size: int = 64
-    n_routed_experts: int = 8
-    num_experts_per_tok: int = 2
-    n_shared_experts: int = 1
-    first_k_dense_replace: int = 1
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 32
-    qk_nope_head_dim: int = 16
-    qk_rope_head_dim: int = 8
-    v_head_dim: int = 16
-    max_position_embeddings: int = 256
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 160) -> PreTrainedTokenizerFast:
@@ -127,61 +96,3 @@ def build_demo_policy(out_dir: str | Path, corpus: Iterable[str], *, seed: int, 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def load_policy(
-    path: str | Path, *, dtype: str = "float32", attn_implementation: str | None = "eager"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a local causal-LM checkpoint (or a PEFT adapter directory) with one-line errors for bad paths."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"policy.path: {path} is not a directory")
-    if (path / "adapter_config.json").exists():
-        return _load_adapter(path, dtype=dtype, attn_implementation=attn_implementation)
-    if not (path / "config.json").exists():
-        raise UserError(f"policy.path: {path} has no config.json; not a Hugging Face checkpoint")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - surface the library's reason in one line
-        raise UserError(f"policy.path: cannot read {path}/config.json: {_one_line(exc)}") from exc
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    archs = config.architectures or []
-    causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (archs and not causal_arch):
-        what = archs[0] if archs else config.model_type
-        raise UserError(f"policy.path: {path} holds a '{what}' checkpoint, not a causal language model")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"policy.path: cannot load {path}: {_one_line(exc)}") from exc
-    _prepare_tokenizer(tokenizer)
-    return model, tokenizer
-
-
-def _load_adapter(path: Path, *, dtype: str, attn_implementation: str | None):
-    from peft import PeftModel
-
-    base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base_path or not Path(base_path).is_dir():
-        raise UserError(f"policy.path: adapter {path} names base model {base_path!r}, which is not a local directory")
-    base, tokenizer = load_policy(base_path, dtype=dtype, attn_implementation=attn_implementation)
-    if (path / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        _prepare_tokenizer(tokenizer)
-    return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
-
-
-def _prepare_tokenizer(tokenizer) -> None:
-    # Rollouts batch prompts of different lengths: left padding keeps every prompt's last token at the end.
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -18,13 +18,20 @@ inside an installed Python package. Every mistake is one line naming the file an
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rlk2.config import RewardConfig
+from rewards import REWARDS, RewardError
+from rewards.engine import RewardSpec
+from rlk2.config import RewardConfig, read_yaml, load_structured
+from rlk2.data import BUILTIN_TASKS, builtin_split, read_rows
 from rlk2.errors import UserError
+from rlk2.eval.evaluate import EvalTask
+from rlk2.eval.metrics import VOTE_KINDS
 
 EVAL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
 
@@ -56,15 +63,11 @@ def _fail(where: str, key: str, msg: str) -> UserError:
 
 
 def _validate(cfg: EvalTaskConfig, where: str) -> None:
-    from rlk2.evaluate import VOTE_KINDS
-
     if not cfg.name.strip():
         raise _fail(where, "name", "required (a non-empty string)")
     if not cfg.source.strip():
         raise _fail(where, "source", "required: builtin:<task>, a .jsonl/.jsonl.gz/.parquet file, or package:<module>/<path>")
     if cfg.source.startswith("builtin:"):
-        from rlk2.data import BUILTIN_TASKS
-
         if cfg.source[len("builtin:"):] not in BUILTIN_TASKS:
             raise _fail(where, "source", f"unknown built-in task (have: {', '.join('builtin:' + t for t in BUILTIN_TASKS)})")
     elif not cfg.source.startswith("package:") and not cfg.source.endswith((".jsonl", ".jsonl.gz", ".parquet")):
@@ -85,8 +88,6 @@ def _validate(cfg: EvalTaskConfig, where: str) -> None:
         raise _fail(where, "prompt_template", "uses no column, e.g. '{prompt}'")
     if not cfg.rewards:
         raise _fail(where, "rewards", "at least one reward is required")
-    from rewards import REWARDS
-
     for i, r in enumerate(cfg.rewards):
         # Checked by name only: loading `code` would import the sandbox client, which validation must not need.
         if r.name not in REWARDS and ":" not in r.name and not _is_entry_point(r.name):
@@ -96,8 +97,6 @@ def _validate(cfg: EvalTaskConfig, where: str) -> None:
 
 
 def _is_entry_point(name: str) -> bool:
-    import importlib.metadata
-
     return any(ep.name == name for ep in importlib.metadata.entry_points(group="rlk2.rewards"))
 
 
@@ -118,39 +117,10 @@ def find_task_file(name_or_path: str) -> Path:
 
 def load_task_config(path: str | Path) -> EvalTaskConfig:
     """Read and validate one task file; every mistake is one line naming the file and the field."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    prefix = ""
-    try:
-        data = OmegaConf.load(path)
-        if not isinstance(data, DictConfig):
-            raise UserError(f"{path}: expected a mapping of fields (name, source, rewards, ...)")
-        if "columns" in data and not isinstance(data["columns"], DictConfig):
-            raise UserError(f"{path}: field 'columns': expected a mapping {{column: dataset field}}")
-        rewards = data.get("rewards")
-        if rewards is not None:
-            if not isinstance(rewards, ListConfig):
-                raise UserError(f"{path}: field 'rewards': expected a list of {{name: ...}} entries")
-            for i, item in enumerate(rewards):  # checked one by one first, so an error can name rewards[i]
-                prefix = f"rewards[{i}]."
-                OmegaConf.merge(OmegaConf.structured(RewardConfig), item)
-            prefix = ""
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalTaskConfig), data))
-    except UserError:
-        raise
-    except OmegaConfBaseException as exc:
-        key = prefix + (getattr(exc, "full_key", None) or "?")
-        msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
-        if "not in" in msg or ("Key '" in msg and "not" in msg):
-            msg = "unknown field"
-        raise UserError(f"{path}: field '{key}': {msg}") from None
-    except Exception as exc:  # YAML syntax errors and the like
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: {first}") from None
+    cfg = load_structured(EvalTaskConfig, read_yaml(path), where=str(path))
     _validate(cfg, str(path))
     return dataclasses.replace(cfg, source=_anchor(cfg.source, path.parent))
 
@@ -165,8 +135,6 @@ def _anchor(source: str, folder: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------- rows
 def _package_file(source: str) -> Path:
-    import importlib.util
-
     spec = source[len("package:"):]
     module, _, rel = spec.partition("/")
     found = importlib.util.find_spec(module) if module else None
@@ -180,8 +148,6 @@ def _package_file(source: str) -> Path:
 
 def read_task_rows(cfg: EvalTaskConfig) -> list[dict]:
     """The task's raw rows (before column mapping), in file order, the first `limit` of them."""
-    from rlk2.data import builtin_split, read_rows
-
     if cfg.source.startswith("builtin:"):
         rows = builtin_split(cfg.source[len("builtin:"):], cfg.split)
     else:
@@ -196,10 +162,6 @@ def read_task_rows(cfg: EvalTaskConfig) -> list[dict]:
 
 def build_eval_task(cfg: EvalTaskConfig, engine, *, limit: int | None = None):
     """An `EvalTask` with prompts rendered and columns mapped; checks every column every reward needs."""
-    from rewards import RewardError
-    from rewards.engine import RewardSpec
-    from rlk2.evaluate import EvalTask
-
     if limit is not None:
         cfg = dataclasses.replace(cfg, limit=limit)
     rows = read_task_rows(cfg)

@@ -2,7 +2,7 @@
 
 `rlk2 score --reward NAME [--input FILE]` reads JSONL rows (stdin without FILE), each with a `completion`, an
 optional `prompt` and the dataset columns the reward needs (e.g. `answer`), and writes one JSON line per input
-line, in the same order: `{"reward": 1.0, "error": null}` (plus `"extras"` when the reward returns some).
+row, in the same order (a blank line is not a row): `{"reward": 1.0, "error": null}` (plus `"extras"` when the reward returns some).
 Rows run through the same engine as training (worker processes, timeouts), so what you see is what training sees.
 
 `rlk2 rewards [NAME ...] [--config CONFIG]` lists the built-in and entry-point rewards with the columns each one
@@ -16,29 +16,16 @@ import json
 import sys
 from typing import Any
 
+from rewards import (RewardEngine, RewardError, RewardSpec, describe_reward, list_rewards, required_columns,
+                     resolve_reward)
+from rlk2.config import load_config
+from rlk2.errors import UserError
+from sandboxes.jsonl import JsonlError, iter_jsonl
+
 _BATCH = 256  # rows per engine call: output streams while a large file is scored
 
 
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reward", required=True, metavar="NAME",
-                        help="a built-in name (see `rlk2 rewards`), pkg.module:function, or an entry point")
-    parser.add_argument("--input", metavar="FILE", help="JSONL file of rows (default: stdin)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="keyword option passed to the reward; VALUE is parsed as JSON when it can be")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                        help="deadline per call (per sample for elementwise rewards such as math), default 10")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-
-
-def add_rewards_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("names", nargs="*", metavar="NAME", help="also describe these rewards (e.g. dotted paths)")
-    parser.add_argument("--config", metavar="CONFIG", help="also describe the rewards that this training config names")
-    parser.add_argument("--json", action="store_true", help="one JSON object per reward instead of a table")
-
-
 def _options(pairs: list[str]) -> dict[str, Any]:
-    from rlk2.errors import UserError
-
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -52,47 +39,41 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 
 
 def read_rows(stream: Any, source: str) -> list[dict]:
-    """Parses JSONL rows; a bad line is one UserError naming the file and line number."""
-    from rlk2.errors import UserError
-
+    """The rows to score (`sandboxes.jsonl`: blank lines are not rows; a bad line is one UserError naming it)."""
     rows = []
-    for lineno, line in enumerate(stream, start=1):
-        if not line.strip():
-            raise UserError(f"{source}:{lineno}: empty line (one JSON object per line expected)")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{source}:{lineno}: malformed JSON: {exc.msg} at column {exc.colno}") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        if not isinstance(row.get("completion"), str):
-            raise UserError(f"{source}:{lineno}: field 'completion' must be a string")
-        if not isinstance(row.get("prompt", ""), str):
-            raise UserError(f"{source}:{lineno}: field 'prompt' must be a string")
-        rows.append(row)
+    try:
+        for lineno, row in iter_jsonl(stream, source):
+            if not isinstance(row.get("completion"), str):
+                raise UserError(f"{source}:{lineno}: field 'completion' must be a string")
+            if not isinstance(row.get("prompt", ""), str):
+                raise UserError(f"{source}:{lineno}: field 'prompt' must be a string")
+            rows.append(row)
+    except JsonlError as exc:
+        raise UserError(str(exc)) from None
     return rows
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from rewards import RewardEngine, RewardError, RewardSpec, required_columns, resolve_reward
-    from rlk2.errors import UserError
-
+    """`rlk2 score --reward NAME [--input FILE]` (arguments: rlk2.cli)."""
+    options = _options(args.option)
+    if options.get("backend") == "checkpoint":  # the rubric reward's local-checkpoint critic lives in rlk2.critic,
+        import rlk2.critic  # noqa: F401        # which registers it (and costs torch's import: only when asked for)
     try:
-        spec = RewardSpec(args.reward, timeout_s=args.timeout, kwargs=_options(args.option))
+        spec = RewardSpec(args.reward, timeout_s=args.timeout, kwargs=options)
         fn = resolve_reward(spec.name)
     except RewardError as exc:
         raise UserError(str(exc)) from None
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if not 1 <= args.workers <= 64:
+        raise UserError(f"--workers: {args.workers} is not in 1..64")
     source = args.input or "<stdin>"
     if args.input:
         try:
-            with open(args.input, encoding="utf-8") as f:
+            with open(args.input, "rb") as f:
                 rows = read_rows(f, source)
         except OSError as exc:
             raise UserError(f"cannot read {args.input}: {exc.strerror}") from None
     else:
-        rows = read_rows(sys.stdin, source)
+        rows = read_rows(getattr(sys.stdin, "buffer", sys.stdin), source)
     needed = [c for c in required_columns(fn) if c not in spec.kwargs]
     for lineno, row in enumerate(rows, start=1):
         for col in needed:
@@ -126,13 +107,10 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_rewards(args: argparse.Namespace) -> int:
-    from rewards import describe_reward, list_rewards
-
+    """`rlk2 rewards [NAME ...] [--config CONFIG]` (arguments: rlk2.cli)."""
     rows = list_rewards()
     extra = [(name, "given") for name in args.names]
     if args.config:
-        from rlk2.config import load_config
-
         cfg = load_config(args.config)
         extra += [(r.name, f"config task {task.name!r}") for task in cfg.tasks for r in task.rewards]
     listed = {r[0] for r in rows}

@@ -22,7 +22,11 @@ import json
 import math
 import re
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from rlk2.eval.metrics import bootstrap_ci, bootstrap_diff_ci, bootstrap_indices, prompt_stats, ratio
+from rlk2.eval.plots import plot_pass_at_k, plot_series, plot_training
 
 SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "rlk2_version", "created_at", "settings", "checkpoints", "tasks", "throughput", "plots")
@@ -43,10 +47,6 @@ def _metric_order(name: str) -> tuple:
 
 def build_report(ckpts: list, task_cfgs: list, tasks: list, results: list, settings: dict) -> dict:
     """Point estimates, intervals and paired differences (baseline = first checkpoint) for every task."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from rlk2.evaluate import bootstrap_ci, bootstrap_diff_ci, bootstrap_indices, prompt_stats, ratio
-
     ks, conf = settings["ks"], settings["confidence"]
     out_tasks = {}
     for cfg, task in zip(task_cfgs, tasks):
@@ -160,10 +160,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
 
 
-def write_outputs(report: dict, ckpts: list, tasks: list, results: list, out: Path) -> None:
-    """report.json, report.md, plots and samples/<checkpoint>/<task>.jsonl into `out`."""
-    from rlk2.eval_plots import plot_pass_at_k, plot_training
-
+def write_outputs(report: dict, ckpts: list, tasks: list, results: list, out: Path,
+                  run_metrics: dict[Path, list[dict]]) -> None:
+    """report.json, report.md, plots and samples/<checkpoint>/<task>.jsonl into `out`; `run_metrics` holds the
+    metrics rows of the runs the checkpoints come from (for their training curves)."""
     out.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         name = f"pass_at_k_{_safe(task.name)}.png"
@@ -176,7 +176,7 @@ def write_outputs(report: dict, ckpts: list, tasks: list, results: list, out: Pa
             runs.setdefault(c.run_dir, []).append(c)
     for run_dir, members in runs.items():
         name = f"training_{_safe(run_dir.resolve().name)}.png"
-        if plot_training(run_dir, members, report, out / name):
+        if plot_training(run_dir.resolve().name, run_metrics.get(run_dir, []), members, report, out / name):
             report["plots"].append(name)
     for c, res in zip(ckpts, results):
         folder = out / "samples" / _safe(c.label)
@@ -187,3 +187,45 @@ def write_outputs(report: dict, ckpts: list, tasks: list, results: list, out: Pa
                     fh.write(json.dumps(rec) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     write_markdown(report, out / "report.md")
+
+
+# ================================================================================================ run report
+# The end-of-run report of `rlk2 train`: a before/after table of the held-out metrics, report.md and PNG plots.
+def _fmt_value(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    keys = sorted(k for k in after if k.startswith("eval/"))
+    lines = ["| metric | before RL | after RL | change |", "|---|---:|---:|---:|"]
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        delta = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        lines.append(f"| {k} | {_fmt_value(b)} | {_fmt_value(a)} | {_fmt_value(delta) if delta is None else f'{delta:+.3f}'} |")
+    return "\n".join(lines)
+
+
+def write_run_report(run_dir: str | Path, rows: list[dict], before: dict, after: dict) -> str:
+    """Write report.md and plots; return the before/after table (markdown)."""
+    run_dir = Path(run_dir)
+    table = before_after_table(before, after)
+    train_rows = [r for r in rows if "reward/mean" in r]
+    eval_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    plots = []
+    reward_keys = ["reward/mean"] + sorted({k for r in train_rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    if plot_series(train_rows, reward_keys, run_dir / "reward.png", "training reward"):
+        plots.append("reward.png")
+    eval_keys = sorted({k for r in eval_rows for k in r if "pass@" in k})
+    if plot_series(eval_rows, eval_keys, run_dir / "eval.png", "held-out evaluation"):
+        plots.append("eval.png")
+    if plot_series(train_rows, ["loss", "entropy", "kl/approx"], run_dir / "loss.png", "loss / entropy / KL"):
+        plots.append("loss.png")
+    steps = len(train_rows)
+    total_time = sum(r.get("time/rollout", 0) + r.get("time/reward", 0) + r.get("time/update", 0) for r in train_rows)
+    md = [f"# Run report: {run_dir.name}", "", f"{steps} RL steps, {total_time:.1f} s of RL step time.", "",
+          "## Held-out evaluation", "", table, ""]
+    md += [f"![{p}]({p})" for p in plots]
+    (run_dir / "report.md").write_text("\n".join(md) + "\n")
+    return table

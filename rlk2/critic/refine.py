@@ -40,6 +40,10 @@ import torch
 
 from rewards.rubric import (DEFAULT_RUBRICS, fill_template, load_rubrics, load_template, parse_verdict,
                             render_rubrics)
+from rlk2.algorithms import group_advantages
+from rlk2.critic.backends import generate_texts
+from rlk2.errors import UserError
+from rlk2.rollout import encode_prompts, generate_rollouts
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,6 @@ def pair_advantages(rewards: torch.Tensor, valid: torch.Tensor, *, scale: bool) 
     >>> adv.round(decimals=4).tolist(), tied.tolist()
     ([[-1.0, -1.0], [1.0, 1.0]], [False, False])
     """
-    from rlk2.algorithms import group_advantages
-
     m, k = rewards.shape
     if m % 2:
         raise ValueError(f"pair_advantages: {m} critic prompts, expected both orders of each pair")
@@ -194,8 +196,6 @@ class CriticRefiner:
         `record_routing` records the experts of every token (as the policy's own rollouts do under router
         replay): `concat_rollouts` keeps recorded routing only when every part has it.
         """
-        from rlk2.rollout import encode_prompts, generate_rollouts
-
         rng = random.Random(seed)
         pairs = verified_pairs(prompts, completions, rewards, group_size=group_size,
                                per_prompt=self.pairs_per_prompt, rng=rng)
@@ -232,8 +232,6 @@ class CriticRefiner:
 
     def agreement(self, model, tokenizer, pairs: Sequence[VerifiedPair], *, batch_size: int = 256) -> dict[str, float]:
         """Greedy verdicts on held-out pairs, both orders: agreement with the verifier (unparsable = disagree)."""
-        from rlk2.critic import generate_texts
-
         if not pairs:
             return {}
         jobs = self._jobs(pairs)
@@ -279,8 +277,6 @@ def check_refine_launch(num_processes: int) -> None:
     """Refinement runs on one process only: its verified pairs are drawn from the whole step's batch, and splitting
     the critic samples across ranks so that N processes reproduce one (as rlk2.distributed does for the policy's
     own groups) is not implemented. Refused at start-up rather than trained differently per rank."""
-    from rlk2.errors import UserError
-
     if num_processes > 1:
         raise UserError(f"critic.refine: supported on one process only, this launch has {num_processes} (critic "
                         "samples are not split across ranks); launch one process or set critic.refine=false")

@@ -1,0 +1,177 @@
+"""Evaluation of a policy on held-out tasks: one implementation for the training loop and `rlk2 eval`.
+
+`evaluate_policy` generates `samples` completions per prompt (and one greedy) through `rlk2.rollout`, scores them
+with the reward engine while the next batch generates, and returns `eval/<task>/<metric>` values
+(`rlk2.eval.metrics`), per-sample records and throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from rlk2.eval.metrics import TaskOutcome, extract_answer, task_metrics
+from rlk2.rollout import encode_prompts, generate_rollouts
+
+
+# ================================================================================================ data types
+@dataclass
+class EvalTask:
+    """A held-out task: prompts, the columns its rewards need, the rewards, and its token budget."""
+
+    name: str
+    prompts: list[str]
+    columns: dict[str, list]
+    specs: Sequence  # rewards.engine.RewardSpec; the first is the primary (pass / fail) reward
+    max_new_tokens: int
+    vote: str = "auto"
+    """maj@n answers: "boxed" (last \\boxed{}), "none" (no maj@n), "auto" (boxed when the primary reward is math)."""
+
+    @property
+    def vote_kind(self) -> str:
+        if self.vote == "auto":
+            return "boxed" if self.specs and self.specs[0].name == "math" else "none"
+        return self.vote
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # per task: one record per generated sample
+    outcomes: dict[str, TaskOutcome] = field(default_factory=dict)
+    timing: dict[str, dict[str, float]] = field(default_factory=dict)  # per task: sequences, tokens, seconds
+
+
+# ================================================================================================ generation
+def _merge_scores(parts: list) -> tuple[dict[str, list], dict[str, int]]:
+    rewards: dict[str, list] = {}
+    errors: dict[str, int] = {}
+    for part in parts:
+        for name, vals in part.rewards.items():
+            rewards.setdefault(name, []).extend(vals)
+        for name, cnt in part.errors.items():
+            errors[name] = errors.get(name, 0) + cnt
+    return rewards, errors
+
+
+def evaluate_policy(
+    model,
+    tokenizer,
+    tasks: Sequence[EvalTask],
+    engine,
+    *,
+    samples: int,
+    temperature: float,
+    greedy: bool,
+    batch_size: int,
+    chat_template: bool,
+    seed: int,
+    ks: Sequence[int] = (1,),
+    progress: bool = False,
+    desc: str = "eval",
+) -> EvalResult:
+    """Generate `samples` completions per prompt (batched) and score them; returns eval/<task>/<metric>.
+
+    A batch is scored by the reward engine while the next one generates (`RewardEngine.score_later`). Seeds depend
+    only on `seed` and the batch position, so a rerun gives the same numbers.
+    """
+    result = EvalResult({})
+    total = sum(len(t.prompts) * (samples + int(greedy)) for t in tasks)
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True, leave=False)
+    for task in tasks:
+        ids = encode_prompts(tokenizer, task.prompts, chat_template=chat_template)
+        t_task, outs = time.perf_counter(), {}
+        for mode, reps in [("sample", samples)] + ([("greedy", 1)] if greedy else []):
+            outs[mode] = _generate_and_score(model, tokenizer, task, ids, engine, reps=reps, greedy=mode == "greedy",
+                                             temperature=temperature, batch_size=batch_size, seed=seed, bar=bar)
+        outcome = _outcome(task, outs)
+        result.outcomes[task.name] = outcome
+        result.metrics.update({f"eval/{task.name}/{key}": value for key, value in task_metrics(outcome, ks).items()})
+        elapsed = time.perf_counter() - t_task
+        sequences = len(task.prompts) * (samples + int(greedy))
+        tokens = sum(sum(o["ntok"]) for o in outs.values())
+        result.timing[task.name] = {"sequences": sequences, "tokens": tokens, "seconds": elapsed,
+                                    "generate_s": sum(o["generate_s"] for o in outs.values()),
+                                    "samples_per_s": sequences / elapsed if elapsed else 0.0,
+                                    "tokens_per_s": tokens / elapsed if elapsed else 0.0}
+        result.samples[task.name] = _records(task, outs)
+    bar.close()
+    return result
+
+
+def _generate_and_score(model, tokenizer, task: EvalTask, ids: list[list[int]], engine, *, reps: int, greedy: bool,
+                        temperature: float, batch_size: int, seed: int, bar) -> dict:
+    """`reps` completions of every prompt of `task`, scored; everything in prompt order."""
+    n = len(task.prompts)
+    # Longest prompts first so each batch holds prompts of similar length (less left padding); the results are put
+    # back in prompt order below.
+    by_length = sorted(range(n), key=lambda i: -len(ids[i]))
+    order = [i for i in by_length for _ in range(reps)]  # prompt index of each sequence
+    texts, ntok, trunc, pending, t_gen = [], [], [], [], 0.0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        t0 = time.perf_counter()
+        ro = generate_rollouts(model, tokenizer, [ids[i] for i in chunk], max_new_tokens=task.max_new_tokens,
+                               temperature=temperature, greedy=greedy, seed=seed + start, record_logprobs=False)
+        t_gen += time.perf_counter() - t0
+        cols = {k: [v[i] for i in chunk] for k, v in task.columns.items()}
+        pending.append(engine.score_later(list(task.specs), ro.texts, [task.prompts[i] for i in chunk], cols))
+        texts += ro.texts
+        ntok += ro.num_tokens.tolist()
+        trunc += ro.truncated.tolist()
+        bar.update(len(chunk))
+    rewards, errors = _merge_scores([f.result() for f in pending])
+    back = sorted(range(len(order)), key=lambda j: order[j])  # stable: samples keep their order
+    order, texts, ntok, trunc = ([xs[j] for j in back] for xs in (order, texts, ntok, trunc))
+    rewards = {name: [vals[j] for j in back] for name, vals in rewards.items()}
+    return {"order": order, "texts": texts, "ntok": ntok, "trunc": trunc, "rewards": rewards, "errors": errors,
+            "reps": reps, "generate_s": t_gen}
+
+
+def _as_array(vals: list, shape: tuple[int, int]) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in vals], dtype=float).reshape(shape)
+
+
+def _outcome(task: EvalTask, outs: dict[str, dict]) -> TaskOutcome:
+    n = len(task.prompts)
+    s = outs["sample"]
+    shape = (n, s["reps"])
+    primary = task.specs[0].name
+    scores = {name: _as_array(vals, shape) for name, vals in s["rewards"].items()}
+    passed = np.nan_to_num(scores[primary], nan=0.0) >= 1.0 - 1e-6
+    kind = task.vote_kind
+    answers = None
+    if kind != "none":
+        flat = [extract_answer(t, kind) for t in s["texts"]]
+        answers = [flat[i * s["reps"] : (i + 1) * s["reps"]] for i in range(n)]
+    greedy_passed = None
+    errors = dict(s["errors"])
+    if "greedy" in outs:
+        g = outs["greedy"]["rewards"][primary]
+        greedy_passed = np.array([r is not None and r >= 1.0 - 1e-6 for r in g], dtype=bool)
+        for name, cnt in outs["greedy"]["errors"].items():
+            errors[name] = errors.get(name, 0) + cnt
+    return TaskOutcome(task.name, primary, passed, scores, np.array(s["ntok"], dtype=np.int64).reshape(shape),
+                       np.array(s["trunc"], dtype=bool).reshape(shape), answers, greedy_passed, errors)
+
+
+def _records(task: EvalTask, outs: dict[str, dict]) -> list[dict]:
+    primary = task.specs[0].name
+    kind = task.vote_kind
+    records = []
+    for mode, o in outs.items():
+        for j, (i, text) in enumerate(zip(o["order"], o["texts"])):
+            r = o["rewards"][primary][j]
+            rec = {"mode": mode, "prompt_index": i, "prompt": task.prompts[i], "completion": text,
+                   "passed": r is not None and r >= 1.0 - 1e-6, "tokens": o["ntok"][j], "truncated": o["trunc"][j],
+                   "rewards": {name: vals[j] for name, vals in o["rewards"].items()}}
+            if kind != "none":
+                rec["answer"] = extract_answer(text, kind)
+            records.append(rec)
+    return records
+
+

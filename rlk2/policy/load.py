@@ -1,0 +1,67 @@
+"""Loading a policy: any local causal-LM checkpoint (Hugging Face directory or PEFT adapter), one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from rlk2.errors import UserError
+
+
+def load_policy(
+    path: str | Path, *, dtype: str = "float32", attn_implementation: str | None = "eager"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a local causal-LM checkpoint (or a PEFT adapter directory) with one-line errors for bad paths."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"policy.path: {path} is not a directory")
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, dtype=dtype, attn_implementation=attn_implementation)
+    if not (path / "config.json").exists():
+        raise UserError(f"policy.path: {path} has no config.json; not a Hugging Face checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - surface the library's reason in one line
+        raise UserError(f"policy.path: cannot read {path}/config.json: {_one_line(exc)}") from exc
+    archs = config.architectures or []
+    causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (archs and not causal_arch):
+        what = archs[0] if archs else config.model_type
+        raise UserError(f"policy.path: {path} holds a '{what}' checkpoint, not a causal language model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"policy.path: cannot load {path}: {_one_line(exc)}") from exc
+    _prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _load_adapter(path: Path, *, dtype: str, attn_implementation: str | None):
+    base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise UserError(f"policy.path: adapter {path} names base model {base_path!r}, which is not a local directory")
+    base, tokenizer = load_policy(base_path, dtype=dtype, attn_implementation=attn_implementation)
+    if (path / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        _prepare_tokenizer(tokenizer)
+    return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    # Rollouts batch prompts of different lengths: left padding keeps every prompt's last token at the end.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,111 @@
+"""A run's tasks as the loop uses them: training rows, reward specs, the held-out evaluation task, how to score.
+
+`load_tasks` reads and checks everything a user can get wrong about a task (rows, columns, rewards, the sandbox the
+`code` reward needs) before anything is written; `Task` then carries what each phase of the loop needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from rewards import RewardEngine, RewardSpec, required_columns, resolve_reward
+from rewards.code import code as code_reward
+from rlk2.config import TaskConfig
+from rlk2.data import check_columns, load_task_rows
+from rlk2.errors import UserError
+from rlk2.eval.evaluate import EvalTask
+from rlk2.eval.tasks import build_eval_task, from_run_task
+from sandboxes import SandboxError, choose_backend, probe
+
+
+@dataclass
+class Task:
+    cfg: TaskConfig
+    specs: list[RewardSpec]
+    """The task's rewards; the first decides pass / fail in evaluation."""
+    rows: list[dict]
+    """Training rows (prompt, reward columns, and `completion` for built-in tasks)."""
+    eval: EvalTask
+    """The held-out split as an evaluation task (the same rewards)."""
+    overlap: bool
+    """Every reward runs in the worker processes: the task is scored while the next task generates."""
+    streamed: bool
+    """... and each reward scores samples one by one: each response is scored as soon as it ends."""
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def rubric(self) -> bool:
+        """Scored by the rubric reward (the critic's time counts as critic time)."""
+        return any(metric_name(s.name) == "rubric" for s in self.specs)
+
+
+def load_tasks(tasks: list[TaskConfig], engine: RewardEngine, *, note=print) -> list[Task]:
+    """Every task's rows and rewards, checked; built-in code tasks without a working sandbox are left out with a
+    `note` (a user's own code task is an error instead: never a run whose code rewards are all None)."""
+    out = []
+    sandbox: str | None | bool = False  # not probed yet
+    for i, task in enumerate(tasks):
+        specs = [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in task.rewards]
+        if any(resolve_reward(s.name) is code_reward for s in specs):
+            sandbox = _sandbox_problem() if sandbox is False else sandbox
+            if sandbox and task.source.startswith("builtin:"):
+                note(f"note: no sandbox backend works here ({sandbox}); the '{task.name}' code task is left out "
+                     "(see `rlk2 sandbox doctor`)")
+                continue
+            if sandbox:
+                raise UserError(f"tasks[{i}] ({task.name}): the code reward needs a sandbox and none works here "
+                                f"({sandbox}); see `rlk2 sandbox doctor`")
+        rows = load_task_rows(task.source, "train", eval_size=task.eval_size)
+        held = load_task_rows(task.source, "eval", eval_size=task.eval_size)
+        if not rows:
+            raise UserError(f"tasks[{i}] ({task.source}): no training rows")
+        columns = sorted({k for r in rows[:1] for k in r} - {"prompt", "completion"})
+        engine.check_columns(specs, columns, where=f"task '{task.name}' ({task.source})")
+        needed = sorted({c for s in specs for c in required_columns(resolve_reward(s.name))})
+        check_columns(rows, needed, source=task.source)
+        check_columns(held, needed, source=task.source)
+        evaluation = build_eval_task(from_run_task(task), engine)
+        overlap = engine.runs_apart(specs)
+        out.append(Task(task, specs, rows, evaluation, overlap, overlap and engine.elementwise(specs)))
+    if not out:
+        raise UserError("tasks: no task left to train (every task needs a sandbox, and none works here)")
+    return out
+
+
+def bind_critic(tasks: list[Task], critic) -> None:
+    """Give the rubric rewards that name `backend: self` the live policy's critic object (rlk2.critic.PolicyCritic),
+    in training and evaluation alike: the reward then judges with the weights of the moment."""
+    for task in tasks:
+        task.specs = _bound(task.specs, critic)
+        task.eval.specs = _bound(list(task.eval.specs), critic)
+
+
+def _bound(specs: list[RewardSpec], critic) -> list[RewardSpec]:
+    return [dataclasses.replace(s, kwargs={**s.kwargs, "backend": critic})
+            if metric_name(s.name) == "rubric" and s.kwargs.get("backend", "self") == "self" else s for s in specs]
+
+
+def reward_inputs(group_rows: list[dict], k: int) -> tuple[list[str], dict[str, list]]:
+    """The prompts and dataset columns (answer, tests, ...) of K samples per row, as the reward engine takes them."""
+    rows = [r for r in group_rows for _ in range(k)]
+    columns = {c: [r.get(c) for r in rows] for c in rows[0] if c not in ("prompt", "completion")}
+    return [r["prompt"] for r in rows], columns
+
+
+def metric_name(reward_name: str) -> str:
+    """`rewards/<name>/...` uses the function's own name for `pkg.module:fn` and `path/file.py:fn` rewards."""
+    return reward_name.rsplit(":", 1)[-1]
+
+
+def _sandbox_problem() -> str | None:
+    """None when the sandbox backend the code reward would open works here, else why not (one line)."""
+    try:
+        name = choose_backend()
+    except SandboxError as exc:
+        return " ".join(str(exc).split())
+    problem = probe()[name]
+    return f"{name}: {' '.join(problem.split())}" if problem else None
