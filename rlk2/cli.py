@@ -1,7 +1,7 @@
 """The `rlk2` console script: one entry, one subcommand per user task (DESIGN.md 2.1).
 
 Every subcommand's arguments are declared here, so `rlk2 --help` and argument errors never import torch; the
-command's module (`rlk2.train`, `rlk2.eval.cli`, `rlk2.score`, `rlk2.serve`, `sandboxes.cli`) is imported only to
+command's module (`rlk2.train`, `rlk2.eval_checkpoints`, `rlk2.score`, `rlk2.serve`, `sandboxes.cli`) is imported only to
 run it. Errors the user caused (`UserError`, a reward named wrong) print as one line and exit 2, never a traceback.
 """
 
@@ -84,7 +84,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] 
                 "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP"),
     "serve": (_serve_arguments, "rlk2.serve:run",
               "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)"),
-    "eval": (_eval_arguments, "rlk2.eval.cli:run",
+    "eval": (_eval_arguments, "rlk2.eval_checkpoints:run",
              "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95 %% intervals, report and plots"),
 }
 

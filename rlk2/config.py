@@ -508,8 +508,11 @@ def load_structured(schema: type, data: DictConfig, *, where: str, overrides: ty
             raise UserError(f"override {item!r}: expected key=value, e.g. rollout.group_size=4")
         try:
             value = OmegaConf.from_dotlist([f"value={text}"])["value"]  # YAML scalars and flow collections
+        except (OmegaConfBaseException, yaml.YAMLError):
+            value = text  # not YAML (`a: b`, a tag): the text itself, which the schema then accepts or names
+        try:
             OmegaConf.update(plain, key, value, merge=True)
-        except OmegaConfBaseException as exc:
+        except (OmegaConfBaseException, TypeError, ValueError) as exc:
             raise UserError(f"override {item!r}: {_first_line(exc)}") from None
         merged = _merge(base, plain, f"override {key}", schema, key_hint=key)
     try:
@@ -524,7 +527,7 @@ def _merge(base: DictConfig, data: DictConfig, where: str, schema: type, key_hin
     _check_lists(schema, data, "", where)
     try:
         return OmegaConf.merge(base, data)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:  # OmegaConf raises TypeError for list-vs-mapping
         key = getattr(exc, "full_key", None) or key_hint or ""
         raise UserError(_message(exc, key, where)) from None
 
@@ -544,14 +547,20 @@ def _check_lists(schema: type, data: Any, prefix: str, where: str) -> None:
             if not isinstance(value, ListConfig):
                 raise UserError(f"{where}: config key '{key}': expected a list of {args[0].__name__} entries")
             for i, item in enumerate(value):
+                if not isinstance(item, DictConfig):
+                    raise UserError(f"{where}: config key '{key}[{i}]': expected a mapping of {args[0].__name__} fields")
                 _check_lists(args[0], item, f"{key}[{i}].", where)
                 try:
                     OmegaConf.merge(OmegaConf.structured(args[0]), item)
-                except OmegaConfBaseException as exc:
+                except (OmegaConfBaseException, TypeError, ValueError) as exc:
                     inner = getattr(exc, "full_key", None) or ""
                     raise UserError(_message(exc, f"{key}[{i}]" + (f".{inner}" if inner else ""), where)) from None
         elif dataclasses.is_dataclass(hint):
             _check_lists(hint, value, f"{key}.", where)
+        elif typing.get_origin(hint) is dict and not isinstance(value, DictConfig):
+            raise UserError(f"{where}: config key '{key}': expected a mapping {{key: value}}")
+        elif typing.get_origin(hint) is list and not isinstance(value, ListConfig):
+            raise UserError(f"{where}: config key '{key}': expected a list")
 
 
 def _message(exc: Exception, key: str, where: str) -> str:

@@ -71,12 +71,12 @@ def test_only_decode_steps_are_absorbed_and_the_forward_is_restored():
 
 
 def test_rollouts_are_the_same_with_and_without_absorption(tiny_policy, monkeypatch):
-    import rlk2.rollout.generate as rollout
+    import rlk2.rollout.decode as decode
 
     model, tok = load_policy(tiny_policy)
     ids = encode_prompts(tok, ["1+2=?", "45+67=?", "9+99=?"] * 4, chat_template=True)
     a = generate_rollouts(model, tok, ids, max_new_tokens=12, seed=5, use_latent_decoder=False)
-    monkeypatch.setattr(rollout, "absorbed_mla_decode", lambda m: torch.no_grad())
+    monkeypatch.setattr(decode, "absorbed_mla_decode", lambda m: torch.no_grad())
     b = generate_rollouts(model, tok, ids, max_new_tokens=12, seed=5, use_latent_decoder=False)
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert torch.allclose(a.old_logp, b.old_logp, atol=1e-5)
@@ -124,7 +124,7 @@ def _steps(model, latent: bool, steps: int = 7):
         if latent:  # the prefill: logits after each prompt, and the routing of its real tokens
             dec = LatentDecoder(model, ids, mask, steps, record_routing=True)
             logits.append(dec.logits)
-            routes.append(torch.stack(dec.routes).view(-1, 5, 9, 2)[:, mask.bool()])
+            routes.append(dec.routes().view(-1, 5, 9, 2)[:, mask.bool()])
         else:
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                         use_cache=True)
@@ -141,7 +141,7 @@ def _steps(model, latent: bool, steps: int = 7):
             tok = torch.randint(3, 64, (5,), generator=gen)[rows]
             if latent:
                 logits.append(dec.step(tok, pos))
-                routes.append(torch.stack(dec.routes))
+                routes.append(dec.routes())
             else:
                 mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
                 logits.append(model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],

@@ -190,7 +190,7 @@ def _fake_eval(seed):
 
 def test_report_keys_are_stable(tmp_path):
     from rlk2.eval.report import REPORT_KEYS, TASK_KEYS, build_report, markdown_tables
-    from rlk2.eval.cli import Checkpoint
+    from rlk2.eval_checkpoints import Checkpoint
 
     ckpts = [Checkpoint("a", tmp_path / "a", "hf", label="a"), Checkpoint("b", tmp_path / "b", "peft", label="b")]
     task = SimpleNamespace(name="arith", prompts=["p"] * 6, specs=[SimpleNamespace(name="math")], max_new_tokens=12)

@@ -287,9 +287,13 @@ def _drive(family: str, tau: float | None, steps: int = 20) -> list[float]:
 @pytest.mark.parametrize("family", ["mla", "gqa_bias"])
 def test_high_learning_rate_logits_climb_without_qk_clip_and_are_held_with_it(family):
     tau = 4.0
-    free, clipped = _drive(family, None, steps=24), _drive(family, tau, steps=24)
-    assert free[0] < tau and free[-1] > 6 * tau  # climbs past tau by a wide margin (measured: ~28 and ~50)
+    free, clipped = _drive(family, None, steps=28), _drive(family, tau, steps=28)
+    assert free[0] < tau and free[-1] > 6 * tau  # climbs past tau by a wide margin (measured: ~40 and ~65)
     # Held: K2 clips with the max measured in the step's own forward, so that step's update can overshoot by
-    # its growth factor (~1.3-1.5x per step at this learning rate) before the next clip; it never runs away.
+    # its growth factor before the next clip (measured up to 2.4x on MLA at this learning rate: 9.6 once, then
+    # back to ~5.5); it never runs away.
     assert sum(v > tau for v in clipped) > 5  # clipping was exercised on many steps
-    assert max(clipped) < 2 * tau
+    assert max(clipped) < 3 * tau
+    spikes = [t for t, v in enumerate(clipped[:-1]) if v > 2 * tau]
+    assert all(clipped[t + 1] < 2 * tau for t in spikes)  # an overshoot is clipped back at the next step
+    assert sorted(clipped[12:])[len(clipped[12:]) // 2] < 1.75 * tau  # and the logits stay near tau meanwhile

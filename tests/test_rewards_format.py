@@ -59,7 +59,7 @@ def test_shape_rewards_through_the_engine():
     assert out.total == [1.0, -1.0]  # format + budget; length has weight 0
 
 
-@pytest.mark.parametrize("module_name", ["rewards", "rewards.math", "rewards.format"])
+@pytest.mark.parametrize("module_name", ["rewards.registry", "rewards.math", "rewards.format", "rewards.rubric"])
 def test_docstring_examples_run(module_name):
     import doctest
     import importlib

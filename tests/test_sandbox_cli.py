@@ -53,10 +53,11 @@ def test_exec_reads_stdin(backend):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"id": 1, "code": "x", "tests": "assert 1"}\n{"id": 2, "code": \n', r"line 2: not valid JSON"),
-    ('{"id": 1, "tests": "assert 1"}\n', r"line 1: job 1: missing field 'code'"),
-    ('{"id": 1, "code": "x", "tests": "assert 1", "timeout_s": "soon"}\n', r"line 1: .*timeout_s"),
-    ('[1, 2]\n', r"line 1: a job must be a JSON object"),
+    ('{"id": 1, "code": "x", "tests": "assert 1"}\n{"id": 2, "code": \n', r"<stdin>:2: malformed JSON"),
+    ('{"id": 1, "tests": "assert 1"}\n', r"<stdin>:1: job 1: missing field 'code'"),
+    ('{"id": 1, "code": "x", "tests": "assert 1", "timeout_s": "soon"}\n', r"<stdin>:1: .*timeout_s"),
+    ('[1, 2]\n', r"<stdin>:1: expected a JSON object, got list"),
+    ('\n{"id": 1, "code": "x", "tests": "\\ud800"}\n', r"<stdin>:2: .*lone surrogate"),  # blank line skipped
 ])
 def test_exec_bad_input_is_one_line_and_exit_2(text, message):
     proc = cli("exec", stdin=text)
@@ -89,7 +90,7 @@ def test_doctor_reports_every_backend():
 def test_sandbox_command_is_registered_in_rlk2_cli():
     from rlk2.cli import COMMANDS
 
-    assert COMMANDS["sandbox"][0] == "sandboxes.cli"
+    assert COMMANDS["sandbox"][1] == "sandboxes.cli:run"
 
 
 @pytest.mark.docker

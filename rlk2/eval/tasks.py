@@ -33,7 +33,7 @@ from rlk2.errors import UserError
 from rlk2.eval.evaluate import EvalTask
 from rlk2.eval.metrics import VOTE_KINDS
 
-EVAL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "eval"
+EVAL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,14 @@
-"""Absorbed multi-head latent attention for one-token decode steps (DeepSeek-V3 / K2 architecture).
+"""Decoders: the prefill and one-token decode steps that `generate_rollouts` runs, behind one interface.
+
+A decoder is opened on the distinct prompts (`logits` [U, V] after the prefill), then `reorder(rows)` expands or
+drops rows of its cache, `step(tokens, positions)` feeds one token per row and returns the next logits, and
+`routes()` gives the experts each MoE layer used for the last call's tokens. `open_decoder` picks one:
+- `LatentDecoder`: DeepSeek-V3-family models (the demo's and K2's architecture) as a plain function over the
+  weights with a static latent cache (below);
+- `ForwardDecoder`: any other model, through its own forward and transformers' KV cache, with MLA attention
+  absorbed for decode steps where the projections allow (`absorbed_mla_decode`).
+
+Absorbed multi-head latent attention for one-token decode steps (DeepSeek-V3 / K2 architecture):
 
 transformers' `DeepseekV3Attention` keeps the compressed latent c (kv_lora_rank wide) in its KV cache, as MLA
 intends, but at every decode step it re-expands the whole cache through `kv_b_proj` into per-head keys and values
@@ -23,11 +33,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rlk2.moe import RouterProbe, find_routers
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -116,7 +128,7 @@ class LatentDecoder:
         self.cfg = model.config
         self.layers = list(self.inner.layers[: self.cfg.num_hidden_layers])
         self.record_routing = record_routing
-        self.routes: list[torch.Tensor] = []  # per MoE layer, the experts of the last call's tokens [n * t, k]
+        self.layer_routes: list[torch.Tensor] = []  # per MoE layer, the experts of the last call's tokens [n * t, k]
         U, P = prompt_mask.shape
         # Columns in multiples of 16: torch's CPU softmax takes a scalar path on rows shorter than 16 (~12x slower
         # per element, measured), so every step attends over a multiple of 16 columns, the unwritten ones masked.
@@ -170,6 +182,16 @@ class LatentDecoder:
                 return False
         return True
 
+    def routes(self) -> torch.Tensor:
+        """[L, n * t, k]: the experts every MoE layer used for the last call's tokens (with `record_routing`)."""
+        return torch.stack(self.layer_routes)
+
+    def __enter__(self) -> LatentDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def reorder(self, keep: torch.Tensor) -> None:
         """Keep only rows `keep` (in that order): finished sequences leave the cache."""
         self.latent = [c.index_select(0, keep) for c in self.latent]
@@ -190,7 +212,7 @@ class LatentDecoder:
         bias = bias[..., :s]
         turn = self.turn[positions]  # [n, t, dr/2]
         x = self.inner.embed_tokens(tokens)  # [n, t, H]
-        self.routes = []
+        self.layer_routes = []
         for i, layer in enumerate(self.layers):
             x = x + self._attention(layer.self_attn, _rms(layer.input_layernorm, x), turn, bias, i, col, s)
             h = _rms(layer.post_attention_layernorm, x)
@@ -241,7 +263,7 @@ class LatentDecoder:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * router.routed_scaling_factor
         if self.record_routing:
-            self.routes.append(idx)
+            self.layer_routes.append(idx)
         return (_experts(moe.experts, x, idx, weights) + _mlp(moe.shared_experts, x)).view(shape)
 
 
@@ -278,3 +300,55 @@ def _rotate(x: torch.Tensor, turn: torch.Tensor, interleaved: bool) -> torch.Ten
     pairs = x.unflatten(-1, (d // 2, 2)) if interleaved else x.unflatten(-1, (2, d // 2)).transpose(-1, -2)
     z = torch.view_as_complex(pairs.float().contiguous()) * turn
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+
+
+# ================================================================================================ any model
+class ForwardDecoder:
+    """The model's own forward with transformers' KV cache: any architecture, any wrapping (LoRA, quantised layers).
+
+    MLA attention runs absorbed in decode steps where `kv_b_proj` is a plain linear layer (`absorbed_mla_decode`);
+    routing is read by hooks on the routers (`rlk2.moe.RouterProbe`). Use as a context manager (the hooks and the
+    absorbed forwards are removed on exit)."""
+
+    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                 record_routing: bool = False) -> None:
+        self.model = model
+        self.probe = RouterProbe(find_routers(model) if record_routing else [])
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.probe)
+        self._stack.enter_context(absorbed_mla_decode(model))
+        try:
+            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
+                        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0))
+        except BaseException:
+            self._stack.close()
+            raise
+        self.cache, self.logits = out.cache, out.logits[:, -1]
+        self.attn = prompt_mask  # [n, P + t] attention mask of the rows in the cache
+
+    def __enter__(self) -> ForwardDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def routes(self) -> torch.Tensor:
+        return self.probe.take()
+
+    def reorder(self, keep: torch.Tensor) -> None:
+        self.cache.reorder_cache(keep)
+        self.attn = self.attn[keep]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, self.attn.new_ones((self.attn.shape[0], 1))], dim=1)
+        return self.model(input_ids=tokens.unsqueeze(1), attention_mask=self.attn, position_ids=positions.unsqueeze(1),
+                          cache=self.cache, use_cache=True).logits[:, -1]
+
+
+def open_decoder(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, *,
+                 record_routing: bool = False, fast: bool = True):
+    """The decoder for `model`, prefilled with `prompt_ids` [U, P] (left padded): a plain-function decoder where the
+    architecture allows and `fast`, else the model's forward. A context manager."""
+    if fast and LatentDecoder.supports(model):
+        return LatentDecoder(model, prompt_ids, prompt_mask, max_new_tokens, record_routing=record_routing)
+    return ForwardDecoder(model, prompt_ids, prompt_mask, max_new_tokens, record_routing=record_routing)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from rlk2.moe import RouterProbe, find_routers
+from rlk2.moe import find_routers
 from rlk2.rollout.batch import Rollout, left_pad
-from rlk2.rollout.decode import LatentDecoder, absorbed_mla_decode
+from rlk2.rollout.decode import open_decoder
 from rlk2.rollout.sampling import entropy_of, mix64, sampling_logprobs, sequence_exponentials, to_int64
 from rlk2.rollout.text import eos_ids
 
@@ -44,12 +44,13 @@ def generate_rollouts(
     completion tokens (EOS included), while the other rows still generate (the loop scores them meanwhile); rows
     that end at the last step or run out of tokens are not reported: the returned Rollout has every row.
 
-    A lean decoding loop over the model's forward and KV cache instead of `model.generate` (profiling showed
-    generation was most of an RL step, and for small models most of generate's time is its per-token machinery):
+    A lean decoding loop instead of `model.generate` (profiling showed generation was most of an RL step, and for
+    small models most of generate's time is its per-token machinery):
     - each distinct prompt is prefilled once and its cache row copied to the K samples of its group;
     - a sequence that emits EOS leaves the batch (its cache rows are dropped), so later tokens cost less;
-    - the prefill and decode steps of DeepSeek-V3-family models run through `rlk2.decode.LatentDecoder` (a plain
-      function over the weights with a static latent cache; `use_latent_decoder=False` keeps the model's forward);
+    - the prefill and decode steps run through a decoder (`rlk2.rollout.decode.open_decoder`): a plain function over
+      the weights with a static cache where the architecture allows (`use_latent_decoder=False` keeps the model's
+      own forward and KV cache);
     - tokens are drawn by an exponential race, argmax(log p - log E) with E ~ Exp(1), which is exactly a draw
       from p, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
     - or, with `seeds` (one per sequence), from counter-based noise: sequence i's draw at position t is a pure
@@ -62,109 +63,120 @@ def generate_rollouts(
     `max_new_tokens` tokens, so T is the longest completion, as with `generate`.
     """
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    ids, mask = left_pad(prompt_ids, pad_id)  # [B, P]
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)  # [B, P]
     ids, mask = ids.to(device), mask.to(device)
-    B, P = ids.shape
+    draw = _Draw(len(prompt_ids), device, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed, seeds=seeds)
+    out = _Record(model, ids.shape[0], ids.shape[1], max_new_tokens, device, tokenizer.pad_token_id,
+                  logprobs=record_logprobs, routing=record_routing)
     eos = torch.tensor(eos_ids(model, tokenizer), device=device)
-    rng = keys = None
-    if seeds is not None:
-        if seed is not None or len(seeds) != B:
-            raise ValueError(f"generate_rollouts: pass `seed` or one of `seeds` per sequence ({B}), not both")
-        keys = mix64(torch.tensor([to_int64(s) for s in seeds], dtype=torch.long, device=device))  # [B]
-    elif seed is not None and not greedy:
-        rng = torch.Generator(device=device).manual_seed(seed)
-
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
-    old_logp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    entropy = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if record_logprobs else None
-    routers = find_routers(model) if record_routing else []
-    probe = RouterProbe(routers)
-    routes = None
-    if routers:  # [L, B, P + T_max, k]; experts fit int16 (the largest MoEs have a few hundred)
-        top_k = routers[0][1].top_k
-        routes = torch.full((len(routers), B, P + max_new_tokens, top_k), -1, dtype=torch.int16, device=device)
     was_training = model.training
     model.eval()
     try:
-        with probe, absorbed_mla_decode(model):
-            # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
-            distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
-            d_ids, d_mask = distinct[:, :P], distinct[:, P:]
-            # The plain-function decoder where the architecture allows (rlk2.decode), else the model's forward.
-            lean = LatentDecoder(model, d_ids, d_mask, max_new_tokens, record_routing=routes is not None) \
-                if use_latent_decoder and LatentDecoder.supports(model) else None
-            if lean is None:
-                out = model(input_ids=d_ids, attention_mask=d_mask, position_ids=(d_mask.cumsum(1) - 1).clamp(min=0),
-                            use_cache=True, logits_to_keep=1)
-                cache, first_logits = out.cache, out.logits[:, -1]
-                cache.reorder_cache(row_of)
-            else:
-                first_logits = lean.logits
-                lean.reorder(row_of)
-            if routes is not None:  # prefill rows are the U distinct prompts: expand to B; left padding is not a token
-                fed = torch.stack(lean.routes) if lean is not None else probe.take()
-                used = fed.view(len(routers), d_ids.shape[0], P, -1)[:, row_of]  # [L, B, P, k]
-                routes[:, :, :P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(routes.dtype)
-            logits = first_logits[row_of]  # [B, V]
-            active = torch.arange(B, device=device)  # batch rows still generating, in cache order
-            attn = mask  # [n, P + t] attention mask of the active rows
+        # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
+        distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
+        P = ids.shape[1]
+        with open_decoder(model, distinct[:, :P], distinct[:, P:], max_new_tokens, record_routing=out.routing,
+                          fast=use_latent_decoder) as decoder:
+            decoder.reorder(row_of)
+            out.prompt_routes(decoder, row_of, mask)
+            logits = decoder.logits[row_of]  # [B, V]
+            active = torch.arange(len(ids), device=device)  # batch rows still generating, in cache order
             pos = mask.sum(dim=1)  # [n] position id of the token about to be sampled (same rule as policy_logprobs)
-            steps = 0
             for t in range(max_new_tokens):
-                logprobs = sampling_logprobs(logits, temperature=temperature, top_p=top_p, greedy=greedy)  # [n, V]
-                if greedy:
-                    nxt = logprobs.argmax(dim=-1)
-                else:
-                    race = torch.empty_like(logprobs).exponential_(generator=rng) if keys is None \
-                        else sequence_exponentials(keys[active], t, logprobs.shape[1])
-                    nxt = (logprobs - race.log()).argmax(dim=-1)  # [n]
-                tokens[active, t] = nxt
-                if record_logprobs:
-                    old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
-                    entropy[active, t] = entropy_of(logprobs)
-                steps = t + 1
+                nxt = out.put(active, t, *draw(logits, active, t))
                 going = ~torch.isin(nxt, eos)
                 if t == max_new_tokens - 1 or not going.any():
                     break
                 if not going.all():  # drop finished sequences from the batch and the cache
                     if on_finished is not None:
                         done = active[~going]
-                        on_finished(done.tolist(), tokens[done, : t + 1].tolist())
+                        on_finished(done.tolist(), out.tokens[done, : t + 1].tolist())
                     keep = going.nonzero().squeeze(1)
-                    lean.reorder(keep) if lean is not None else cache.reorder_cache(keep)
-                    active, nxt, attn, pos = active[keep], nxt[keep], attn[keep], pos[keep]
-                if lean is not None:
-                    logits = lean.step(nxt, pos)
-                else:
-                    attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-                    logits = model(input_ids=nxt.unsqueeze(1), attention_mask=attn, position_ids=pos.unsqueeze(1),
-                                   cache=cache, use_cache=True).logits[:, -1]
+                    decoder.reorder(keep)
+                    active, nxt, pos = active[keep], nxt[keep], pos[keep]
+                logits = decoder.step(nxt, pos)
                 pos = pos + 1
-                if routes is not None:  # the forward just fed completion token t of the active rows
-                    fed = torch.stack(lean.routes) if lean is not None else probe.take()
-                    routes[:, active, P + t] = fed.to(routes.dtype)
+                out.step_routes(decoder, active, t)
     finally:
         model.train(was_training)
-
-    completion, old_logp = tokens[:, :steps], old_logp[:, :steps]  # [B, T]
-    is_eos = torch.isin(completion, eos)
-    # mask = 1 up to and including the first EOS: count EOS strictly before each position.
-    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    cmask = (before == 0).long()
-    truncated = ~is_eos.any(dim=1)
-    completion = torch.where(cmask.bool(), completion, torch.full_like(completion, pad_id))
-    old_logp = old_logp * cmask
-    if entropy is not None:
-        entropy = entropy[:, :steps] * cmask
-    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-    if routes is not None:
-        routes = routes[:, :, : P + steps]
-    with torch.inference_mode(False):  # ordinary tensors for the caller: inference tensors cannot enter autograd
-        return Rollout(*(None if t is None else t.clone() for t in (ids, mask, completion, cmask, old_logp, truncated)),
-                       texts, *(None if t is None else t.clone() for t in (routes, entropy)))
+    return out.rollout(tokenizer, ids, mask, eos)
 
 
+class _Draw:
+    """The sampling rule of one generation: temperature, top-p or greedy, and its noise (module docstring)."""
+
+    def __init__(self, batch: int, device: torch.device, *, temperature: float, top_p: float, greedy: bool,
+                 seed: int | None, seeds: list[int] | None) -> None:
+        self.temperature, self.top_p, self.greedy = temperature, top_p, greedy
+        self.rng = self.keys = None
+        if seeds is not None:
+            if seed is not None or len(seeds) != batch:
+                raise ValueError(f"generate_rollouts: pass `seed` or one of `seeds` per sequence ({batch}), not both")
+            self.keys = mix64(torch.tensor([to_int64(s) for s in seeds], dtype=torch.long, device=device))  # [B]
+        elif seed is not None and not greedy:
+            self.rng = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, active: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next token [n], the log-probs [n, V] it was drawn from) for the active rows at completion position t."""
+        logprobs = sampling_logprobs(logits, temperature=self.temperature, top_p=self.top_p, greedy=self.greedy)
+        if self.greedy:
+            return logprobs.argmax(dim=-1), logprobs
+        race = torch.empty_like(logprobs).exponential_(generator=self.rng) if self.keys is None \
+            else sequence_exponentials(self.keys[active], t, logprobs.shape[1])
+        return (logprobs - race.log()).argmax(dim=-1), logprobs  # [n]
+
+
+class _Record:
+    """What generation records: tokens, their log-probs and entropies, and (router replay) the experts used."""
+
+    def __init__(self, model, batch: int, prompt_len: int, max_new_tokens: int, device: torch.device, pad_id: int,
+                 *, logprobs: bool, routing: bool) -> None:
+        self.P, self.pad_id, self.steps = prompt_len, pad_id, 0
+        self.tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
+        self.old_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+        self.entropy = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device) if logprobs else None
+        routers = find_routers(model) if routing else []
+        self.routing = bool(routers)
+        self.routes = None
+        if routers:  # [L, B, P + T_max, k]; experts fit int16 (the largest MoEs have a few hundred)
+            self.routes = torch.full((len(routers), batch, prompt_len + max_new_tokens, routers[0][1].top_k), -1,
+                                     dtype=torch.int16, device=device)
+
+    def put(self, active: torch.Tensor, t: int, nxt: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        self.tokens[active, t] = nxt
+        if self.entropy is not None:
+            self.old_logp[active, t] = logprobs.gather(1, nxt.unsqueeze(1)).squeeze(1)
+            self.entropy[active, t] = entropy_of(logprobs)
+        self.steps = t + 1
+        return nxt
+
+    def prompt_routes(self, decoder, row_of: torch.Tensor, mask: torch.Tensor) -> None:
+        """The prefill's routing: its rows are the U distinct prompts, expanded to B; left padding is not a token."""
+        if self.routes is not None:
+            fed = decoder.routes()  # [L, U * P, k]
+            used = fed.view(fed.shape[0], -1, self.P, fed.shape[-1])[:, row_of]  # [L, B, P, k]
+            self.routes[:, :, : self.P] = used.masked_fill(~mask.bool()[None, :, :, None], -1).to(self.routes.dtype)
+
+    def step_routes(self, decoder, active: torch.Tensor, t: int) -> None:
+        if self.routes is not None:  # the forward just fed completion token t of the active rows
+            self.routes[:, active, self.P + t] = decoder.routes().to(self.routes.dtype)
+
+    def rollout(self, tokenizer, ids: torch.Tensor, mask: torch.Tensor, eos: torch.Tensor) -> Rollout:
+        steps = self.steps
+        completion, old_logp = self.tokens[:, :steps], self.old_logp[:, :steps]  # [B, T]
+        is_eos = torch.isin(completion, eos)
+        # mask = 1 up to and including the first EOS: count EOS strictly before each position.
+        before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+        cmask = (before == 0).long()
+        truncated = ~is_eos.any(dim=1)
+        completion = torch.where(cmask.bool(), completion, torch.full_like(completion, self.pad_id))
+        old_logp = old_logp * cmask
+        entropy = None if self.entropy is None else self.entropy[:, :steps] * cmask
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        routes = None if self.routes is None else self.routes[:, :, : self.P + steps]
+        with torch.inference_mode(False):  # ordinary tensors for the caller: inference tensors cannot enter autograd
+            return Rollout(*(t.clone() for t in (ids, mask, completion, cmask, old_logp, truncated)), texts,
+                           *(None if t is None else t.clone() for t in (routes, entropy)))
 
 
 def context_limit(model) -> int | None:
