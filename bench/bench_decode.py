@@ -73,8 +73,10 @@ def _latent_time(model, batch: int, context: int) -> float:
 
 def decode_rows(label: str, shape, batch: int, contexts: list[int], reps: int) -> list[dict]:
     model = _model(shape)
-    ways = {"absorbed_mla": lambda c: _decode_time(model, batch, c, True),
-            "latent_decoder": lambda c: _latent_time(model, batch, c)}
+    ways = {
+        "absorbed_mla": lambda c: _decode_time(model, batch, c, True),
+        "latent_decoder": lambda c: _latent_time(model, batch, c),
+    }
     rows = []
     for context in contexts:
         for fn in (*ways.values(), lambda c: _decode_time(model, batch, c, False)):
@@ -86,11 +88,18 @@ def decode_rows(label: str, shape, batch: int, contexts: list[int], reps: int) -
                 ours[name].append(fn(context))
         for name, times in ours.items():
             speedups = [b / o for b, o in zip(base, times)]
-            rows.append({"name": f"decode/{label}_batch{batch}_context{context}/{name}",
-                         "value": statistics.median(times), "unit": "s/step",
-                         "baseline": "transformers DeepseekV3 forward (SDPA)",
-                         "baseline_value": statistics.median(base), "ratio": statistics.median(speedups),
-                         "spread": (max(speedups) - min(speedups)) / 2, "reps": reps})
+            rows.append(
+                {
+                    "name": f"decode/{label}_batch{batch}_context{context}/{name}",
+                    "value": statistics.median(times),
+                    "unit": "s/step",
+                    "baseline": "transformers DeepseekV3 forward (SDPA)",
+                    "baseline_value": statistics.median(base),
+                    "ratio": statistics.median(speedups),
+                    "spread": (max(speedups) - min(speedups)) / 2,
+                    "reps": reps,
+                }
+            )
     return rows
 
 

@@ -35,8 +35,8 @@ def measure(policy: str | None, prompts: int, samples: int, reps: int) -> dict[s
     import transformers
 
     from rewards.engine import RewardEngine
-    from rlk2.eval.tasks import build_eval_task, find_task_file, load_task_config
     from rlk2.eval.evaluate import evaluate_policy
+    from rlk2.eval.tasks import build_eval_task, find_task_file, load_task_config
     from rlk2.policy import load_policy
 
     transformers.utils.logging.set_verbosity_error()
@@ -47,12 +47,33 @@ def measure(policy: str | None, prompts: int, samples: int, reps: int) -> dict[s
     batch = {"batched": 256, "per-prompt": samples}
     with RewardEngine(num_workers=2) as engine:
         task = build_eval_task(load_task_config(find_task_file("arith")), engine, limit=prompts)
-        evaluate_policy(model, tok, [task], engine, samples=1, temperature=1.0, greedy=False, batch_size=256,
-                        chat_template=True, seed=0)  # warm-up: reward workers, math-verify import, kernels
+        evaluate_policy(
+            model,
+            tok,
+            [task],
+            engine,
+            samples=1,
+            temperature=1.0,
+            greedy=False,
+            batch_size=256,
+            chat_template=True,
+            seed=0,
+        )  # warm-up: reward workers, math-verify import, kernels
         for _ in range(reps):
             for name in runs:
-                res = evaluate_policy(model, tok, [task], engine, samples=samples, temperature=1.0, greedy=True,
-                                      batch_size=batch[name], chat_template=True, seed=0, ks=(1, samples))
+                res = evaluate_policy(
+                    model,
+                    tok,
+                    [task],
+                    engine,
+                    samples=samples,
+                    temperature=1.0,
+                    greedy=True,
+                    batch_size=batch[name],
+                    chat_template=True,
+                    seed=0,
+                    ks=(1, samples),
+                )
                 runs[name].append(res.timing[task.name]["samples_per_s"])
     return runs
 
@@ -61,11 +82,18 @@ def run(quick: bool, policy: str | None = None) -> list[dict]:
     prompts, samples, reps = (16, 4, 2) if quick else (64, 4, 3)
     runs = measure(policy, prompts, samples, reps)
     ratios = [b / p for b, p in zip(runs["batched"], runs["per-prompt"])]
-    return [{"name": f"eval_samples_per_s/arith_{prompts}x({samples}+greedy)/{policy or 'demo_random'}",
-             "value": statistics.median(runs["batched"]), "unit": "samples/s",
-             "baseline": f"one prompt per generate call (batch = its {samples} samples)",
-             "baseline_value": statistics.median(runs["per-prompt"]), "ratio": statistics.median(ratios),
-             "spread": (max(ratios) - min(ratios)) / 2, "reps": reps}]
+    return [
+        {
+            "name": f"eval_samples_per_s/arith_{prompts}x({samples}+greedy)/{policy or 'demo_random'}",
+            "value": statistics.median(runs["batched"]),
+            "unit": "samples/s",
+            "baseline": f"one prompt per generate call (batch = its {samples} samples)",
+            "baseline_value": statistics.median(runs["per-prompt"]),
+            "ratio": statistics.median(ratios),
+            "spread": (max(ratios) - min(ratios)) / 2,
+            "reps": reps,
+        }
+    ]
 
 
 def main() -> int:
@@ -75,8 +103,10 @@ def main() -> int:
     args = parser.parse_args()
     rows = run(args.quick, args.policy)
     for r in rows:
-        print(f"{r['name']}: {r['value']:.1f} {r['unit']} vs {r['baseline_value']:.1f} ({r['baseline']}), "
-              f"ratio {r['ratio']:.2f} +- {r['spread']:.2f} over {r['reps']} reps")
+        print(
+            f"{r['name']}: {r['value']:.1f} {r['unit']} vs {r['baseline_value']:.1f} ({r['baseline']}), "
+            f"ratio {r['ratio']:.2f} +- {r['spread']:.2f} over {r['reps']} reps"
+        )
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")

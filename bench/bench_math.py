@@ -29,8 +29,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 3.0  # per-check process deadline in the engine
 ALARM_S = 1  # Math-Verify's in-process alarm (seconds, integer), same for both sides
 BATCH = 256
-FILLER = ("Let us work through the problem step by step. First we note that {a} + {b} = {c}, and multiplying "
-          "by {d} gives {e}. Checking the boundary case, {a} is not a solution, so we continue. ")
+FILLER = (
+    "Let us work through the problem step by step. First we note that {a} + {b} = {c}, and multiplying "
+    "by {d} gives {e}. Checking the boundary case, {a} is not a solution, so we continue. "
+)
 
 
 def _pathological(rng: random.Random) -> tuple[str, str]:
@@ -40,8 +42,10 @@ def _pathological(rng: random.Random) -> tuple[str, str]:
         (str(k), f"So the answer is 2**30**5 + {k}"),
         (str(k), rf"\boxed{{10^{{10^{{10}}}} + {k}}}"),
         (str(k), rf"\boxed{{2^{{30^{{5}}}}-{k}}}"),
-        ("".join(rng.choice("123456789") for _ in range(5000)),
-         r"\boxed{" + "".join(rng.choice("123456789") for _ in range(5000)) + "}"),
+        (
+            "".join(rng.choice("123456789") for _ in range(5000)),
+            r"\boxed{" + "".join(rng.choice("123456789") for _ in range(5000)) + "}",
+        ),
         ("1/2", r"\boxed{" + r"\frac{" * depth + str(k) + "}{2}" * depth + "}"),
         ("2", r"\boxed{" + r"\sqrt{" * depth + str(k) + "}" * depth + "}"),
     ]
@@ -89,8 +93,11 @@ def plain_loop(items: list[tuple[str, str]]) -> tuple[float, float]:
     for gold, completion in items:
         t = time.perf_counter()
         try:
-            verify(parse(f"${gold}$", parsing_timeout=ALARM_S), parse(completion, parsing_timeout=ALARM_S),
-                   timeout_seconds=ALARM_S)
+            verify(
+                parse(f"${gold}$", parsing_timeout=ALARM_S),
+                parse(completion, parsing_timeout=ALARM_S),
+                timeout_seconds=ALARM_S,
+            )
         except BaseException:  # noqa: BLE001 - its TimeoutException is a BaseException; a failure is "no"
             pass
         longest = max(longest, time.perf_counter() - t)
@@ -112,7 +119,7 @@ def through_engine(items: list[tuple[str, str]]) -> float:
         engine.score([spec], ["\\boxed{1}"] * 4, [""] * 4, {"answer": ["1"] * 4})  # workers up, not timed
         start = time.perf_counter()
         for lo in range(0, len(items), BATCH):
-            chunk = items[lo: lo + BATCH]
+            chunk = items[lo : lo + BATCH]
             engine.score([spec], [c for _, c in chunk], [""] * len(chunk), {"answer": [g for g, _ in chunk]})
         return len(items) / (time.perf_counter() - start)
 
@@ -147,16 +154,36 @@ def run(quick: bool) -> list[dict]:
     ratios = [e / b for e, b in zip(eng, base)]
     worst, timeouts = longest_pathological(6 if quick else 24)
     return [
-        {"name": f"math_checks_per_s/{n}_mixed_1pct_pathological", "value": statistics.median(eng), "unit": "checks/s",
-         "baseline": "math_verify plain loop", "baseline_value": statistics.median(base),
-         "ratio": statistics.median(ratios), "spread": (max(ratios) - min(ratios)) / 2, "reps": reps},
-        {"name": "math_longest_single_pathological_check", "value": worst, "unit": "s",
-         "baseline": f"deadline + 1 s ({timeouts} of the checks hit the deadline)", "baseline_value": TIMEOUT_S + 1.0,
-         "ratio": worst / (TIMEOUT_S + 1.0), "spread": 0.0, "reps": 1},
-        {"name": "math_longest_single_check/plain_loop", "value": statistics.median(base_longest), "unit": "s",
-         "baseline": "engine deadline + 1 s", "baseline_value": TIMEOUT_S + 1.0,
-         "ratio": statistics.median(base_longest) / (TIMEOUT_S + 1.0),
-         "spread": (max(base_longest) - min(base_longest)) / 2, "reps": reps},
+        {
+            "name": f"math_checks_per_s/{n}_mixed_1pct_pathological",
+            "value": statistics.median(eng),
+            "unit": "checks/s",
+            "baseline": "math_verify plain loop",
+            "baseline_value": statistics.median(base),
+            "ratio": statistics.median(ratios),
+            "spread": (max(ratios) - min(ratios)) / 2,
+            "reps": reps,
+        },
+        {
+            "name": "math_longest_single_pathological_check",
+            "value": worst,
+            "unit": "s",
+            "baseline": f"deadline + 1 s ({timeouts} of the checks hit the deadline)",
+            "baseline_value": TIMEOUT_S + 1.0,
+            "ratio": worst / (TIMEOUT_S + 1.0),
+            "spread": 0.0,
+            "reps": 1,
+        },
+        {
+            "name": "math_longest_single_check/plain_loop",
+            "value": statistics.median(base_longest),
+            "unit": "s",
+            "baseline": "engine deadline + 1 s",
+            "baseline_value": TIMEOUT_S + 1.0,
+            "ratio": statistics.median(base_longest) / (TIMEOUT_S + 1.0),
+            "spread": (max(base_longest) - min(base_longest)) / 2,
+            "reps": reps,
+        },
     ]
 
 

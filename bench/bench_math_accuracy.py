@@ -39,8 +39,12 @@ def reward_verdicts(rows: list[dict]) -> tuple[list[float | None], list[str | No
     from rewards import RewardEngine, RewardSpec
 
     with RewardEngine(num_workers=2) as engine:
-        result = engine.score([RewardSpec("math", timeout_s=10.0)], [r["prediction"] for r in rows],
-                              [""] * len(rows), {"answer": [r["gold"] for r in rows]})
+        result = engine.score(
+            [RewardSpec("math", timeout_s=10.0)],
+            [r["prediction"] for r in rows],
+            [""] * len(rows),
+            {"answer": [r["gold"] for r in rows]},
+        )
     return result.rewards["math"], result.sample_errors["math"]
 
 
@@ -48,8 +52,13 @@ def confusion(labels: list[bool], said: list[bool | None]) -> dict:
     fp = sum(1 for y, s in zip(labels, said) if not y and s is True)
     fn = sum(1 for y, s in zip(labels, said) if y and s is not True)
     correct = sum(1 for y, s in zip(labels, said) if s is not None and s == y)
-    return {"accuracy": correct / len(labels), "false_positives": fp, "false_negatives": fn,
-            "unscorable": sum(s is None for s in said), "n": len(labels)}
+    return {
+        "accuracy": correct / len(labels),
+        "false_positives": fp,
+        "false_negatives": fn,
+        "unscorable": sum(s is None for s in said),
+        "n": len(labels),
+    }
 
 
 def measure() -> tuple[dict, dict, list[str]]:
@@ -61,17 +70,28 @@ def measure() -> tuple[dict, dict, list[str]]:
     misjudged = []
     for i, (r, y, a, b, e) in enumerate(zip(rows, labels, raw, ours, errors)):
         if b != y:
-            misjudged.append(f"row {i + 1}: label={y} reward={b} raw={a} error={e} [{r['source']}] "
-                             f"gold={r['gold'][:60]!r} pred=...{r['prediction'][-60:]!r}")
+            misjudged.append(
+                f"row {i + 1}: label={y} reward={b} raw={a} error={e} [{r['source']}] "
+                f"gold={r['gold'][:60]!r} pred=...{r['prediction'][-60:]!r}"
+            )
     return confusion(labels, ours), confusion(labels, raw), misjudged
 
 
 def _table(ours: dict, raw: dict) -> list[dict]:
     rows = []
     for key, unit in (("accuracy", "fraction"), ("false_positives", "pairs"), ("false_negatives", "pairs")):
-        rows.append({"name": f"math_labelled/{key}", "value": ours[key], "unit": unit,
-                     "baseline": "math_verify.verify(parse(gold), parse(pred))", "baseline_value": raw[key],
-                     "ratio": ours[key] / raw[key] if raw[key] else None, "spread": 0.0, "reps": 1})
+        rows.append(
+            {
+                "name": f"math_labelled/{key}",
+                "value": ours[key],
+                "unit": unit,
+                "baseline": "math_verify.verify(parse(gold), parse(pred))",
+                "baseline_value": raw[key],
+                "ratio": ours[key] / raw[key] if raw[key] else None,
+                "spread": 0.0,
+                "reps": 1,
+            }
+        )
     return rows
 
 

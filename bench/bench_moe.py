@@ -52,8 +52,10 @@ def _rollout(model, seed: int):
     from rlk2.rollout import generate_rollouts
 
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, VOCAB, (int(torch.randint(8, 25, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(16)]
+    prompts = [
+        torch.randint(3, VOCAB, (int(torch.randint(8, 25, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(16)
+    ]
     return generate_rollouts(model, _Tok(), prompts, max_new_tokens=16, seed=seed, record_routing=True)
 
 
@@ -107,9 +109,16 @@ def mismatch(seed: int) -> dict[str, tuple[float, float, float, float]]:
 
 
 def _row(name, value, unit, baseline, baseline_value, ratios, reps):
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": baseline_value,
-            "ratio": statistics.median(ratios) if ratios else None,
-            "spread": (max(ratios) - min(ratios)) / 2 if ratios else None, "reps": reps}
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+        "ratio": statistics.median(ratios) if ratios else None,
+        "spread": (max(ratios) - min(ratios)) / 2 if ratios else None,
+        "reps": reps,
+    }
 
 
 def run(quick: bool) -> list[dict]:
@@ -119,16 +128,42 @@ def run(quick: bool) -> list[dict]:
     for rate, updates in ((1e-3, 100 if quick else 400), (1e-2, 60)):
         res = [balance(s, rate, updates) for s in range(reps)]
         before, after = [b for b, _ in res], [a for _, a in res]
-        rows.append(_row(f"load CV, skewed router, {updates} bias updates u={rate:g}", statistics.median(after), "cv",
-                         "no update", statistics.median(before), [a / b for b, a in res], reps))
+        rows.append(
+            _row(
+                f"load CV, skewed router, {updates} bias updates u={rate:g}",
+                statistics.median(after),
+                "cv",
+                "no update",
+                statistics.median(before),
+                [a / b for b, a in res],
+                reps,
+            )
+        )
     cases = [mismatch(s) for s in range(reps)]
     for case in cases[0]:
         vals = [c[case] for c in cases]
-        rows.append(_row(f"router mismatch, replay off, {case}", statistics.median(v[0] for v in vals), "fraction",
-                         "replay on (forced)", 0.0, [], reps))
-        rows.append(_row(f"mean |logp - old_logp|, replay on, {case}", statistics.median(v[3] for v in vals), "nats",
-                         "replay off", statistics.median(v[1] for v in vals),
-                         [v[3] / v[1] for v in vals if v[1] > 0], reps))
+        rows.append(
+            _row(
+                f"router mismatch, replay off, {case}",
+                statistics.median(v[0] for v in vals),
+                "fraction",
+                "replay on (forced)",
+                0.0,
+                [],
+                reps,
+            )
+        )
+        rows.append(
+            _row(
+                f"mean |logp - old_logp|, replay on, {case}",
+                statistics.median(v[3] for v in vals),
+                "nats",
+                "replay off",
+                statistics.median(v[1] for v in vals),
+                [v[3] / v[1] for v in vals if v[1] > 0],
+                reps,
+            )
+        )
     return rows
 
 

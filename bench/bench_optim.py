@@ -34,14 +34,14 @@ import argparse
 import copy
 import json
 import logging
-import pathlib
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -53,10 +53,22 @@ EMULATED_ISA = "AVX2"  # a CPU without bfloat16 dot products (most laptops and o
 def _shape_50m():
     from rlk2.policy import TinyMoEShape
 
-    return TinyMoEShape(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408,
-                        moe_intermediate_size=256, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1,
-                        first_k_dense_replace=1, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                        v_head_dim=32, max_position_embeddings=512)
+    return TinyMoEShape(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        intermediate_size=1408,
+        moe_intermediate_size=256,
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=512,
+    )
 
 
 def _model(shape=None, attn: str = "eager"):
@@ -77,8 +89,16 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def _row(name, value, unit, baseline, baseline_value, ratios, reps):
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": baseline_value,
-            "ratio": statistics.median(ratios), "spread": (max(ratios) - min(ratios)) / 2, "reps": reps}
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+        "ratio": statistics.median(ratios),
+        "spread": (max(ratios) - min(ratios)) / 2,
+        "reps": reps,
+    }
 
 
 def optimizer_rows(label: str, shape, reps: int, batch: tuple[int, int], stock: bool = True) -> list[dict]:
@@ -97,13 +117,15 @@ def optimizer_rows(label: str, shape, reps: int, batch: tuple[int, int], stock: 
     for n, p in twin.named_parameters():
         p.requires_grad_(n in hidden_2d_names)
     muonclip_2d = MuonClip(twin, lr=1e-3)
-    torch_muon_2d = torch.optim.Muon([p for p in twin.parameters() if p.requires_grad], lr=1e-3,
-                                     adjust_lr_fn="match_rms_adamw", ns_steps=5)
+    torch_muon_2d = torch.optim.Muon(
+        [p for p in twin.parameters() if p.requires_grad], lr=1e-3, adjust_lr_fn="match_rms_adamw", ns_steps=5
+    )
 
     # What stock torch offers for the whole model: Muon on every hidden matrix, each expert as its own 2-D
     # tensor (torch.optim.Muon rejects 3-D), plus AdamW on the rest.
-    per_expert = [torch.nn.Parameter(m.detach().clone()) for _, p in muonclip.routing.muon
-                  for m in p.reshape(-1, *p.shape[-2:])]
+    per_expert = [
+        torch.nn.Parameter(m.detach().clone()) for _, p in muonclip.routing.muon for m in p.reshape(-1, *p.shape[-2:])
+    ]
     torch_muon_all = torch.optim.Muon(per_expert, lr=1e-3, adjust_lr_fn="match_rms_adamw", ns_steps=5)
     torch_adamw_rest = torch.optim.AdamW(adamw_params, lr=1e-3, betas=(0.9, 0.95))
 
@@ -120,8 +142,12 @@ def optimizer_rows(label: str, shape, reps: int, batch: tuple[int, int], stock: 
 
     times: dict[str, list[float]] = {k: [] for k in ("full", "adamw", "clip_2d", "torch_2d", "stock")}
     for rep in range(reps + 1):  # the first repetition warms up and creates optimizer states; not kept
-        got = {"full": clip_step(muonclip, model), "adamw": _timed(adamw.step),
-               "clip_2d": clip_step(muonclip_2d, twin), "torch_2d": _timed(torch_muon_2d.step)}
+        got = {
+            "full": clip_step(muonclip, model),
+            "adamw": _timed(adamw.step),
+            "clip_2d": clip_step(muonclip_2d, twin),
+            "torch_2d": _timed(torch_muon_2d.step),
+        }
         if stock:
             got["stock"] = stock_step()
         for k, v in got.items():
@@ -134,15 +160,40 @@ def optimizer_rows(label: str, shape, reps: int, batch: tuple[int, int], stock: 
 
     n_params = sum(p.numel() for p in model.parameters())
     tag = f"optim_step/{label}_{n_params / 1e6:.1f}M"
-    rows = [_row(f"{tag}/muonclip_vs_torch_muon_same_{len(hidden_2d_names)}_2d_matrices", 1 / med["clip_2d"],
-                 "steps/s", "torch.optim.Muon (bf16 Newton-Schulz), same matrices, 5 steps", 1 / med["torch_2d"],
-                 speedup("torch_2d", "clip_2d"), reps)]
+    rows = [
+        _row(
+            f"{tag}/muonclip_vs_torch_muon_same_{len(hidden_2d_names)}_2d_matrices",
+            1 / med["clip_2d"],
+            "steps/s",
+            "torch.optim.Muon (bf16 Newton-Schulz), same matrices, 5 steps",
+            1 / med["torch_2d"],
+            speedup("torch_2d", "clip_2d"),
+            reps,
+        )
+    ]
     if stock:
-        rows.append(_row(f"{tag}/muonclip_vs_torch_muon_per_expert_plus_adamw", 1 / med["full"], "steps/s",
-                         f"torch.optim.Muon on all {len(per_expert)} matrices (experts split) + AdamW",
-                         1 / med["stock"], speedup("stock", "full"), reps))
-    rows.append(_row(f"{tag}/muonclip_vs_adamw", 1 / med["full"], "steps/s", "torch.optim.AdamW, all parameters",
-                     1 / med["adamw"], speedup("adamw", "full"), reps))
+        rows.append(
+            _row(
+                f"{tag}/muonclip_vs_torch_muon_per_expert_plus_adamw",
+                1 / med["full"],
+                "steps/s",
+                f"torch.optim.Muon on all {len(per_expert)} matrices (experts split) + AdamW",
+                1 / med["stock"],
+                speedup("stock", "full"),
+                reps,
+            )
+        )
+    rows.append(
+        _row(
+            f"{tag}/muonclip_vs_adamw",
+            1 / med["full"],
+            "steps/s",
+            "torch.optim.AdamW, all parameters",
+            1 / med["adamw"],
+            speedup("adamw", "full"),
+            reps,
+        )
+    )
     return rows
 
 
@@ -155,7 +206,7 @@ def newton_schulz_rows(reps: int) -> list[dict]:
         by_shape.setdefault(tuple(m.shape[-2:]), []).append(m.reshape(-1, *m.shape[-2:]))
 
     def batched():
-        for shape, group in by_shape.items():
+        for group in by_shape.values():
             newton_schulz(torch.cat(group))
 
     def per_matrix():
@@ -169,9 +220,17 @@ def newton_schulz_rows(reps: int) -> list[dict]:
         t_b.append(_timed(batched))
         t_l.append(_timed(per_matrix))
     count = sum(m.reshape(-1, *m.shape[-2:]).shape[0] for m in mats)
-    return [_row(f"newton_schulz/demo/batched_by_shape_{count}_matrices", 1 / statistics.median(t_b), "calls/s",
-                 "one newton_schulz call per matrix", 1 / statistics.median(t_l), [l / b for b, l in zip(t_b, t_l)],
-                 reps)]
+    return [
+        _row(
+            f"newton_schulz/demo/batched_by_shape_{count}_matrices",
+            1 / statistics.median(t_b),
+            "calls/s",
+            "one newton_schulz call per matrix",
+            1 / statistics.median(t_l),
+            [lt / b for b, lt in zip(t_b, t_l)],
+            reps,
+        )
+    ]
 
 
 def forward_rows(label: str, shape, attn: str, batch: tuple[int, int], reps: int) -> list[dict]:
@@ -186,8 +245,17 @@ def forward_rows(label: str, shape, attn: str, batch: tuple[int, int], reps: int
     for _ in range(reps):
         t_plain.append(_timed(lambda: plain(ids)))
         t_hooked.append(_timed(lambda: hooked(ids)))
-    return [_row(f"forward/{label}_{attn}_{batch[0]}x{batch[1]}/with_logit_recording", statistics.median(t_hooked), "s",
-                 "same forward, no hooks", statistics.median(t_plain), [h / p for p, h in zip(t_plain, t_hooked)], reps)]
+    return [
+        _row(
+            f"forward/{label}_{attn}_{batch[0]}x{batch[1]}/with_logit_recording",
+            statistics.median(t_hooked),
+            "s",
+            "same forward, no hooks",
+            statistics.median(t_plain),
+            [h / p for p, h in zip(t_plain, t_hooked)],
+            reps,
+        )
+    ]
 
 
 def share_rows(reps: int) -> list[dict]:
@@ -206,9 +274,17 @@ def share_rows(reps: int) -> list[dict]:
         t_fb.append(_timed(fwd_bwd))
         t_opt.append(_timed(opt.step))
         opt.zero_grad()
-    return [_row("optim_step/demo/share_of_forward_backward_128x28", statistics.median(t_opt), "s",
-                 "forward+backward of one demo RL batch", statistics.median(t_fb),
-                 [o / f for f, o in zip(t_fb, t_opt)], reps)]
+    return [
+        _row(
+            "optim_step/demo/share_of_forward_backward_128x28",
+            statistics.median(t_opt),
+            "s",
+            "forward+backward of one demo RL batch",
+            statistics.median(t_fb),
+            [o / f for f, o in zip(t_fb, t_opt)],
+            reps,
+        )
+    ]
 
 
 def _reps(quick: bool) -> tuple[int, int]:
@@ -219,8 +295,9 @@ def all_optimizer_rows(quick: bool, emulated: bool = False) -> list[dict]:
     """Optimizer rows of both models. `emulated` (no native bfloat16): the 53 M model's whole-model stock-torch
     row is left out, its 280 emulated bfloat16 Newton-Schulz runs take minutes per step."""
     reps_small, reps_large = _reps(quick)
-    return (optimizer_rows("demo", None, reps_small, (8, 32))
-            + optimizer_rows("deepseek_v3", _shape_50m(), reps_large, (2, 32), stock=not emulated))
+    return optimizer_rows("demo", None, reps_small, (8, 32)) + optimizer_rows(
+        "deepseek_v3", _shape_50m(), reps_large, (2, 32), stock=not emulated
+    )
 
 
 def emulated_cpu_rows(quick: bool, isa: str = EMULATED_ISA) -> list[dict]:
@@ -231,8 +308,13 @@ def emulated_cpu_rows(quick: bool, isa: str = EMULATED_ISA) -> list[dict]:
         out = pathlib.Path(tmp) / "rows.json"
         cmd = [sys.executable, __file__, "--optimizer-rows-to", str(out), "--threads", str(torch.get_num_threads())]
         # oneDNN (bfloat16 matmuls), MKL (float32 GEMM) and ATen's own vector kernels, each capped at `isa`
-        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "MKL_ENABLE_INSTRUCTIONS": isa,
-               "ATEN_CPU_CAPABILITY": isa.lower(), "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "ONEDNN_MAX_CPU_ISA": isa,
+            "MKL_ENABLE_INSTRUCTIONS": isa,
+            "ATEN_CPU_CAPABILITY": isa.lower(),
+            "PYTHONPATH": str(ROOT),
+        }
         subprocess.run(cmd + (["--quick"] if quick else []), env=env, check=True)
         rows = json.loads(out.read_text())
     for r in rows:
@@ -270,8 +352,10 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'name':64} {'value':>9} {'unit':8} {'baseline_value':>14} {'ratio':>7} {'spread':>7} reps")
     for r in rows:
-        print(f"{r['name']:64} {r['value']:>9.4g} {r['unit']:8} {r['baseline_value']:>14.4g} {r['ratio']:>7.3f} "
-              f"{r['spread']:>7.3f} {r['reps']}")
+        print(
+            f"{r['name']:64} {r['value']:>9.4g} {r['unit']:8} {r['baseline_value']:>14.4g} {r['ratio']:>7.3f} "
+            f"{r['spread']:>7.3f} {r['reps']}"
+        )
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "optim.json").write_text(json.dumps(rows, indent=1))

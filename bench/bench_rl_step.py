@@ -24,12 +24,14 @@ covers all 64; rlk2 scores in its reward engine (worker processes, with math's i
 integers), TRL in its own process (the same `math` function, whose plain-integer check skips the parsers too).
 
 Timing: each framework runs `STEPS` RL steps in its own subprocess with one torch thread (`THREADS`), the two
-alternating (rlk2 first in repetitions 1, 3, ..., TRL first in 2, 4, ...), `reps` repetitions. A step's time is the wall time between the ends of
+alternating (rlk2 first in repetitions 1, 3, ..., TRL first in 2, 4, ...), `reps` repetitions. A step's time is the
+wall time between the ends of
 two consecutive steps, so it includes everything the loop does (generation, old log-probs, rewards, loss,
 backward, optimizer, logging); the first step (warm-up) is dropped. rlk2 is driven through `rlk2.train.train`
 with a config (its end-of-step timestamps come from the loop's `on_step` seam), TRL through
 `GRPOTrainer.train()` (timestamps from a `TrainerCallback.on_step_end`). samples/s = 64 / median step time;
-tokens/s = median over steps of completion tokens (up to and including EOS) / step time. Ratio = rlk2 / TRL per repetition; the
+tokens/s = median over steps of completion tokens (up to and including EOS) / step time. Ratio = rlk2 / TRL per
+repetition; the
 row reports the median of the per-repetition ratios and spread = (max - min) / 2 of them.
 
 Learning equivalence (`--learning`, long): 3 seeds x both frameworks x `LEARN_STEPS` steps from the same
@@ -80,8 +82,8 @@ def prepare_policy() -> pathlib.Path:
     """The warm-started demo MoE for the `max` task, built once (same recipe as `rlk2 train`'s warm start)."""
     from rlk2.data import builtin_split
     from rlk2.policy import TinyMoEShape, build_demo_policy, load_policy
-    from rlk2.rollout import encode_prompts
     from rlk2.policy.warmstart import cache_key, run_sft
+    from rlk2.rollout import encode_prompts
 
     key = cache_key(task=TASK, shape=TinyMoEShape(), ws=WARM_START, version=1)
     out = CACHE / key
@@ -94,8 +96,16 @@ def prepare_policy() -> pathlib.Path:
     _, tok = load_policy(base)
     rows = train_rows[: WARM_START["examples"]]
     texts = [tok.decode(i) for i in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=True)]
-    run_sft(base, out, rows, prompt_texts=texts, steps=WARM_START["steps"], batch_size=WARM_START["batch_size"],
-            lr=WARM_START["lr"], seed=WARM_START["seed"])
+    run_sft(
+        base,
+        out,
+        rows,
+        prompt_texts=texts,
+        steps=WARM_START["steps"],
+        batch_size=WARM_START["batch_size"],
+        lr=WARM_START["lr"],
+        seed=WARM_START["seed"],
+    )
     return out
 
 
@@ -112,6 +122,7 @@ def step_prompts(seed: int, steps: int) -> list[dict]:
 # {"step_end": [perf_counter at the end of step 0..N], "tokens": [...], "reward": [...], "final": checkpoint dir}
 # where step_end[0] is the moment just before step 1 starts.
 
+
 def run_rlk2(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path, profile: pathlib.Path | None) -> dict:
     """`steps` RL steps through `rlk2.train.train` with the matched settings."""
     import yaml
@@ -122,10 +133,21 @@ def run_rlk2(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path,
     recipe = {
         "run": {"name": "bench_rl_step", "seed": seed, "dir": str(workdir / "run"), "overwrite": True},
         "policy": {"path": str(policy)},
-        "tasks": [{"name": TASK, "source": f"builtin:{TASK}", "rewards": [{"name": "math", "weight": 1.0}],
-                   "max_new_tokens": MAX_NEW_TOKENS, "eval_size": 8}],  # the loop's own eval: tiny, untimed
-        "rollout": {"group_size": GROUP_SIZE, "prompts_per_step": PROMPTS_PER_STEP, "temperature": TEMPERATURE,
-                    "top_p": 1.0},
+        "tasks": [
+            {
+                "name": TASK,
+                "source": f"builtin:{TASK}",
+                "rewards": [{"name": "math", "weight": 1.0}],
+                "max_new_tokens": MAX_NEW_TOKENS,
+                "eval_size": 8,
+            }
+        ],  # the loop's own eval: tiny, untimed
+        "rollout": {
+            "group_size": GROUP_SIZE,
+            "prompts_per_step": PROMPTS_PER_STEP,
+            "temperature": TEMPERATURE,
+            "top_p": 1.0,
+        },
         "algo": {"loss": "grpo", "clip_low": 0.2, "clip_high": 0.2, "inner_steps": 1},
         "optim": {"name": "adamw", "lr": LR, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0},
         "trainer": {"steps": steps, "log_every": 1, "save_every": 0, "keep_last": 1, "save_rollouts": True},
@@ -193,21 +215,51 @@ def run_trl(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path) 
 
     model, tok = load_policy(policy)
     rows = step_prompts(seed, steps)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                              for r in rows])
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+    )
     args = GRPOConfig(
-        output_dir=str(workdir / "trl"), seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
-        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE, gradient_accumulation_steps=1,
-        num_generations=GROUP_SIZE, max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE,
-        top_p=1.0, top_k=0, shuffle_dataset=False, max_steps=steps,
-        loss_type="grpo", scale_rewards="group", beta=0.0, epsilon=0.2, num_iterations=1,
-        learning_rate=LR, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
-        lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=False,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(workdir / "trl"),
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
+        gradient_accumulation_steps=1,
+        num_generations=GROUP_SIZE,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        top_k=0,
+        shuffle_dataset=False,
+        max_steps=steps,
+        loss_type="grpo",
+        scale_rewards="group",
+        beta=0.0,
+        epsilon=0.2,
+        num_iterations=1,
+        learning_rate=LR,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     clock = StepClock()
-    trainer = GRPOTrainer(model=model, reward_funcs=[trl_math_reward], args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[clock])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[trl_math_reward],
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[clock],
+    )
     trainer.train()
     final = workdir / "trl" / "final"
     trainer.model.save_pretrained(final)
@@ -220,12 +272,33 @@ def run_trl(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path) 
     }
 
 
-def _spawn(framework: str, policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path,
-           threads: int | None, profile: pathlib.Path | None = None) -> dict:
+def _spawn(
+    framework: str,
+    policy: pathlib.Path,
+    seed: int,
+    steps: int,
+    workdir: pathlib.Path,
+    threads: int | None,
+    profile: pathlib.Path | None = None,
+) -> dict:
     """Run one worker in a fresh interpreter; its JSON result."""
     out = workdir / f"{framework}.json"
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", framework, "--policy", str(policy),
-           "--seed", str(seed), "--steps", str(steps), "--workdir", str(workdir), "--result", str(out)]
+    cmd = [
+        sys.executable,
+        str(pathlib.Path(__file__).resolve()),
+        "--worker",
+        framework,
+        "--policy",
+        str(policy),
+        "--seed",
+        str(seed),
+        "--steps",
+        str(steps),
+        "--workdir",
+        str(workdir),
+        "--result",
+        str(out),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     if profile:
@@ -243,9 +316,12 @@ def _step_stats(result: dict) -> dict:
     times = [b - a for a, b in zip(ends, ends[1:])][1:]
     tokens = result["tokens"][1:]
     n = PROMPTS_PER_STEP * GROUP_SIZE
-    return {"samples_per_s": n / statistics.median(times),
-            "tokens_per_s": statistics.median(k / t for k, t in zip(tokens, times)),
-            "step_s": times, "mean_len": statistics.mean(tokens) / n}
+    return {
+        "samples_per_s": n / statistics.median(times),
+        "tokens_per_s": statistics.median(k / t for k, t in zip(tokens, times)),
+        "step_s": times,
+        "mean_len": statistics.mean(tokens) / n,
+    }
 
 
 # ================================================================================================ throughput
@@ -262,18 +338,29 @@ def run(quick: bool, reps: int | None = None, threads: int | None = THREADS) -> 
                 workdir.mkdir()
                 per[fw].append(_step_stats(_spawn(fw, policy, rep, steps, workdir, threads)))
     for fw, stats in per.items():
-        print(f"  {fw:5} step s (median per rep): {[round(statistics.median(s['step_s']), 3) for s in stats]}, "
-              f"mean completion tokens: {statistics.mean(s['mean_len'] for s in stats):.1f}", file=sys.stderr)
+        print(
+            f"  {fw:5} step s (median per rep): {[round(statistics.median(s['step_s']), 3) for s in stats]}, "
+            f"mean completion tokens: {statistics.mean(s['mean_len'] for s in stats):.1f}",
+            file=sys.stderr,
+        )
     setting = f"{TASK}_{PROMPTS_PER_STEP}x{GROUP_SIZE}_{MAX_NEW_TOKENS}tok"
     rows = []
     for metric, unit in (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s")):
         ours = [s[metric] for s in per["rlk2"]]
         base = [s[metric] for s in per["trl"]]
         ratios = [a / b for a, b in zip(ours, base)]
-        rows.append({"name": f"rl_step/{metric}/{setting}", "value": statistics.median(ours), "unit": unit,
-                     "baseline": "TRL GRPOTrainer, same model/prompts/settings",
-                     "baseline_value": statistics.median(base), "ratio": statistics.median(ratios),
-                     "spread": (max(ratios) - min(ratios)) / 2, "reps": reps})
+        rows.append(
+            {
+                "name": f"rl_step/{metric}/{setting}",
+                "value": statistics.median(ours),
+                "unit": unit,
+                "baseline": "TRL GRPOTrainer, same model/prompts/settings",
+                "baseline_value": statistics.median(base),
+                "ratio": statistics.median(ratios),
+                "spread": (max(ratios) - min(ratios)) / 2,
+                "reps": reps,
+            }
+        )
     return rows
 
 
@@ -287,11 +374,22 @@ def _eval_reward(path: str | pathlib.Path) -> float:
 
     rows = builtin_split(TASK, "eval")[:EVAL_PROMPTS]
     model, tok = load_policy(path)
-    task = EvalTask(TASK, [r["prompt"] for r in rows], {"answer": [r["answer"] for r in rows]},
-                    [RewardSpec("math")], MAX_NEW_TOKENS)
+    task = EvalTask(
+        TASK, [r["prompt"] for r in rows], {"answer": [r["answer"] for r in rows]}, [RewardSpec("math")], MAX_NEW_TOKENS
+    )
     with RewardEngine(num_workers=2) as engine:
-        res = evaluate_policy(model, tok, [task], engine, samples=EVAL_SAMPLES, temperature=TEMPERATURE,
-                              greedy=False, batch_size=256, chat_template=True, seed=1234)
+        res = evaluate_policy(
+            model,
+            tok,
+            [task],
+            engine,
+            samples=EVAL_SAMPLES,
+            temperature=TEMPERATURE,
+            greedy=False,
+            batch_size=256,
+            chat_template=True,
+            seed=1234,
+        )
     return res.metrics[f"eval/{TASK}/mean@{EVAL_SAMPLES}"]
 
 
@@ -313,24 +411,41 @@ def learning(seeds: list[int], steps: int, threads: int | None) -> dict:
                 res = _spawn(fw, policy, seed, steps, workdir, threads)
                 final[fw].append(_eval_reward(res["final"]))
                 train_reward[fw].append(statistics.mean(res["reward"][-5:]))
-                print(f"  seed {seed} {fw:5}: held-out reward {final[fw][-1]:.3f}, "
-                      f"train reward (last 5 steps) {train_reward[fw][-1]:.3f}", file=sys.stderr)
+                print(
+                    f"  seed {seed} {fw:5}: held-out reward {final[fw][-1]:.3f}, "
+                    f"train reward (last 5 steps) {train_reward[fw][-1]:.3f}",
+                    file=sys.stderr,
+                )
     diff = statistics.mean(final["rlk2"]) - statistics.mean(final["trl"])
     # standard error of the difference of two means over seeds (independent runs)
     se = (statistics.variance(final["rlk2"]) / len(seeds) + statistics.variance(final["trl"]) / len(seeds)) ** 0.5
-    return {"task": TASK, "steps": steps, "seeds": seeds, "start_reward": start, "final_reward": final,
-            "train_reward_last5": train_reward, "difference": diff, "stderr_of_difference": se,
-            "equal_within_noise": abs(diff) < 2 * se}
+    return {
+        "task": TASK,
+        "steps": steps,
+        "seeds": seeds,
+        "start_reward": start,
+        "final_reward": final,
+        "train_reward_last5": train_reward,
+        "difference": diff,
+        "stderr_of_difference": se,
+        "equal_within_noise": abs(diff) < 2 * se,
+    }
 
 
 # ================================================================================================ profile
 # The loop's phases (rlk2.train), and inside `update` the calls that make up the training pass.
-PHASES = {"generate": "generation (sampling loop, old log-probs, decode)", "score": "rewards (engine, math reward)",
-          "refine_critic": "critic refinement", "advantages": "advantages",
-          "log": "logging (metrics.jsonl, rollouts file, progress bar)"}
-UPDATE_PARTS = {"policy_logprobs": "log-probs forward (training pass, over the sequences with signal)",
-                "_training_rows": "log-probs forward (training pass, over the sequences with signal)",
-                "backward": "backward"}
+PHASES = {
+    "generate": "generation (sampling loop, old log-probs, decode)",
+    "score": "rewards (engine, math reward)",
+    "refine_critic": "critic refinement",
+    "advantages": "advantages",
+    "log": "logging (metrics.jsonl, rollouts file, progress bar)",
+}
+UPDATE_PARTS = {
+    "policy_logprobs": "log-probs forward (training pass, over the sequences with signal)",
+    "_training_rows": "log-probs forward (training pass, over the sequences with signal)",
+    "backward": "backward",
+}
 
 
 def _category(caller: str, filename: str, name: str) -> str | None:
@@ -344,7 +459,8 @@ def _category(caller: str, filename: str, name: str) -> str | None:
     if name in {f.__name__ for f in LOSSES.values()}:
         return "loss"
     if name in ("clip_grads_with_norm_", "zero_grad", "get_total_norm") or (
-            name == "step" and ("optim" in filename or "lr_sched" in filename)):
+        name == "step" and ("optim" in filename or "lr_sched" in filename)
+    ):
         return "optimizer (clip, AdamW step, scheduler, zero_grad)"
     return None
 
@@ -363,6 +479,7 @@ def profile(steps: int, threads: int | None) -> dict:
 
 def breakdown(stats: dict, res: dict, steps: int) -> dict:
     """Seconds per step of each part, from pstats' raw stats of a profiled rlk2 worker and its result."""
+
     def key(fn: str) -> tuple:
         return next(k for k in stats if k[2] == fn and k[0].endswith(os.path.join("rlk2", "train.py")))
 
@@ -377,24 +494,35 @@ def breakdown(stats: dict, res: dict, steps: int) -> dict:
     per_step = (ends[-1] - ends[0]) / steps
     parts["other (loop body, tensor -> Python conversions)"] = per_step - sum(parts.values())
     timers = [statistics.mean(t[i] for t in res["timers"]) for i in range(3)]
-    return {"tool": "cProfile", "steps": steps, "step_s_under_profiler": per_step, "parts_s_per_step": parts,
-            "loop_timers_s_per_step": dict(zip(("time/rollout", "time/reward", "time/update"), timers))}
+    return {
+        "tool": "cProfile",
+        "steps": steps,
+        "step_s_under_profiler": per_step,
+        "parts_s_per_step": parts,
+        "loop_timers_s_per_step": dict(zip(("time/rollout", "time/reward", "time/update"), timers)),
+    }
 
 
 # ================================================================================================ CLI
 def _print_rows(rows: list[dict]) -> None:
     print(f"{'name':44} {'value':>9} {'unit':10} {'baseline_value':>14} {'ratio':>7} {'spread':>7} reps")
     for r in rows:
-        print(f"{r['name']:44} {r['value']:>9.1f} {r['unit']:10} {r['baseline_value']:>14.1f} {r['ratio']:>7.2f} "
-              f"{r['spread']:>7.2f} {r['reps']}")
+        print(
+            f"{r['name']:44} {r['value']:>9.1f} {r['unit']:10} {r['baseline_value']:>14.1f} {r['ratio']:>7.2f} "
+            f"{r['spread']:>7.2f} {r['reps']}"
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repetitions of 4 steps")
     parser.add_argument("--reps", type=int, help="repetitions per framework (default 5, --quick 2)")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help=f"torch intra-op threads in every worker (default {THREADS}; 0 = torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"torch intra-op threads in every worker (default {THREADS}; 0 = torch's default)",
+    )
     parser.add_argument("--profile", action="store_true", help="profile an rlk2 run (cProfile) instead")
     parser.add_argument("--learning", action="store_true", help="the learning-equivalence check instead")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for --learning")
@@ -420,16 +548,23 @@ def main() -> int:
         transformers.utils.logging.set_verbosity_error()
         workdir = pathlib.Path(args.workdir)
         if args.worker == "rlk2":
-            res = run_rlk2(pathlib.Path(args.policy), args.seed, args.steps, workdir,
-                           pathlib.Path(args.profile_out) if args.profile_out else None)
+            res = run_rlk2(
+                pathlib.Path(args.policy),
+                args.seed,
+                args.steps,
+                workdir,
+                pathlib.Path(args.profile_out) if args.profile_out else None,
+            )
         else:
             res = run_trl(pathlib.Path(args.policy), args.seed, args.steps, workdir)
         pathlib.Path(args.result).write_text(json.dumps(res))
         return 0
     if args.profile:
         report = profile(args.steps or 10, args.threads)
-        print(f"rlk2 step under {report['tool']} ({report['steps']} steps, "
-              f"{report['step_s_under_profiler']:.3f} s/step under the profiler):")
+        print(
+            f"rlk2 step under {report['tool']} ({report['steps']} steps, "
+            f"{report['step_s_under_profiler']:.3f} s/step under the profiler):"
+        )
         for part, sec in sorted(report["parts_s_per_step"].items(), key=lambda kv: -kv[1]):
             print(f"  {part:58} {sec:7.3f} s  {100 * sec / report['step_s_under_profiler']:5.1f} %")
         print(f"  loop timers without profiler overhead are in the run: {report['loop_timers_s_per_step']}")

@@ -46,8 +46,14 @@ def programs(n: int) -> list[dict]:
     out = []
     for i in range(n):
         p = problems[i % len(problems)]
-        out.append({"code": p["prompt"] + p["canonical_solution"], "tests": p["test"], "entry_point": p["entry_point"],
-                    "script": f"{p['prompt']}{p['canonical_solution']}\n\n{p['test']}\n\ncheck({p['entry_point']})\n"})
+        out.append(
+            {
+                "code": p["prompt"] + p["canonical_solution"],
+                "tests": p["test"],
+                "entry_point": p["entry_point"],
+                "script": f"{p['prompt']}{p['canonical_solution']}\n\n{p['test']}\n\ncheck({p['entry_point']})\n",
+            }
+        )
     return out
 
 
@@ -148,9 +154,35 @@ def pool_latency(backend: str, items: list[dict]) -> list[float]:
 
 
 def docker_run_cmd(image: str) -> list[str]:
-    return ["docker", "run", "--rm", "-i", "--network", "none", "--read-only", "--tmpfs", "/tmp:rw,size=64m,noexec",
-            "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--user", "65534:65534", "--memory", "1g",
-            "--pids-limit", "128", "--cpus", "1", "--log-driver", "none", image, "python3", "-I", "-"]
+    return [
+        "docker",
+        "run",
+        "--rm",
+        "-i",
+        "--network",
+        "none",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,size=64m,noexec",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--user",
+        "65534:65534",
+        "--memory",
+        "1g",
+        "--pids-limit",
+        "128",
+        "--cpus",
+        "1",
+        "--log-driver",
+        "none",
+        image,
+        "python3",
+        "-I",
+        "-",
+    ]
 
 
 def _one(cmd: list[str], script: str) -> float:
@@ -174,9 +206,16 @@ def process_rate(cmd: list[str], items: list[dict], parallel: int) -> tuple[floa
 
 def _row(name: str, value: list[float], unit: str, baseline: str, base: list[float], reps: int) -> dict:
     ratios = [v / b for v, b in zip(value, base)]
-    return {"name": name, "value": statistics.median(value), "unit": unit, "baseline": baseline,
-            "baseline_value": statistics.median(base), "ratio": statistics.median(ratios),
-            "spread": (max(ratios) - min(ratios)) / 2, "reps": reps}
+    return {
+        "name": name,
+        "value": statistics.median(value),
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": statistics.median(base),
+        "ratio": statistics.median(ratios),
+        "spread": (max(ratios) - min(ratios)) / 2,
+        "reps": reps,
+    }
 
 
 def run(quick: bool) -> list[dict]:
@@ -189,37 +228,85 @@ def run(quick: bool) -> list[dict]:
     rows = []
 
     docker_ok = sandboxes.docker_problem() is None
-    fresh_runs = [process_rate([sys.executable, "-I", "-"], items[r * fresh_n:(r + 1) * fresh_n], 1) for r in range(reps)]
+    fresh_runs = [
+        process_rate([sys.executable, "-I", "-"], items[r * fresh_n : (r + 1) * fresh_n], 1) for r in range(reps)
+    ]
     fresh, fresh_eff = [r[0] for r in fresh_runs], [r[2] for r in fresh_runs]
     if docker_ok:
         pool, slots, pool_eff = pool_rate("docker", items, reps)
         serial, parallel, serial_lat = [], [], []
         for r in range(reps):
-            rate, lat, _ = process_rate(docker_run_cmd(image), items[r * serial_n:(r + 1) * serial_n], 1)
+            rate, lat, _ = process_rate(docker_run_cmd(image), items[r * serial_n : (r + 1) * serial_n], 1)
             serial.append(rate)
             serial_lat += lat
-            parallel.append(process_rate(docker_run_cmd(image), items[r * parallel_n:(r + 1) * parallel_n], 4)[0])
+            parallel.append(process_rate(docker_run_cmd(image), items[r * parallel_n : (r + 1) * parallel_n], 4)[0])
         name = f"sandbox/docker_pool_{slots}x"
-        rows.append(_row(f"{name}/programs_per_s[{n}]", pool, "programs/s", "docker run per program, serial", serial, reps))
-        rows.append(_row(f"{name}/programs_per_s[{n}]", pool, "programs/s", "docker run per program, 4 parallel",
-                         parallel, reps))
-        rows.append(_row(f"{name}/programs_per_s[{n}]", pool, "programs/s", "fresh unisolated python3 per program, serial",
-                         fresh, reps))
-        rows.append(_row(f"{name}/programs_per_cpu_s", pool_eff, "prog/cpu-s", "fresh unisolated python3 per program",
-                         fresh_eff, reps))
+        rows.append(
+            _row(f"{name}/programs_per_s[{n}]", pool, "programs/s", "docker run per program, serial", serial, reps)
+        )
+        rows.append(
+            _row(
+                f"{name}/programs_per_s[{n}]", pool, "programs/s", "docker run per program, 4 parallel", parallel, reps
+            )
+        )
+        rows.append(
+            _row(
+                f"{name}/programs_per_s[{n}]",
+                pool,
+                "programs/s",
+                "fresh unisolated python3 per program, serial",
+                fresh,
+                reps,
+            )
+        )
+        rows.append(
+            _row(
+                f"{name}/programs_per_cpu_s",
+                pool_eff,
+                "prog/cpu-s",
+                "fresh unisolated python3 per program",
+                fresh_eff,
+                reps,
+            )
+        )
         lat = sorted(pool_latency("docker", items))
         p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))]
         med_run = statistics.median(serial_lat)
         for q, v in (("p50", p50), ("p99", p99)):
-            rows.append({"name": f"{name}/latency_{q}", "value": v, "unit": "s",
-                         "baseline": "docker run per program, median", "baseline_value": med_run,
-                         "ratio": v / med_run, "spread": 0.0, "reps": 1})
+            rows.append(
+                {
+                    "name": f"{name}/latency_{q}",
+                    "value": v,
+                    "unit": "s",
+                    "baseline": "docker run per program, median",
+                    "baseline_value": med_run,
+                    "ratio": v / med_run,
+                    "spread": 0.0,
+                    "reps": 1,
+                }
+            )
     if sandboxes.probe()["bwrap"] is None:
         bw, slots, bw_eff = pool_rate("bwrap", items, reps)
-        rows.append(_row(f"sandbox/bwrap_pool_{slots}x/programs_per_s[{n}]", bw, "programs/s",
-                         "fresh unisolated python3 per program, serial", fresh, reps))
-        rows.append(_row(f"sandbox/bwrap_pool_{slots}x/programs_per_cpu_s", bw_eff, "prog/cpu-s",
-                         "fresh unisolated python3 per program", fresh_eff, reps))
+        rows.append(
+            _row(
+                f"sandbox/bwrap_pool_{slots}x/programs_per_s[{n}]",
+                bw,
+                "programs/s",
+                "fresh unisolated python3 per program, serial",
+                fresh,
+                reps,
+            )
+        )
+        rows.append(
+            _row(
+                f"sandbox/bwrap_pool_{slots}x/programs_per_cpu_s",
+                bw_eff,
+                "prog/cpu-s",
+                "fresh unisolated python3 per program",
+                fresh_eff,
+                reps,
+            )
+        )
     if not rows:
         raise SystemExit("bench_sandbox: no sandbox backend works here (see `rlk2 sandbox doctor`)")
     return rows
@@ -231,5 +318,7 @@ if __name__ == "__main__":
 
     run_all.standalone(run, "sandbox", __doc__, "500 programs and smaller baseline samples", threads=False)
     load = os.getloadavg()[0]
-    print(f"cpus: {os.cpu_count()}, load average at the end: {load:.1f} (other work on the machine depresses the rates;"
-          f" 2 x programs_per_cpu_s is the CPU-bound ceiling)")
+    print(
+        f"cpus: {os.cpu_count()}, load average at the end: {load:.1f} (other work on the machine depresses the rates;"
+        f" 2 x programs_per_cpu_s is the CPU-bound ceiling)"
+    )

@@ -33,8 +33,14 @@ def _batch(groups: int, prompt_len: int, completion_len: int):
     B = groups * K
     prompts = torch.randint(3, VOCAB, (groups, prompt_len), generator=gen).repeat_interleave(K, 0)
     completions = torch.randint(3, VOCAB, (B, completion_len), generator=gen)
-    return Rollout(prompts, torch.ones_like(prompts), completions, torch.ones_like(completions),
-                   torch.zeros(B, completion_len), torch.zeros(B, dtype=torch.bool))
+    return Rollout(
+        prompts,
+        torch.ones_like(prompts),
+        completions,
+        torch.ones_like(completions),
+        torch.zeros(B, completion_len),
+        torch.zeros(B, dtype=torch.bool),
+    )
 
 
 def _pass_time(model, rollout, shared) -> float:
@@ -70,11 +76,19 @@ def run(quick: bool) -> list[dict]:
             base.append(_pass_time(model, rollout, None))
             ours.append(_pass_time(model, rollout, shared))
         speedups = [b / o for b, o in zip(base, ours)]
-        rows.append({"name": f"train_pass/demo_{groups}x{K}_prompt{prompt_len}_completion{completion_len}"
-                             f"/shared_prompts(saves {shared.saved_tokens(rollout)} tokens)",
-                     "value": statistics.median(ours), "unit": "s/pass", "baseline": "one forward over every row",
-                     "baseline_value": statistics.median(base), "ratio": statistics.median(speedups),
-                     "spread": (max(speedups) - min(speedups)) / 2, "reps": reps})
+        rows.append(
+            {
+                "name": f"train_pass/demo_{groups}x{K}_prompt{prompt_len}_completion{completion_len}"
+                f"/shared_prompts(saves {shared.saved_tokens(rollout)} tokens)",
+                "value": statistics.median(ours),
+                "unit": "s/pass",
+                "baseline": "one forward over every row",
+                "baseline_value": statistics.median(base),
+                "ratio": statistics.median(speedups),
+                "spread": (max(speedups) - min(speedups)) / 2,
+                "reps": reps,
+            }
+        )
     return rows
 
 

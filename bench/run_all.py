@@ -62,8 +62,9 @@ def check_rows(rows: object) -> list[dict]:
     return rows
 
 
-def run_module(path: pathlib.Path, quick: bool, out_dir: pathlib.Path, threads: int | None = None,
-               timeout_s: float | None = None) -> dict:
+def run_module(
+    path: pathlib.Path, quick: bool, out_dir: pathlib.Path, threads: int | None = None, timeout_s: float | None = None
+) -> dict:
     """Run one benchmark in a subprocess: {"bench", "status": ok|error, "seconds", "rows", "error"}."""
     out = out_dir / f"{path.stem}.rows.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -72,16 +73,34 @@ def run_module(path: pathlib.Path, quick: bool, out_dir: pathlib.Path, threads: 
     name = path.stem.removeprefix("bench_")
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), "1" if quick else "0", str(out)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(path), "1" if quick else "0", str(out)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
-        return {"bench": name, "status": "error", "seconds": time.perf_counter() - start, "rows": [],
-                "error": f"timed out after {timeout_s:g} s"}
+        return {
+            "bench": name,
+            "status": "error",
+            "seconds": time.perf_counter() - start,
+            "rows": [],
+            "error": f"timed out after {timeout_s:g} s",
+        }
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = proc.stdout.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        return {"bench": name, "status": "error", "seconds": seconds, "rows": [], "error": tail[0],
-                "log_tail": proc.stdout[-4000:]}
+        return {
+            "bench": name,
+            "status": "error",
+            "seconds": seconds,
+            "rows": [],
+            "error": tail[0],
+            "log_tail": proc.stdout[-4000:],
+        }
     try:
         rows = check_rows(json.loads(out.read_text()))
     except (OSError, ValueError) as exc:
@@ -103,8 +122,19 @@ def format_table(results: list[dict]) -> str:
         if res["status"] != "ok":
             errors.append(f"{res['bench']}: ERROR: {res['error']}")  # full text, below the table
         for r in res["rows"]:
-            lines.append((res["bench"], r["name"], _num(r["value"]), r["unit"], r["baseline"], _num(r["baseline_value"]),
-                          _num(r["ratio"]), _num(r["spread"]), str(r["reps"])))
+            lines.append(
+                (
+                    res["bench"],
+                    r["name"],
+                    _num(r["value"]),
+                    r["unit"],
+                    r["baseline"],
+                    _num(r["baseline_value"]),
+                    _num(r["ratio"]),
+                    _num(r["spread"]),
+                    str(r["reps"]),
+                )
+            )
     widths = [min(max(len(str(row[i])) for row in [header, *lines]), 60) for i in range(len(header))]
     right = {2, 5, 6, 7, 8}
 
@@ -161,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         print(f"[{path.stem}] running{' (quick)' if args.quick else ''} ...", file=sys.stderr, flush=True)
         res = run_module(path, args.quick, scratch, args.threads, args.timeout)
-        print(f"[{path.stem}] {res['status']} in {res['seconds']:.0f} s"
-              + (f": {res['error']}" if res["status"] != "ok" else ""), file=sys.stderr, flush=True)
+        print(
+            f"[{path.stem}] {res['status']} in {res['seconds']:.0f} s"
+            + (f": {res['error']}" if res["status"] != "ok" else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         results.append(res)
 
     print(format_table(results))
@@ -171,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
-        "host": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                 "torch": torch.__version__, "threads": args.threads},
+        "host": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
         "benchmarks": [{k: v for k, v in r.items() if k != "rows"} for r in results],
         "rows": [row for r in results for row in r["rows"]],
     }

@@ -10,8 +10,9 @@ Debug it offline, then name it in a task's rewards (or as `my_pkg.rewards:short_
 """
 
 
-def short_and_right(completions: list[str], *, prompts: list[str], answer: list[str],
-                    max_words: int = 60) -> list[float | None]:
+def short_and_right(
+    completions: list[str], *, prompts: list[str], answer: list[str], max_words: int = 60
+) -> list[float | None]:
     """1.0 if the last line contains the gold answer and the reply is at most `max_words` words, else 0.0."""
     scores: list[float | None] = []
     for text, gold in zip(completions, answer):

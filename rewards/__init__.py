@@ -24,8 +24,7 @@ gets) is declared with `reward_traits` (see `rewards.engine`); the defaults are 
 
 from rewards.engine import RewardEngine, RewardSpec, ScoreBatch
 from rewards.format import budget, budget_penalty, format_reward, length_reward
-from rewards.registry import (ENTRY_POINT_GROUP, REWARDS, describe_reward, list_rewards, required_columns,
-                              resolve_reward)
+from rewards.registry import ENTRY_POINT_GROUP, REWARDS, describe_reward, list_rewards, required_columns, resolve_reward
 from rewards.traits import RewardError, reward_traits, traits_of
 
 __all__ = [

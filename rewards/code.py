@@ -122,10 +122,18 @@ def score(result: ExecutionResult, binary: bool) -> float | None:
 
 
 @reward_traits(run_in="caller")
-def code(completions: list[str], *, prompts: list[str], tests: list[str | None] | None = None,
-         test_cases: list | None = None, entry_point: list[str | None] | None = None,
-         binary: bool | None = None, timeout_s: float | None = None, memory_mb: int | None = None,
-         **_: Any) -> list[float | None]:
+def code(
+    completions: list[str],
+    *,
+    prompts: list[str],
+    tests: list[str | None] | None = None,
+    test_cases: list | None = None,
+    entry_point: list[str | None] | None = None,
+    binary: bool | None = None,
+    timeout_s: float | None = None,
+    memory_mb: int | None = None,
+    **_: Any,
+) -> list[float | None]:
     """Unit-test reward; see the module docstring. `binary`, `timeout_s`, `memory_mb` are scalar options."""
     n = len(completions)
     binary = BINARY if binary is None else bool(binary)
@@ -141,10 +149,15 @@ def code(completions: list[str], *, prompts: list[str], tests: list[str | None] 
             log.warning("code reward: row %d has neither tests nor test_cases; unscorable", i)
             continue
         try:
-            jobs[i] = Job(code=extract_code(completion or ""), tests=tests_col[i] if has_tests else None,
-                          test_cases=None if has_tests else _cases(cases_col[i], i),
-                          entry_point=(entry_col[i] or None) if has_tests else None,
-                          timeout_s=timeout_s or TIMEOUT_S, memory_mb=memory_mb or MEMORY_MB, id=i)
+            jobs[i] = Job(
+                code=extract_code(completion or ""),
+                tests=tests_col[i] if has_tests else None,
+                test_cases=None if has_tests else _cases(cases_col[i], i),
+                entry_point=(entry_col[i] or None) if has_tests else None,
+                timeout_s=timeout_s or TIMEOUT_S,
+                memory_mb=memory_mb or MEMORY_MB,
+                id=i,
+            )
         except JobError as exc:
             log.warning("code reward: row %d unscorable: %s", i, exc)
     if not jobs:

@@ -61,8 +61,10 @@ def get_critic(backend: Any, options: dict[str, Any] | None = None) -> Critic:
     if hasattr(backend, "complete"):
         return backend
     if backend == "self":
-        raise RubricError("critic backend 'self' is the policy being trained: only `rlk2 train` has it (the loop "
-                          "passes the live model to the reward); use 'checkpoint' or 'openai' elsewhere")
+        raise RubricError(
+            "critic backend 'self' is the policy being trained: only `rlk2 train` has it (the loop "
+            "passes the live model to the reward); use 'checkpoint' or 'openai' elsewhere"
+        )
     if not isinstance(backend, str) or not (backend in BACKENDS or ":" in backend):
         known = ", ".join(["self", *BACKENDS])
         hint = " ('checkpoint' is registered by `import rlk2.critic`)" if backend == "checkpoint" else ""
@@ -92,9 +94,18 @@ class OpenAICritic:
 
     _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5, concurrency: int = 8,
-                 extra_body: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        concurrency: int = 8,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
         if not str(base_url).startswith(("http://", "https://")):
             raise RubricError(f"critic base_url: expected http(s)://host:port/v1, got {base_url!r}")
         if timeout_s <= 0 or retries < 0 or concurrency < 1:
@@ -125,7 +136,7 @@ class OpenAICritic:
                 reason = f"HTTP {exc.code}: {_error_message(exc)}"
                 if exc.code not in self._RETRY_STATUS:
                     break
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 reason = f"timeout after {self.timeout_s:g} s"
             except urllib.error.URLError as exc:
                 reason = f"cannot reach {self.base_url}: {getattr(exc.reason, 'strerror', None) or exc.reason}"
@@ -148,8 +159,14 @@ class OpenAICritic:
         return self._model
 
     def _one(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> Reply:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed, **self.extra_body}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_new_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            **self.extra_body,
+        }
         try:
             out = self._request("POST", "/chat/completions", body)
         except _Failure as exc:

@@ -37,14 +37,22 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from rewards.pool import _CallState, _Job, _Pool, _call_kwargs, _failed, _normalise, _reason
+from rewards.pool import _call_kwargs, _CallState, _failed, _Job, _normalise, _Pool, _reason
 from rewards.registry import required_columns, resolve_reward
 from rewards.traits import RewardError, RewardTraits, reward_traits, traits_of
 
-__all__ = ["RewardEngine", "RewardError", "RewardSpec", "RewardTraits", "ScoreBatch", "ScoreStream", "reward_traits",
-           "traits_of"]
+__all__ = [
+    "RewardEngine",
+    "RewardError",
+    "RewardSpec",
+    "RewardTraits",
+    "ScoreBatch",
+    "ScoreStream",
+    "reward_traits",
+    "traits_of",
+]
 
 logger = logging.getLogger("rewards")
 
@@ -103,8 +111,9 @@ class RewardEngine:
     slow: by default math's sympy stack and its parsers.
     """
 
-    def __init__(self, *, num_workers: int = 2, memory_mb: int = 4096,
-                 preload: Sequence[str] = ("rewards.math:warm_up",)) -> None:
+    def __init__(
+        self, *, num_workers: int = 2, memory_mb: int = 4096, preload: Sequence[str] = ("rewards.math:warm_up",)
+    ) -> None:
         if num_workers < 1:
             raise RewardError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
@@ -148,20 +157,23 @@ class RewardEngine:
 
     # -- scoring ---------------------------------------------------------------------------------------
 
-    def score(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
-              columns: Mapping[str, list]) -> ScoreBatch:
+    def score(
+        self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str], columns: Mapping[str, list]
+    ) -> ScoreBatch:
         """Scores one batch (blocking). Safe to call from any thread except the engine's own loop."""
         return self.submit(specs, completions, prompts, columns).result()
 
-    def submit(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
-               columns: Mapping[str, list]) -> concurrent.futures.Future:
+    def submit(
+        self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str], columns: Mapping[str, list]
+    ) -> concurrent.futures.Future:
         """Starts scoring one batch and returns at once: a Future of its ScoreBatch. The caller keeps working
         (the training loop generates the next task's completions) while the workers score."""
         self._check_open()
         return asyncio.run_coroutine_threadsafe(self._score(specs, completions, prompts, columns), self._loop)
 
-    def score_later(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
-                    columns: Mapping[str, list]) -> concurrent.futures.Future:
+    def score_later(
+        self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str], columns: Mapping[str, list]
+    ) -> concurrent.futures.Future:
         """A Future of the batch's ScoreBatch, scored while the caller goes on where that is safe: when every reward
         runs in the worker processes (`runs_apart`) the batch is submitted and the call returns at once; a
         caller-run reward (the rubric critic uses the live policy) is scored now, before the caller touches the
@@ -177,8 +189,9 @@ class RewardEngine:
         state (a caller-run reward may use the policy itself, as the rubric critic does)."""
         return all(traits_of(self.resolve(s.name)).run_in == "worker" for s in specs)
 
-    async def ascore(self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str],
-                     columns: Mapping[str, list]) -> ScoreBatch:
+    async def ascore(
+        self, specs: Sequence[RewardSpec], completions: list[str], prompts: list[str], columns: Mapping[str, list]
+    ) -> ScoreBatch:
         """Same as `score`, awaitable from the caller's event loop (the work runs on the engine's)."""
         self._check_open()
         future = asyncio.run_coroutine_threadsafe(self._score(specs, completions, prompts, columns), self._loop)
@@ -241,9 +254,20 @@ class RewardEngine:
         bounds = [round(c * m / chunks) for c in range(chunks + 1)] if chunks else [0]
         for lo, hi in itertools.pairwise(bounds):
             part = rest[lo:hi]
-            self._pool.submit(_Job(state, spec.name, dict(spec.kwargs), part, [completions[i] for i in part],
-                                   [prompts[i] for i in part], {k: [v[i] for i in part] for k, v in cols.items()},
-                                   traits.elementwise, spec.timeout_s, traits.timeout_score))
+            self._pool.submit(
+                _Job(
+                    state,
+                    spec.name,
+                    dict(spec.kwargs),
+                    part,
+                    [completions[i] for i in part],
+                    [prompts[i] for i in part],
+                    {k: [v[i] for i in part] for k, v in cols.items()},
+                    traits.elementwise,
+                    spec.timeout_s,
+                    traits.timeout_score,
+                )
+            )
         await asyncio.wrap_future(state.future)
         return state.values, state.errors, state.extras
 
@@ -302,8 +326,9 @@ class ScoreStream:
     the one `finish` receives is scored again with the final text.
     """
 
-    def __init__(self, engine: RewardEngine, specs: Sequence[RewardSpec], prompts: list[str],
-                 columns: Mapping[str, list]) -> None:
+    def __init__(
+        self, engine: RewardEngine, specs: Sequence[RewardSpec], prompts: list[str], columns: Mapping[str, list]
+    ) -> None:
         self._engine, self._specs = engine, list(specs)
         self._prompts, self._columns = list(prompts), {k: list(v) for k, v in columns.items()}
         self._pieces: list[tuple[list[int], concurrent.futures.Future]] = []
@@ -362,8 +387,9 @@ class ScoreStream:
     def _submit(self, indices: list[int], completions: list[str]) -> concurrent.futures.Future:
         prompts = [self._prompts[i] for i in indices]
         columns = {k: [v[i] for i in indices] for k, v in self._columns.items()}
-        return asyncio.run_coroutine_threadsafe(self._engine._outcomes(self._specs, completions, prompts, columns),
-                                                self._engine._loop)
+        return asyncio.run_coroutine_threadsafe(
+            self._engine._outcomes(self._specs, completions, prompts, columns), self._engine._loop
+        )
 
     async def _gather(self, n: int) -> ScoreBatch:
         merged = [([None] * n, [None] * n, {}) for _ in self._specs]
@@ -424,5 +450,6 @@ def _assemble(specs: Sequence[RewardSpec], outcomes: list, n: int) -> ScoreBatch
     for i in range(n):
         parts = [rewards[s.name][i] for s in weighted]
         total.append(None if any(p is None for p in parts) else sum(s.weight * p for s, p in zip(weighted, parts)))
-    return ScoreBatch(rewards=rewards, total=total, errors=errors, messages=messages, extras=extras,
-                      sample_errors=sample_errors)
+    return ScoreBatch(
+        rewards=rewards, total=total, errors=errors, messages=messages, extras=extras, sample_errors=sample_errors
+    )

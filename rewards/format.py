@@ -19,13 +19,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rewards.traits import RewardError, reward_traits
 from rewards.math import last_boxed
+from rewards.traits import RewardError, reward_traits
 
 
 @reward_traits(run_in="caller")
-def format_reward(completions: list[str], *, prompts: list[str] | None = None, pattern: str | None = None,
-                  **_: Any) -> list[float]:
+def format_reward(
+    completions: list[str], *, prompts: list[str] | None = None, pattern: str | None = None, **_: Any
+) -> list[float]:
     r"""1.0 if the completion ends in a non-empty `\boxed{...}` answer (or fully matches `pattern`), else 0.0.
 
     `pattern` is a regular expression matched against the whole completion (DOTALL), e.g.
@@ -45,8 +46,14 @@ def format_reward(completions: list[str], *, prompts: list[str] | None = None, p
 
 
 @reward_traits(run_in="caller", whole_batch=True)
-def length_reward(completions: list[str], *, prompts: list[str], num_tokens: list[int] | None = None,
-                  correct: list[Any] | None = None, **_: Any) -> list[float]:
+def length_reward(
+    completions: list[str],
+    *,
+    prompts: list[str],
+    num_tokens: list[int] | None = None,
+    correct: list[Any] | None = None,
+    **_: Any,
+) -> list[float]:
     """Kimi k1.5's length reward, over the completions that share a prompt (a rollout group).
 
     With lengths len_i in a group, lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len) (0 when all tie).
@@ -71,8 +78,9 @@ def length_reward(completions: list[str], *, prompts: list[str], num_tokens: lis
     return out
 
 
-def budget_penalty(num_tokens: Sequence[int], truncated: Sequence[bool], *, budget: int | Sequence[int],
-                   penalty: float) -> list[float]:
+def budget_penalty(
+    num_tokens: Sequence[int], truncated: Sequence[bool], *, budget: int | Sequence[int], penalty: float
+) -> list[float]:
     """K2 budget control: `penalty` for a response that was truncated or went over its token budget, else 0.0.
 
     `budget` is one number or one per sample (per-task budgets). The loop adds this to the total reward and may
@@ -88,9 +96,17 @@ def budget_penalty(num_tokens: Sequence[int], truncated: Sequence[bool], *, budg
 
 
 @reward_traits(run_in="caller")
-def budget(completions: list[str], *, prompts: list[str] | None = None, num_tokens: list[int],
-           truncated: list[bool], token_budget: list[int] | None = None, budget: int | None = None,
-           penalty: float = -1.0, **_: Any) -> list[float]:
+def budget(
+    completions: list[str],
+    *,
+    prompts: list[str] | None = None,
+    num_tokens: list[int],
+    truncated: list[bool],
+    token_budget: list[int] | None = None,
+    budget: int | None = None,
+    penalty: float = -1.0,
+    **_: Any,
+) -> list[float]:
     """Budget control as a reward: `penalty` when a response was truncated or exceeds its token budget.
 
     `num_tokens` and `truncated` are per-sample columns the training loop supplies; the budget is the row's

@@ -63,8 +63,10 @@ _CACHE_SIZE = 16384
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # what may sit between two boxes of one answer: punctuation, math delimiters, spacing, "and"/"or", "x_2 =",
 # a short \text{...} ("\text{ for part (a) and }")
-_CONNECTOR = re.compile(r"(?:\s|[,;.$]|\\[()\[\]]|\\q?quad|\\text\{[^{}]{0,40}\}|\band\b|\bor\b"
-                        r"|[A-Za-z](?:_\{?\w+\}?)?\s*=){0,12}")
+_CONNECTOR = re.compile(
+    r"(?:\s|[,;.$]|\\[()\[\]]|\\q?quad|\\text\{[^{}]{0,40}\}|\band\b|\bor\b"
+    r"|[A-Za-z](?:_\{?\w+\}?)?\s*=){0,12}"
+)
 _PERCENT = re.compile(r"\s*\$?\s*(?:\\%|%|percent\b|pct\b)")
 _LATER_ANSWER = re.compile(r"final answer", re.IGNORECASE)
 _MAX_DIGITS = 20_000  # longest integer literal read in the main thread (Python's default stops at 4,300)
@@ -96,7 +98,7 @@ def last_boxed(text: str) -> str | None:
     if not spans:
         return None
     start, end = spans[-1]
-    return text[text.index("{", start) + 1: end - 1]
+    return text[text.index("{", start) + 1 : end - 1]
 
 
 def answer_span(text: str) -> str | None:
@@ -117,10 +119,10 @@ def answer_span(text: str) -> str | None:
     if not spans or _LATER_ANSWER.search(text, spans[-1][1]):
         return None  # no box, or the text states its final answer after the last box: Math-Verify's anchors
     first = len(spans) - 1
-    while first > 0 and _CONNECTOR.fullmatch(text[spans[first - 1][1]: spans[first][0]]):
+    while first > 0 and _CONNECTOR.fullmatch(text[spans[first - 1][1] : spans[first][0]]):
         first -= 1
     unit = _PERCENT.match(text, spans[-1][1])  # "\boxed{28}$ pct" keeps its percent sign
-    return text[spans[first][0]: unit.end() if unit else spans[-1][1]]
+    return text[spans[first][0] : unit.end() if unit else spans[-1][1]]
 
 
 def _in_main_thread() -> bool:
@@ -224,8 +226,11 @@ _COMMAND = re.compile(r"\\(?:begin|end)\{[^}]*\}|\\[A-Za-z]+")
 def _bare_answer(text: str) -> bool:
     """A short completion with no math delimiters and no words outside LaTeX commands ("\\frac{x+2}{7}",
     "x = 10", "[1, 2, 3]"): the whole completion is the answer, written without `$...$`."""
-    return (len(text) <= _BARE_ANSWER_CHARS and not any(m in text for m in _DELIMITERS)
-            and not _WORD.search(_COMMAND.sub(" ", text)))
+    return (
+        len(text) <= _BARE_ANSWER_CHARS
+        and not any(m in text for m in _DELIMITERS)
+        and not _WORD.search(_COMMAND.sub(" ", text))
+    )
 
 
 def _parse_prediction(text: str) -> list:
@@ -329,9 +334,9 @@ def integer_shortcut(completion: str, row: dict) -> float | None:
     if completion.count("\\boxed") + completion.count("\\fbox") != 1:
         return None
     spans = _boxes(completion)
-    if len(spans) != 1 or completion[spans[0][1]:].strip(" \t\n$.") or _nesting_depth(completion) > _MAX_NESTING:
+    if len(spans) != 1 or completion[spans[0][1] :].strip(" \t\n$.") or _nesting_depth(completion) > _MAX_NESTING:
         return None
-    same = _same_integer(gold_text, completion[spans[0][0]: spans[0][1]])
+    same = _same_integer(gold_text, completion[spans[0][0] : spans[0][1]])
     return None if same is None else float(same)
 
 
@@ -413,8 +418,9 @@ def warm_up() -> None:
 
 
 @reward_traits(elementwise=True, timeout_score=0.0, shortcut=integer_shortcut)
-def math(completions: list[str], *, prompts: list[str] | None = None, answer: list[Any],
-         check_timeout_s: float = 2.0) -> dict:
+def math(
+    completions: list[str], *, prompts: list[str] | None = None, answer: list[Any], check_timeout_s: float = 2.0
+) -> dict:
     """1.0 if the final answer (last \\boxed{}, else Math-Verify's fallbacks) equals `answer`, else 0.0."""
     scores: list[float | None] = []
     errors: list[str | None] = []

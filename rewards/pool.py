@@ -97,8 +97,14 @@ def _failed(n: int, reason: str) -> tuple[list[float | None], list[str | None], 
     return [None] * n, [reason] * n, {}
 
 
-def _run_sync(fn: Callable, completions: list, prompts: list, columns: Mapping[str, list],
-              kwargs: Mapping[str, Any], loop: asyncio.AbstractEventLoop | None):
+def _run_sync(
+    fn: Callable,
+    completions: list,
+    prompts: list,
+    columns: Mapping[str, list],
+    kwargs: Mapping[str, Any],
+    loop: asyncio.AbstractEventLoop | None,
+):
     """Calls `fn` once on a batch (awaiting it on `loop` if it is async); never raises."""
     n = len(completions)
     try:
@@ -164,7 +170,12 @@ def _worker_main(rfd: int, wfd: int, memory_mb: int, preload: str) -> None:
 def _send(outbox: Connection, message: tuple) -> None:
     try:
         outbox.send(message)
-    except (TypeError, AttributeError, ValueError, pickle.PicklingError) as exc:  # unpicklable extras: keep the scores, say why
+    except (
+        TypeError,
+        AttributeError,
+        ValueError,
+        pickle.PicklingError,
+    ) as exc:  # unpicklable extras: keep the scores, say why
         kind, *rest = message
         reason = f"extras not picklable: {_reason(exc)}"
         if kind == "item":
@@ -190,9 +201,12 @@ class _Worker:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _WORKER_CODE, str(to_child_r), str(from_child_w), str(memory_mb), preload],
-                pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
+                pass_fds=(to_child_r, from_child_w),
+                stdin=subprocess.DEVNULL,
                 stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None,  # keep stdout clean for the CLI
-                start_new_session=True, env=env, close_fds=True,
+                start_new_session=True,
+                env=env,
+                close_fds=True,
             )
         finally:
             os.close(to_child_r)
@@ -277,9 +291,18 @@ class _Job:
 
     def sub(self, start: int) -> _Job:
         """The samples from `start` on, as a job of their own (moved to another worker after a kill)."""
-        return _Job(self.state, self.name, self.kwargs, self.positions[start:], self.completions[start:],
-                    self.prompts[start:], {k: v[start:] for k, v in self.columns.items()}, self.elementwise,
-                    self.timeout_s, self.timeout_score)
+        return _Job(
+            self.state,
+            self.name,
+            self.kwargs,
+            self.positions[start:],
+            self.completions[start:],
+            self.prompts[start:],
+            {k: v[start:] for k, v in self.columns.items()},
+            self.elementwise,
+            self.timeout_s,
+            self.timeout_score,
+        )
 
 
 class _Pool:
@@ -295,8 +318,9 @@ class _Pool:
         # Every worker is started from this one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
         # started a process exits, so starting from whichever thread built the engine could kill the pool.
         self.spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards-spawner")
-        self.threads = [threading.Thread(target=self._slot, name=f"rewards-slot-{k}", daemon=True)
-                        for k in range(num_workers)]
+        self.threads = [
+            threading.Thread(target=self._slot, name=f"rewards-slot-{k}", daemon=True) for k in range(num_workers)
+        ]
         self.workers: list[_Worker | None] = [self._spawn() for _ in range(num_workers)]  # warm for the 1st call
         for t in self.threads:
             t.start()
@@ -397,5 +421,3 @@ class _Pool:
                 self.submit(job.sub(done + 1), urgent=True)
         else:
             self._fail(job, done, reason)
-
-

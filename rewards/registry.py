@@ -155,7 +155,9 @@ def list_rewards() -> list[tuple[str, str, list[str] | None, str]]:
     """(name, source, required columns or None if it cannot be loaded, note) for every registered reward."""
     rows: list[tuple[str, str, list[str] | None, str]] = []
     for name, entry in REWARDS.items():
-        source = f"{entry.module}:{entry.attr}" if isinstance(entry, _LazyReward) else f"{entry.__module__}:{entry.__name__}"
+        source = (
+            f"{entry.module}:{entry.attr}" if isinstance(entry, _LazyReward) else f"{entry.__module__}:{entry.__name__}"
+        )
         rows.append((name, f"built-in ({source})", *describe_reward(name)))
     for name, ep in sorted(_entry_points().items()):
         if name not in REWARDS:

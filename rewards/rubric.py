@@ -27,7 +27,8 @@ scalar per response.
 
 Critic backends (`rewards.critic`) are looked up by name (`openai` here; `checkpoint` once `rlk2.critic` is
 imported; `self` is the live policy, which `rlk2 train` passes in as an object), by `pkg.module:factory`, or
-passed as an object with a `complete(prompts, *, max_new_tokens, temperature, seed) -> list[Reply]` method. Reasons and verdicts come
+passed as an object with a `complete(prompts, *, max_new_tokens, temperature, seed) -> list[Reply]` method. Reasons
+and verdicts come
 back as extras (`rubric/judgments`: per sample, every judgment it took part in; `rubric/unparsable`);
 `summarize` turns one call's judgments into counts and position consistency for logging.
 
@@ -54,15 +55,51 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from rewards.critic import BACKENDS, Critic, Reply, get_critic, register_backend
+from rewards.rubrics import (
+    DEFAULT_RUBRICS,
+    DEFAULT_TEMPLATE,
+    PLACEHOLDERS,
+    RUBRIC_DIR,
+    Rubric,
+    RubricError,
+    fill_template,
+    load_rubric_file,
+    load_rubrics,
+    load_template,
+    render_rubrics,
+    rubric_path,
+)
 from rewards.traits import reward_traits
-from rewards.rubrics import (DEFAULT_RUBRICS, DEFAULT_TEMPLATE, PLACEHOLDERS, RUBRIC_DIR, Rubric, RubricError,
-                             fill_template, load_rubric_file, load_rubrics, load_template, render_rubrics, rubric_path)
 
 __all__ = [  # the rubric-file and template helpers of rewards.rubrics are re-exported: one import for users
-    "AGGREGATES", "BACKENDS", "DEFAULT_RUBRICS", "DEFAULT_TEMPLATE", "PLACEHOLDERS", "RUBRIC_DIR", "Critic", "Reply",
-    "Rubric", "RubricError", "Verdict", "bradley_terry", "check_options", "choose_pairs", "combine_rubric_outcomes",
-    "fill_template", "get_critic", "load_rubric_file", "register_backend", "load_rubrics", "load_template", "outcome_for_first",
-    "parse_verdict", "render_rubrics", "rubric", "rubric_path", "summarize", "win_rate",
+    "AGGREGATES",
+    "BACKENDS",
+    "DEFAULT_RUBRICS",
+    "DEFAULT_TEMPLATE",
+    "PLACEHOLDERS",
+    "RUBRIC_DIR",
+    "Critic",
+    "Reply",
+    "Rubric",
+    "RubricError",
+    "Verdict",
+    "bradley_terry",
+    "check_options",
+    "choose_pairs",
+    "combine_rubric_outcomes",
+    "fill_template",
+    "get_critic",
+    "load_rubric_file",
+    "register_backend",
+    "load_rubrics",
+    "load_template",
+    "outcome_for_first",
+    "parse_verdict",
+    "render_rubrics",
+    "rubric",
+    "rubric_path",
+    "summarize",
+    "win_rate",
 ]
 
 _MAX_REASON = 400
@@ -144,8 +181,9 @@ def win_rate(k: int, outcomes: dict[tuple[int, int], float]) -> list[float | Non
     return [wins[i] / games[i] if games[i] else None for i in range(k)]
 
 
-def bradley_terry(k: int, outcomes: dict[tuple[int, int], float], *, prior: float = 0.5,
-                  iters: int = 500, tol: float = 1e-10) -> list[float | None]:
+def bradley_terry(
+    k: int, outcomes: dict[tuple[int, int], float], *, prior: float = 0.5, iters: int = 500, tol: float = 1e-10
+) -> list[float | None]:
     """Bradley–Terry strengths by MM (Hunter 2004), ties as half wins; r_i = p_i / (p_i + 1).
 
     Written by hand: it is a dozen lines, and the libraries that fit it (choix) would be a new dependency for one
@@ -186,30 +224,55 @@ class Judgment:
     rubric: str | None
 
 
-def check_options(*, rubrics: Any = DEFAULT_RUBRICS, template: Any = None, pairs: Any = "all", order: str = "both",
-                  judge: str = "overall", aggregate: str = "winrate", **_: Any) -> tuple[list[Rubric], str]:
+def check_options(
+    *,
+    rubrics: Any = DEFAULT_RUBRICS,
+    template: Any = None,
+    pairs: Any = "all",
+    order: str = "both",
+    judge: str = "overall",
+    aggregate: str = "winrate",
+    **_: Any,
+) -> tuple[list[Rubric], str]:
     """Validates the reward's options (the loop may call this at start-up); returns (rubrics, template)."""
     if not (pairs == "all" or (isinstance(pairs, int) and not isinstance(pairs, bool) and pairs >= 1)):
         raise RubricError(f"rubric: pairs must be 'all' or an integer >= 1, got {pairs!r}")
-    for name, value, allowed in (("order", order, ("both", "random")), ("judge", judge, ("overall", "per_rubric")),
-                                 ("aggregate", aggregate, tuple(AGGREGATES))):
+    for name, value, allowed in (
+        ("order", order, ("both", "random")),
+        ("judge", judge, ("overall", "per_rubric")),
+        ("aggregate", aggregate, tuple(AGGREGATES)),
+    ):
         if value not in allowed:
             raise RubricError(f"rubric: {name} must be one of {', '.join(allowed)}, got {value!r}")
     return load_rubrics(rubrics), load_template(template)
 
 
 @reward_traits(run_in="caller", whole_batch=True)
-def rubric(completions: list[str], *, prompts: list[str], backend: Any = "self",
-           rubrics: Sequence[str] = DEFAULT_RUBRICS, template: str | None = None, pairs: int | str = "all",
-           order: str = "both", judge: str = "overall", aggregate: str = "winrate", max_new_tokens: int = 256,
-           temperature: float = 0.0, seed: int = 0, critic: dict[str, Any] | None = None, **_: Any) -> dict:
+def rubric(
+    completions: list[str],
+    *,
+    prompts: list[str],
+    backend: Any = "self",
+    rubrics: Sequence[str] = DEFAULT_RUBRICS,
+    template: str | None = None,
+    pairs: int | str = "all",
+    order: str = "both",
+    judge: str = "overall",
+    aggregate: str = "winrate",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+    critic: dict[str, Any] | None = None,
+    **_: Any,
+) -> dict:
     """Self-critique rubric reward: pairwise critic verdicts within each prompt's group, aggregated per response.
 
     Groups are the completions that share a prompt. Options are documented in the module docstring; `critic`
     holds the backend's own options (e.g. `{"base_url": ..., "timeout_s": 30}` for `openai`).
     """
-    rubric_list, tmpl = check_options(rubrics=rubrics, template=template, pairs=pairs, order=order, judge=judge,
-                                      aggregate=aggregate)
+    rubric_list, tmpl = check_options(
+        rubrics=rubrics, template=template, pairs=pairs, order=order, judge=judge, aggregate=aggregate
+    )
     n = len(completions)
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -226,11 +289,23 @@ def rubric(completions: list[str], *, prompts: list[str], backend: Any = "self",
     texts = []
     for job in jobs:
         shown = [by_name[job.rubric]] if job.rubric else rubric_list
-        texts.append(fill_template(tmpl, {
-            "prompt": prompts[job.first], "response_a": completions[job.first], "response_b": completions[job.second],
-            "rubrics": render_rubrics(shown), "rubric_names": ", ".join(r.name for r in shown)}))
-    replies = get_critic(backend, critic).complete(texts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                   seed=seed) if texts else []
+        texts.append(
+            fill_template(
+                tmpl,
+                {
+                    "prompt": prompts[job.first],
+                    "response_a": completions[job.first],
+                    "response_b": completions[job.second],
+                    "rubrics": render_rubrics(shown),
+                    "rubric_names": ", ".join(r.name for r in shown),
+                },
+            )
+        )
+    replies = (
+        get_critic(backend, critic).complete(texts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        if texts
+        else []
+    )
     if len(replies) != len(texts):
         raise RubricError(f"rubric: critic returned {len(replies)} replies for {len(texts)} prompts")
 
@@ -245,8 +320,17 @@ def rubric(completions: list[str], *, prompts: list[str], backend: Any = "self",
             s_lo = s_first if job.first == lo else 1.0 - s_first
             pair_votes.setdefault((lo, hi), {}).setdefault(job.rubric, []).append(s_lo)
         for me, other in ((job.first, job.second), (job.second, job.first)):
-            judgments[me].append({"id": jid, "vs": other, "shown_first": me == job.first, "rubric": job.rubric,
-                                  "verdict": v.verdict, "reason": v.reason, "error": reply.error})
+            judgments[me].append(
+                {
+                    "id": jid,
+                    "vs": other,
+                    "shown_first": me == job.first,
+                    "rubric": job.rubric,
+                    "verdict": v.verdict,
+                    "reason": v.reason,
+                    "error": reply.error,
+                }
+            )
             unparsable[me] += v.verdict is None
     where = {i: (prompt, a) for prompt, members in groups.items() for a, i in enumerate(members)}
     local: dict[str, dict[tuple[int, int], float]] = {prompt: {} for prompt in groups}  # s_ab by group positions
@@ -288,6 +372,9 @@ def summarize(judgments_per_sample: Sequence[Sequence[dict]]) -> dict[str, float
             lo, hi = sorted((first, second))
             pairs.setdefault((lo, hi, rub), []).append(s if first == lo else 1.0 - s)
     both = [v for v in pairs.values() if len(v) == 2]
-    return {"verdicts": float(len(seen)), "unparsable": float(sum(v[3] is None for v in seen.values())),
-            "pairs_both_orders": float(len(both)),
-            "position_consistency": sum(abs(a - b) < 1e-9 for a, b in both) / len(both) if both else math.nan}
+    return {
+        "verdicts": float(len(seen)),
+        "unparsable": float(sum(v[3] is None for v in seen.values())),
+        "pairs_both_orders": float(len(both)),
+        "position_consistency": sum(abs(a - b) < 1e-9 for a, b in both) / len(both) if both else math.nan,
+    }

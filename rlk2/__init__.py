@@ -2,7 +2,7 @@
 
 The training system, read top to bottom from `train.py`:
 
-    cli.py          `rlk2 train | eval | score | rewards | serve | sandbox`: arguments here, each command's module runs it
+    cli.py          `rlk2 train | eval | score | rewards | serve | sandbox`: the arguments; each command's module runs
     config.py       the config tree (frozen dataclasses, docstring per field), its one OmegaConf loader and range checks
     train.py        THE loop: setup() -> Run, then generate / score / refine_critic / advantages / update / log
     tasks.py        a run's tasks: training rows, reward specs, the held-out evaluation task, how each is scored

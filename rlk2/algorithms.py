@@ -19,7 +19,7 @@ the policy back towards pi_old with strength tau.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

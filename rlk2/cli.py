@@ -1,7 +1,8 @@
 """The `rlk2` console script: one entry, one subcommand per user task (DESIGN.md 2.1).
 
 Every subcommand's arguments are declared here, so `rlk2 --help` and argument errors never import torch; the
-command's module (`rlk2.train`, `rlk2.eval_checkpoints`, `rlk2.score`, `rlk2.serve`, `sandboxes.cli`) is imported only to
+command's module (`rlk2.train`, `rlk2.eval_checkpoints`, `rlk2.score`, `rlk2.serve`, `sandboxes.cli`) is imported
+only to
 run it. Errors the user caused (`UserError`, a reward named wrong) print as one line and exit 2, never a traceback.
 """
 
@@ -24,11 +25,18 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                        help="HF checkpoint dir, PEFT adapter dir, or rlk2 run dir (latest checkpoint; "
-                             "RUN_DIR:step-N for one step, RUN_DIR:start for the policy the run started from)")
-    parser.add_argument("--tasks", help="comma-separated task names in configs/eval/ or .yaml paths "
-                                        "(default: the run's own tasks when a run dir is given, else arith)")
+    parser.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CKPT",
+        help="HF checkpoint dir, PEFT adapter dir, or rlk2 run dir (latest checkpoint; "
+        "RUN_DIR:step-N for one step, RUN_DIR:start for the policy the run started from)",
+    )
+    parser.add_argument(
+        "--tasks",
+        help="comma-separated task names in configs/eval/ or .yaml paths "
+        "(default: the run's own tasks when a run dir is given, else arith)",
+    )
     parser.add_argument("--k", default="1,4,8", help="pass@k values, comma-separated (default 1,4,8)")
     parser.add_argument("--samples", type=int, help="samples per prompt, n >= every k (default: the largest k)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -43,13 +51,27 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _score_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reward", required=True, metavar="NAME",
-                        help="a built-in name (see `rlk2 rewards`), pkg.module:function, or an entry point")
+    parser.add_argument(
+        "--reward",
+        required=True,
+        metavar="NAME",
+        help="a built-in name (see `rlk2 rewards`), pkg.module:function, or an entry point",
+    )
     parser.add_argument("--input", metavar="FILE", help="JSONL file of rows (default: stdin)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="keyword option passed to the reward; VALUE is parsed as JSON when it can be")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                        help="deadline per call (per sample for elementwise rewards such as math), default 10")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword option passed to the reward; VALUE is parsed as JSON when it can be",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="deadline per call (per sample for elementwise rewards such as math), default 10",
+    )
     parser.add_argument("--workers", type=int, default=2, help="reward worker processes, 1..64 (default 2)")
 
 
@@ -68,24 +90,42 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--max-batch", type=int, default=32, help="most sequences generated together (default 32)")
     parser.add_argument("--batch-window-ms", type=float, default=5.0, help="wait for more requests to batch")
-    parser.add_argument("--plain-prompts", action="store_true",
-                        help="for a tokenizer without a chat template: join the messages' contents as plain text")
+    parser.add_argument(
+        "--plain-prompts",
+        action="store_true",
+        help="for a tokenizer without a chat template: join the messages' contents as plain text",
+    )
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none")
 
 
 # name -> (arguments, "module:function" that runs it, one-line help)
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] = {
     "train": (_train_arguments, "rlk2.train:run", "run an RL fine-tune (no CONFIG = configs/demo.yaml)"),
-    "score": (_score_arguments, "rlk2.score:run_score",
-              "score JSONL rows offline with a reward: one JSON result line per input row"),
-    "rewards": (_rewards_arguments, "rlk2.score:run_rewards",
-                "list the available rewards and the dataset columns each one needs"),
-    "sandbox": (_sandbox_arguments, "sandboxes.cli:run",
-                "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP"),
-    "serve": (_serve_arguments, "rlk2.serve:run",
-              "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)"),
-    "eval": (_eval_arguments, "rlk2.eval_checkpoints:run",
-             "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95 %% intervals, report and plots"),
+    "score": (
+        _score_arguments,
+        "rlk2.score:run_score",
+        "score JSONL rows offline with a reward: one JSON result line per input row",
+    ),
+    "rewards": (
+        _rewards_arguments,
+        "rlk2.score:run_rewards",
+        "list the available rewards and the dataset columns each one needs",
+    ),
+    "sandbox": (
+        _sandbox_arguments,
+        "sandboxes.cli:run",
+        "sandboxes: build the image, check the backends (doctor), run JSONL jobs (exec), serve over HTTP",
+    ),
+    "serve": (
+        _serve_arguments,
+        "rlk2.serve:run",
+        "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)",
+    ),
+    "eval": (
+        _eval_arguments,
+        "rlk2.eval_checkpoints:run",
+        "evaluate checkpoints side by side: pass@k, maj@n, rewards, 95 %% intervals, report and plots",
+    ),
 }
 
 

@@ -353,7 +353,16 @@ class Config:
 # ================================================================================================ validation
 def _rules(c: Config) -> list[tuple[str, bool, str]]:
     """(key, value is acceptable, the rule in words) for every value with a range: checked once, at load."""
-    ro, al, op, tr, ev, ws, sh, cr = c.rollout, c.algo, c.optim, c.trainer, c.eval, c.warm_start, c.policy.demo, c.critic
+    ro, al, op, tr, ev, ws, sh, cr = (
+        c.rollout,
+        c.algo,
+        c.optim,
+        c.trainer,
+        c.eval,
+        c.warm_start,
+        c.policy.demo,
+        c.critic,
+    )
     names = [t.name for t in c.tasks]
     rules = [
         ("run.seed", c.run.seed >= 0, "must be >= 0"),
@@ -365,14 +374,20 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("warm_start.lr", ws.lr > 0, "must be > 0"),
         ("warm_start.examples", ws.examples >= 1, "must be >= 1"),
         ("tasks", bool(c.tasks), "at least one task is required"),
-        ("tasks", len(set(names)) == len(names),
-         f"task names must be distinct ('{next((n for n in names if names.count(n) > 1), '')}' appears twice): they "
-         "name the metrics eval/<task>/..."),
+        (
+            "tasks",
+            len(set(names)) == len(names),
+            f"task names must be distinct ('{next((n for n in names if names.count(n) > 1), '')}' appears twice): they "
+            "name the metrics eval/<task>/...",
+        ),
         ("rollout.group_size", ro.group_size >= 2, "must be >= 2 (advantages compare responses within a group)"),
         ("rollout.prompts_per_step", ro.prompts_per_step >= 1, "must be >= 1"),
         ("rollout.temperature", ro.temperature > 0, "must be > 0 (log-probs are of the tempered distribution)"),
-        ("rollout.temperature_end", ro.temperature_end is None or ro.temperature_end > 0,
-         "must be > 0 (log-probs are of the tempered distribution)"),
+        (
+            "rollout.temperature_end",
+            ro.temperature_end is None or ro.temperature_end > 0,
+            "must be > 0 (log-probs are of the tempered distribution)",
+        ),
         ("rollout.temperature_decay_steps", ro.temperature_decay_steps >= 0, "must be >= 0"),
         ("rollout.temperature_schedule", ro.temperature_schedule in ("linear", "cosine"), "must be linear or cosine"),
         ("rollout.top_p", 0 < ro.top_p <= 1, "must be in (0, 1]"),
@@ -384,8 +399,11 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("algo.clip_high", al.clip_high >= 0, "must be >= 0"),
         ("algo.inner_steps", al.inner_steps >= 1, "must be >= 1 (optimizer steps per rollout batch)"),
         ("algo.ptx.weight", al.ptx.weight >= 0, "must be >= 0 (0 turns the PTX loss off)"),
-        ("algo.ptx.source", al.ptx.weight == 0 or bool(al.ptx.source),
-         "required when algo.ptx.weight > 0 (a built-in task or a .jsonl file)"),
+        (
+            "algo.ptx.source",
+            al.ptx.weight == 0 or bool(al.ptx.source),
+            "required when algo.ptx.weight > 0 (a built-in task or a .jsonl file)",
+        ),
         ("algo.ptx.batch_size", al.ptx.batch_size >= 1, "must be >= 1"),
         ("optim.name", op.name in ("adamw", "muonclip"), f"'{op.name}' is not one of adamw, muonclip"),
         ("optim.lr", op.lr > 0, "must be > 0"),
@@ -414,18 +432,37 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("critic.warm_start_examples", cr.warm_start_examples >= 0, "must be >= 0"),
         ("critic.warm_start_verdicts", cr.warm_start_verdicts in ("both", "gold"), "must be both or gold"),
     ]
-    shape = [(k, getattr(sh, k)) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                          "intermediate_size", "moe_intermediate_size", "n_routed_experts",
-                                          "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
-                                          "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")]
+    shape = [
+        (k, getattr(sh, k))
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        )
+    ]
     rules += [(f"policy.demo.{k}", v >= 1, "must be >= 1") for k, v in shape]
     rules += [
-        ("policy.demo.num_experts_per_tok", sh.num_experts_per_tok <= sh.n_routed_experts,
-         f"must be <= policy.demo.n_routed_experts ({sh.n_routed_experts})"),
+        (
+            "policy.demo.num_experts_per_tok",
+            sh.num_experts_per_tok <= sh.n_routed_experts,
+            f"must be <= policy.demo.n_routed_experts ({sh.n_routed_experts})",
+        ),
         ("policy.demo.qk_rope_head_dim", sh.qk_rope_head_dim % 2 == 0, "must be even (rotary pairs)"),
         ("policy.demo.n_shared_experts", sh.n_shared_experts >= 0, "must be >= 0"),
-        ("policy.demo.first_k_dense_replace", 0 <= sh.first_k_dense_replace <= sh.num_hidden_layers,
-         "must be in 0..policy.demo.num_hidden_layers"),
+        (
+            "policy.demo.first_k_dense_replace",
+            0 <= sh.first_k_dense_replace <= sh.num_hidden_layers,
+            "must be in 0..policy.demo.num_hidden_layers",
+        ),
         ("policy.demo.q_lora_rank", sh.q_lora_rank is None or sh.q_lora_rank >= 1, "must be >= 1 (or null)"),
     ]
     for i, t in enumerate(c.tasks):
@@ -436,11 +473,17 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
             (f"tasks[{i}].max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
             (f"tasks[{i}].eval_size", t.eval_size >= 1, "must be >= 1 (held-out prompts for evaluation)"),
         ]
-        rules += [(f"tasks[{i}].rewards[{j}].timeout_s", r.timeout_s > 0, "must be > 0")
-                  for j, r in enumerate(t.rewards)]
-        rules.append((f"tasks[{i}].rewards", not t.rewards or t.overlong_penalty != 0 or any(r.weight for r in t.rewards),
-                      f"every reward of task '{t.name}' has weight 0 (and no overlong_penalty): its responses "
-                      "could never produce a gradient"))
+        rules += [
+            (f"tasks[{i}].rewards[{j}].timeout_s", r.timeout_s > 0, "must be > 0") for j, r in enumerate(t.rewards)
+        ]
+        rules.append(
+            (
+                f"tasks[{i}].rewards",
+                not t.rewards or t.overlong_penalty != 0 or any(r.weight for r in t.rewards),
+                f"every reward of task '{t.name}' has weight 0 (and no overlong_penalty): its responses "
+                "could never produce a gradient",
+            )
+        )
     return rules
 
 
@@ -462,8 +505,10 @@ def _check_critic_tasks(cfg: Config) -> None:
         if name not in names:
             raise UserError(f"critic.tasks[{i}]: '{name}' is not a task (tasks: {', '.join(names)})")
     if cfg.critic.refine and not critic_tasks(cfg):
-        raise UserError("critic.refine: no task with a verifiable reward to ground the critic (every task is scored "
-                        "by the rubric reward); add one or name it in critic.tasks")
+        raise UserError(
+            "critic.refine: no task with a verifiable reward to ground the critic (every task is scored "
+            "by the rubric reward); add one or name it in critic.tasks"
+        )
 
 
 def critic_tasks(cfg: Config) -> list[str]:
@@ -548,7 +593,9 @@ def _check_lists(schema: type, data: Any, prefix: str, where: str) -> None:
                 raise UserError(f"{where}: config key '{key}': expected a list of {args[0].__name__} entries")
             for i, item in enumerate(value):
                 if not isinstance(item, DictConfig):
-                    raise UserError(f"{where}: config key '{key}[{i}]': expected a mapping of {args[0].__name__} fields")
+                    raise UserError(
+                        f"{where}: config key '{key}[{i}]': expected a mapping of {args[0].__name__} fields"
+                    )
                 _check_lists(args[0], item, f"{key}[{i}].", where)
                 try:
                     OmegaConf.merge(OmegaConf.structured(args[0]), item)

@@ -9,8 +9,8 @@ comparable across runs.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from datasets import Dataset
@@ -47,7 +47,9 @@ def _max_rows() -> list[Row]:
             continue
         seen.add(nums)
         best = max(nums)
-        rows.append({"prompt": f"max({nums[0]},{nums[1]},{nums[2]})=?", "answer": str(best), "completion": f"\\boxed{{{best}}}"})
+        rows.append(
+            {"prompt": f"max({nums[0]},{nums[1]},{nums[2]})=?", "answer": str(best), "completion": f"\\boxed{{{best}}}"}
+        )
     return rows
 
 
@@ -70,8 +72,8 @@ def _pyfunc_rows() -> list[Row]:
     """
     rng = random.Random(_SPLIT_SEED + 2)
     rows = []
-    for i, (first, f1) in enumerate(_PYFUNC_STEPS):
-        for j, (second, f2) in enumerate(_PYFUNC_STEPS):
+    for first, f1 in _PYFUNC_STEPS:
+        for second, f2 in _PYFUNC_STEPS:
             for a in range(2, 10):
                 for b in range(2, 10):
                     expr = f2(f1("x", a), b)
@@ -79,8 +81,7 @@ def _pyfunc_rows() -> list[Row]:
                     xs = rng.sample(range(-20, 21), 4)
                     tests = "\n".join(f"assert f({x}) == {fn(x)}" for x in xs)
                     prompt = f"Write f(x): {first.format(k=a)}, then {second.format(k=b)}."
-                    rows.append({"prompt": prompt, "tests": tests,
-                                 "completion": f"def f(x):\n    return {expr}"})
+                    rows.append({"prompt": prompt, "tests": tests, "completion": f"def f(x):\n    return {expr}"})
     return rows
 
 
@@ -157,8 +158,13 @@ class PromptSampler:
     """
 
     def __init__(
-        self, task_rows: dict[str, list[Row]], weights: dict[str, float], *, seed: int,
-        sampling: str = "uniform", priority_floor: float = 0.05,
+        self,
+        task_rows: dict[str, list[Row]],
+        weights: dict[str, float],
+        *,
+        seed: int,
+        sampling: str = "uniform",
+        priority_floor: float = 0.05,
     ) -> None:
         if sampling not in ("uniform", "prioritized"):
             raise ValueError(f"sampling must be uniform or prioritized, not {sampling!r}")
@@ -233,8 +239,11 @@ class PromptSampler:
         stats[1] += scored
 
     def state_dict(self) -> dict:
-        return {"pos": dict(self.pos), "epoch": dict(self.epoch),
-                "success": {t: {i: list(v) for i, v in s.items()} for t, s in self.success.items()}}
+        return {
+            "pos": dict(self.pos),
+            "epoch": dict(self.epoch),
+            "success": {t: {i: list(v) for i, v in s.items()} for t, s in self.success.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.pos = dict(state["pos"])

@@ -39,8 +39,13 @@ from rlk2.rollout import Rollout
 
 # What each loss of rlk2.algorithms.LOSSES averages over: "sequence" (a mean over the B responses; per-sequence
 # token means or sums inside) or "token" (one mean over every unmasked token of the batch).
-LOSS_UNIT: dict[str, str] = {"k2": "sequence", "grpo": "sequence", "dr_grpo": "sequence", "dapo": "token",
-                             "gspo": "sequence"}
+LOSS_UNIT: dict[str, str] = {
+    "k2": "sequence",
+    "grpo": "sequence",
+    "dr_grpo": "sequence",
+    "dapo": "token",
+    "gspo": "sequence",
+}
 
 _SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
@@ -49,8 +54,10 @@ def ddp_kwargs() -> list:
     """Accelerate kwargs handlers: DDP that tolerates parameters without a gradient on a rank (MoE experts no token
     of its slice was routed to), and a process-group timeout long enough for the others to wait while the main
     process evaluates or saves a large model alone (the default is 10 minutes for NCCL)."""
-    return [DistributedDataParallelKwargs(find_unused_parameters=True),
-            InitProcessGroupKwargs(timeout=timedelta(hours=2))]
+    return [
+        DistributedDataParallelKwargs(find_unused_parameters=True),
+        InitProcessGroupKwargs(timeout=timedelta(hours=2)),
+    ]
 
 
 def cpu_only_launch() -> bool:
@@ -62,29 +69,39 @@ def cpu_only_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
-def check_launch(*, distributed_type: str, num_processes: int, prompts_per_step: int, optimizer: str,
-                 loss: str) -> None:
+def check_launch(
+    *, distributed_type: str, num_processes: int, prompts_per_step: int, optimizer: str, loss: str
+) -> None:
     """Refuse, in one line, the launches the loop cannot run exactly (before anything is written)."""
     kind = str(getattr(distributed_type, "value", distributed_type)).upper()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and num_processes == 1:
-        raise UserError(f"{launched} processes were launched but Accelerate joined {num_processes} "
-                        f"({kind}); each would run alone and write the same run directory")
+        raise UserError(
+            f"{launched} processes were launched but Accelerate joined {num_processes} "
+            f"({kind}); each would run alone and write the same run directory"
+        )
     if kind in _SHARDED:
         if optimizer == "muonclip":
-            raise UserError(f"optim.name=muonclip: parameters sharded by {kind} are not supported (Newton-Schulz needs "
-                            "whole matrices); supported: a single process or DDP (configs/accelerate/ddp.yaml)")
-        raise UserError(f"rlk2 train: {kind} launches are not supported yet (rollouts need whole parameters on "
-                        "every rank); supported: a single process or DDP (configs/accelerate/ddp.yaml)")
+            raise UserError(
+                f"optim.name=muonclip: parameters sharded by {kind} are not supported (Newton-Schulz needs "
+                "whole matrices); supported: a single process or DDP (configs/accelerate/ddp.yaml)"
+            )
+        raise UserError(
+            f"rlk2 train: {kind} launches are not supported yet (rollouts need whole parameters on "
+            "every rank); supported: a single process or DDP (configs/accelerate/ddp.yaml)"
+        )
     if loss not in LOSS_UNIT:
         raise UserError(f"algo.loss: '{loss}' does not say what it averages over (rlk2.distributed.LOSS_UNIT)")
     if prompts_per_step % num_processes:
-        raise UserError(f"rollout.prompts_per_step: {prompts_per_step} does not split into whole groups over "
-                        f"{num_processes} processes (use a multiple of {num_processes})")
+        raise UserError(
+            f"rollout.prompts_per_step: {prompts_per_step} does not split into whole groups over "
+            f"{num_processes} processes (use a multiple of {num_processes})"
+        )
 
 
-def local_groups(picked: list[tuple[str, dict]], task_order: list[str], *, rank: int,
-                 world: int) -> tuple[list[tuple[str, dict]], int]:
+def local_groups(
+    picked: list[tuple[str, dict]], task_order: list[str], *, rank: int, world: int
+) -> tuple[list[tuple[str, dict]], int]:
     """This rank's contiguous slice of the step's prompt groups, in the one-process order (by task, then draw).
 
     Returns (the slice, the global index of its first group)."""
@@ -134,8 +151,16 @@ def loss_scale(accelerator, loss: str, mask: torch.Tensor) -> float:
     return float(accelerator.num_processes * units / total.clamp(min=1.0))
 
 
-def global_loss(accelerator, loss_fn, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                mask: torch.Tensor, hp: dict, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def global_loss(
+    accelerator,
+    loss_fn,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    hp: dict,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The loss and its metrics over the global batch (gathered, no gradient): what one process would log.
     `rows` (indices into this rank's batch, e.g. the groups kept by zero-std filtering) restricts it to those rows."""
     with torch.no_grad():
@@ -148,19 +173,38 @@ def global_loss(accelerator, loss_fn, logp: torch.Tensor, old_logp: torch.Tensor
         return loss_fn(*tensors, **hp)
 
 
-def gather_step(accelerator, *, ro: Rollout, entropy: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
-                zero_std: torch.Tensor, totals: list, per_reward: dict[str, list], errors: dict[str, int],
-                rows: list[dict], task_of_group: list[str]) -> tuple:
+def gather_step(
+    accelerator,
+    *,
+    ro: Rollout,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    adv: torch.Tensor,
+    zero_std: torch.Tensor,
+    totals: list,
+    per_reward: dict[str, list],
+    errors: dict[str, int],
+    rows: list[dict],
+    task_of_group: list[str],
+) -> tuple:
     """Everything the log section reads, over the global batch, in the same order one process would hold it.
 
     The returned Rollout carries the completions, masks and texts (its prompt tensors are empty: not logged)."""
+
     def cat(t: torch.Tensor) -> torch.Tensor:
         return accelerator.gather(t.contiguous())
 
     trunc = cat(ro.truncated.long()).bool()  # gloo does not all-gather bool tensors
     empty = torch.zeros((trunc.shape[0], 0), dtype=torch.long, device=trunc.device)
-    whole = Rollout(empty, empty, cat(ro.completion_ids), cat(ro.completion_mask), cat(ro.old_logp), trunc,
-                    gather_object(list(ro.texts)))
+    whole = Rollout(
+        empty,
+        empty,
+        cat(ro.completion_ids),
+        cat(ro.completion_mask),
+        cat(ro.old_logp),
+        trunc,
+        gather_object(list(ro.texts)),
+    )
     # Rank slices may hold different tasks, hence different reward names: align them as one process does.
     parts = gather_object([(per_reward, len(totals), errors)])
     names = list(dict.fromkeys(name for part, _, _ in parts for name in part))
@@ -169,8 +213,18 @@ def gather_step(accelerator, *, ro: Rollout, entropy: torch.Tensor, mask: torch.
     for _, _, errs in parts:
         for name, count in errs.items():
             errors_all[name] = errors_all.get(name, 0) + count
-    return (whole, cat(entropy), cat(mask), cat(adv), cat(zero_std.long()).bool(), gather_object(list(totals)),
-            rewards_all, errors_all, gather_object(list(rows)), gather_object(list(task_of_group)))
+    return (
+        whole,
+        cat(entropy),
+        cat(mask),
+        cat(adv),
+        cat(zero_std.long()).bool(),
+        gather_object(list(totals)),
+        rewards_all,
+        errors_all,
+        gather_object(list(rows)),
+        gather_object(list(task_of_group)),
+    )
 
 
 def any_rank(accelerator, flag: bool) -> bool:
@@ -181,8 +235,17 @@ def any_rank(accelerator, flag: bool) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- one process
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                  "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def _alone(fn, args: tuple, kwargs: dict) -> None:

@@ -75,7 +75,10 @@ def resolve_checkpoint(spec: str) -> Checkpoint:
             env = path / "env.json"
             source = json.loads(env.read_text()).get("policy_source") if env.is_file() else None
             if not source or not Path(source).is_dir():
-                raise UserError(f"checkpoint {spec}: the run's starting policy ({source or 'not recorded in env.json'}) is not on this machine")
+                raise UserError(
+                    f"checkpoint {spec}: the run's starting policy ({source or 'not recorded in env.json'}) is not on "
+                    "this machine"
+                )
             return _leaf(spec, Path(source), run_dir=path, step=0, dtype=dtype, chat=chat)
         if selector is None or selector == "latest":
             if not found:
@@ -103,9 +106,13 @@ def _leaf(spec: str, path: Path, *, run_dir: Path | None, step: int | None, dtyp
     elif (path / "config.json").is_file():
         kind = "hf"
     else:
-        raise UserError(f"checkpoint {spec}: {path} is not a Hugging Face checkpoint, PEFT adapter or rlk2 run directory")
+        raise UserError(
+            f"checkpoint {spec}: {path} is not a Hugging Face checkpoint, PEFT adapter or rlk2 run directory"
+        )
     if run_dir is not None:
-        label = f"{run_dir.resolve().name}@{'start' if step == 0 and path.parent.name != 'checkpoints' else f'step-{step}'}"
+        label = (
+            f"{run_dir.resolve().name}@{'start' if step == 0 and path.parent.name != 'checkpoints' else f'step-{step}'}"
+        )
     else:
         label = path.resolve().name
     return Checkpoint(spec, path, kind, run_dir, step, label, dtype, chat)
@@ -179,10 +186,19 @@ def run(args: argparse.Namespace) -> int:
     task_cfgs = _task_configs(args.tasks, ckpts)
     device = _device(args.device)
     out = Path(args.out) if args.out else Path("evals") / time.strftime("%Y%m%d-%H%M%S")
-    settings = {"ks": ks, "samples": samples, "temperature": args.temperature, "greedy": not args.no_greedy,
-                "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
-                "bootstrap_resamples": args.bootstrap, "confidence": 0.95, "device": str(device),
-                "reward_workers": args.reward_workers}
+    settings = {
+        "ks": ks,
+        "samples": samples,
+        "temperature": args.temperature,
+        "greedy": not args.no_greedy,
+        "seed": args.seed,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "bootstrap_resamples": args.bootstrap,
+        "confidence": 0.95,
+        "device": str(device),
+        "reward_workers": args.reward_workers,
+    }
     report = evaluate_checkpoints(ckpts, task_cfgs, settings, out, device=device)
     print(markdown_tables(report))
     print(f"report: {out / 'report.md'} (and report.json, {len(report['plots'])} plots)")
@@ -201,15 +217,27 @@ def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dic
             model, tokenizer = load_policy(ckpt.path, dtype=ckpt.dtype)
             model.to(device)
             res = evaluate_policy(
-                model, tokenizer, tasks, engine, samples=settings["samples"], temperature=settings["temperature"],
-                greedy=settings["greedy"], batch_size=settings["batch_size"], chat_template=ckpt.chat_template,
-                seed=settings["seed"], ks=settings["ks"], progress=True, desc=ckpt.label,
+                model,
+                tokenizer,
+                tasks,
+                engine,
+                samples=settings["samples"],
+                temperature=settings["temperature"],
+                greedy=settings["greedy"],
+                batch_size=settings["batch_size"],
+                chat_template=ckpt.chat_template,
+                seed=settings["seed"],
+                ks=settings["ks"],
+                progress=True,
+                desc=ckpt.label,
             )
             results.append(res)
             for task in tasks:
                 t, m = res.timing[task.name], res.metrics
-                print(f"{ckpt.label} {task.name}: pass@1 {m[f'eval/{task.name}/pass@1']:.3f}, "
-                      f"{t['sequences']} samples in {t['seconds']:.1f} s ({t['samples_per_s']:.0f} samples/s)")
+                print(
+                    f"{ckpt.label} {task.name}: pass@1 {m[f'eval/{task.name}/pass@1']:.3f}, "
+                    f"{t['sequences']} samples in {t['seconds']:.1f} s ({t['samples_per_s']:.0f} samples/s)"
+                )
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()

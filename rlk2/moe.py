@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -90,12 +90,19 @@ class RouterProbe:
     `own` [N, k], the router's own top-k choice; `logits` [N, E] (with their graph) when `keep_logits`.
     `force` [L, N, k] (-1 = no record for that row) replaces the selection with the recorded experts and
     recomputes the gate weights from the current logits (see the module docstring). A list of such tensors forces
-    several forward calls in turn (the i-th call gets the i-th; a single tensor forces every call). With `keep_calls`, `calls` keeps every call's
+    several forward calls in turn (the i-th call gets the i-th; a single tensor forces every call). With `keep_calls`,
+    `calls` keeps every call's
     (own, used, logits) per layer, in call order.
     """
 
-    def __init__(self, routers: list[tuple[int, nn.Module]], *, force: torch.Tensor | list[torch.Tensor] | None = None,
-                 keep_logits: bool = False, keep_calls: bool = False) -> None:
+    def __init__(
+        self,
+        routers: list[tuple[int, nn.Module]],
+        *,
+        force: torch.Tensor | list[torch.Tensor] | None = None,
+        keep_logits: bool = False,
+        keep_calls: bool = False,
+    ) -> None:
         self.routers, self.keep_logits, self.keep_calls = routers, keep_logits, keep_calls
         self.force = [force] if isinstance(force, torch.Tensor) else force
         self._per_call = isinstance(force, list)
@@ -106,7 +113,7 @@ class RouterProbe:
         self.calls: list[list[tuple]] = [[] for _ in routers]
         self._handles: list = []
 
-    def __enter__(self) -> "RouterProbe":
+    def __enter__(self) -> RouterProbe:
         for slot, (_, router) in enumerate(self.routers):
             self._handles.append(router.register_forward_hook(self._hook(slot)))
         return self
@@ -132,8 +139,10 @@ class RouterProbe:
                     raise ValueError(f"router replay: {len(self.force)} recorded routings for more forward calls")
                 forced = self.force[call][slot].to(device=indices.device, dtype=indices.dtype)  # [N, k]
                 if forced.shape != indices.shape:
-                    raise ValueError(f"router replay: recorded routing {tuple(forced.shape)} does not match the "
-                                     f"forward's {tuple(indices.shape)} (layer slot {slot})")
+                    raise ValueError(
+                        f"router replay: recorded routing {tuple(forced.shape)} does not match the "
+                        f"forward's {tuple(indices.shape)} (layer slot {slot})"
+                    )
                 recorded = (forced >= 0).all(dim=-1, keepdim=True)  # [N, 1]
                 indices = torch.where(recorded, forced, indices)
                 self.used[slot] = indices.detach()
@@ -208,8 +217,15 @@ class RouterControl:
     the bias from the global load; identity by default.
     """
 
-    def __init__(self, model: nn.Module, *, router_replay: bool, bias_update_rate: float, aux_loss_coef: float,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        router_replay: bool,
+        bias_update_rate: float,
+        aux_loss_coef: float,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.routers = find_routers(model)
         self.replay, self.rate, self.aux_coef = router_replay, bias_update_rate, aux_loss_coef
         self.reduce = reduce or (lambda t: t)
@@ -218,8 +234,10 @@ class RouterControl:
             router = self.routers[0][1]
             self._aux_fn = getattr(sys.modules[type(router).__module__], "load_balancing_loss_func", None)
             if self._aux_fn is None:
-                raise UserError(f"moe.aux_loss_coef: transformers has no load-balancing loss for "
-                                f"{type(router).__name__}; use moe.bias_update_rate (auxiliary-loss-free balancing)")
+                raise UserError(
+                    f"moe.aux_loss_coef: transformers has no load-balancing loss for "
+                    f"{type(router).__name__}; use moe.bias_update_rate (auxiliary-loss-free balancing)"
+                )
 
     @property
     def enabled(self) -> bool:
@@ -258,8 +276,9 @@ class RouterControl:
         force = None
         if self.replay and recorded is not None:
             force = recorded.flatten(1, 2) if shared is None else list(shared.split(recorded, P))
-        probe = RouterProbe(self.routers, force=force, keep_logits=self._aux_fn is not None,
-                            keep_calls=shared is not None)
+        probe = RouterProbe(
+            self.routers, force=force, keep_logits=self._aux_fn is not None, keep_calls=shared is not None
+        )
         with probe:
             yield result
         if shared is not None:  # the two calls' records back in the per-row token order [B*(P+T), ...]
@@ -285,8 +304,9 @@ class RouterControl:
         if self.loads_from_record(source):
             rec = source.routed_experts.flatten(1, 2).to(real.device).long()  # [L, N, k]
             whole_real = torch.cat([source.prompt_mask, source.completion_mask], dim=1).reshape(-1).bool()
-            result.counts = self.reduce(torch.stack([
-                expert_counts(r, whole_real & (r >= 0).all(dim=-1), num_experts) for r in rec]))
+            result.counts = self.reduce(
+                torch.stack([expert_counts(r, whole_real & (r >= 0).all(dim=-1), num_experts) for r in rec])
+            )
         else:
             result.counts = self.reduce(torch.stack([expert_counts(u, real, num_experts) for u in probe.used]))
         if self._aux_fn is not None:

@@ -80,8 +80,10 @@ class RunDir:
                 fh.write(json.dumps(row, allow_nan=True) + "\n")
                 fh.flush()
         except OSError as exc:
-            raise UserError(f"{self.metrics_path}: cannot append step {row.get('step')} ({exc.strerror or exc}); "
-                            f"resume from the last checkpoint with: rlk2 train --resume {self.path}") from None
+            raise UserError(
+                f"{self.metrics_path}: cannot append step {row.get('step')} ({exc.strerror or exc}); "
+                f"resume from the last checkpoint with: rlk2 train --resume {self.path}"
+            ) from None
 
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.path)
@@ -100,20 +102,29 @@ class RunDir:
                     fh.write(json.dumps(rec) + "\n")
 
     # -------------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, step: int, model, tokenizer, *, optimizer, scheduler, samplers: dict,
-                        config_yaml: str, keep_last: int) -> None:
+    def save_checkpoint(
+        self, step: int, model, tokenizer, *, optimizer, scheduler, samplers: dict, config_yaml: str, keep_last: int
+    ) -> None:
         """Write checkpoints/step-<step> (weights, tokenizer, trainer state); one line on a full disk."""
         if not self.main:
             return
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 **{name: s.state_dict() for name, s in samplers.items()}, "rng": rng_state(), "config": config_yaml}
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **{name: s.state_dict() for name, s in samplers.items()},
+            "rng": rng_state(),
+            "config": config_yaml,
+        }
         try:
             save_checkpoint(self.path, step, model, tokenizer, state, keep_last=keep_last)
         except OSError as exc:  # disk full, quota, permissions: the partial copy is gone, older ones intact
             prev = latest_checkpoint(self.path)
             kept = f"the last complete checkpoint is {prev}" if prev else "no earlier checkpoint exists"
-            raise UserError(f"checkpoint at step {step} could not be written ({exc.strerror or exc}); {kept}; "
-                            f"free space and resume with: rlk2 train --resume {self.path}") from None
+            raise UserError(
+                f"checkpoint at step {step} could not be written ({exc.strerror or exc}); {kept}; "
+                f"free space and resume with: rlk2 train --resume {self.path}"
+            ) from None
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
@@ -156,8 +167,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def env_info() -> dict:
     """What `env.json` records about the machine and the libraries (so a run can be reproduced)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return {

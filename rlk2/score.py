@@ -2,7 +2,8 @@
 
 `rlk2 score --reward NAME [--input FILE]` reads JSONL rows (stdin without FILE), each with a `completion`, an
 optional `prompt` and the dataset columns the reward needs (e.g. `answer`), and writes one JSON line per input
-row, in the same order (a blank line is not a row): `{"reward": 1.0, "error": null}` (plus `"extras"` when the reward returns some).
+row, in the same order (a blank line is not a row): `{"reward": 1.0, "error": null}` (plus `"extras"` when the reward
+returns some).
 Rows run through the same engine as training (worker processes, timeouts), so what you see is what training sees.
 
 `rlk2 rewards [NAME ...] [--config CONFIG]` lists the built-in and entry-point rewards with the columns each one
@@ -16,8 +17,15 @@ import json
 import sys
 from typing import Any
 
-from rewards import (RewardEngine, RewardError, RewardSpec, describe_reward, list_rewards, required_columns,
-                     resolve_reward)
+from rewards import (
+    RewardEngine,
+    RewardError,
+    RewardSpec,
+    describe_reward,
+    list_rewards,
+    required_columns,
+    resolve_reward,
+)
 from rlk2.config import load_config
 from rlk2.errors import UserError
 from sandboxes.jsonl import JsonlError, iter_jsonl
@@ -87,18 +95,19 @@ def run_score(args: argparse.Namespace) -> int:
         except RewardError as exc:
             raise UserError(str(exc)) from None
         for lo in range(0, len(rows), _BATCH):
-            batch = rows[lo: lo + _BATCH]
+            batch = rows[lo : lo + _BATCH]
             columns = {k: [row.get(k) for row in batch] for k in keys}
             try:
-                result = engine.score([spec], [r["completion"] for r in batch], [r.get("prompt", "") for r in batch],
-                                      columns)
+                result = engine.score(
+                    [spec], [r["completion"] for r in batch], [r.get("prompt", "") for r in batch], columns
+                )
             except RewardError as exc:
                 raise UserError(str(exc)) from None
             values, errors = result.rewards[spec.name], result.sample_errors[spec.name]
             prefix = f"{spec.name}/"
             for i, (value, error) in enumerate(zip(values, errors)):
                 line: dict[str, Any] = {"reward": value, "error": error}
-                extras = {k[len(prefix):]: v[i] for k, v in result.extras.items() if k.startswith(prefix)}
+                extras = {k[len(prefix) :]: v[i] for k, v in result.extras.items() if k.startswith(prefix)}
                 if extras:
                     line["extras"] = extras
                 out.write(json.dumps(line, default=repr) + "\n")
@@ -120,8 +129,11 @@ def run_rewards(args: argparse.Namespace) -> int:
             rows.append((name, source, *describe_reward(name)))
     if args.json:
         for name, source, columns, note in rows:
-            print(json.dumps({"name": name, "source": source, "columns": columns,
-                              "available": columns is not None, "doc": note}))
+            print(
+                json.dumps(
+                    {"name": name, "source": source, "columns": columns, "available": columns is not None, "doc": note}
+                )
+            )
         return 0
     table = [("NAME", "COLUMNS", "SOURCE", "DESCRIPTION")]
     for name, source, columns, note in rows:

@@ -7,7 +7,8 @@ backend is tested against, and a quick way to talk to a checkpoint by hand::
     rlk2 serve runs/demo/checkpoints/step-60 --port 8000
     curl -s 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "2+2=?"}]}'
 
-Concurrent requests with the same sampling settings are batched into one generation call (`rlk2.rollout`): a batcher thread
+Concurrent requests with the same sampling settings are batched into one generation call (`rlk2.rollout`): a batcher
+thread
 waits `--batch-window-ms` for company, then runs up to `--max-batch` sequences together. Written on the standard
 library's `http.server` because no ASGI stack is a dependency of rlk2, and one JSON route needs none. There is
 no authentication: bind to anything but loopback only on a network you trust.
@@ -44,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-batch: must be >= 1")
     model, tokenizer = load_policy(args.checkpoint, dtype=args.dtype)
     if not getattr(tokenizer, "chat_template", None) and not args.plain_prompts:
-        raise UserError(f"{args.checkpoint}: the tokenizer has no chat template, which chat completions need "
-                        "(add one to its tokenizer_config.json, or pass --plain-prompts for a base model)")
+        raise UserError(
+            f"{args.checkpoint}: the tokenizer has no chat template, which chat completions need "
+            "(add one to its tokenizer_config.json, or pass --plain-prompts for a base model)"
+        )
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine = Generator(model, tokenizer, max_batch=args.max_batch, window_s=args.batch_window_ms / 1000)
@@ -125,9 +128,16 @@ class Generator:
         while (batch := self._take()) is not None:
             max_new, temperature, top_p, seed = batch[0].key
             try:
-                flat = generate_replies(self.model, self.tokenizer, [ids for job in batch for ids in job.encoded],
-                                    max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed,
-                                    batch_size=self.max_batch)
+                flat = generate_replies(
+                    self.model,
+                    self.tokenizer,
+                    [ids for job in batch for ids in job.encoded],
+                    max_new_tokens=max_new,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed,
+                    batch_size=self.max_batch,
+                )
                 for job in batch:
                     job.result, flat = flat[: len(job.encoded)], flat[len(job.encoded) :]
             except Exception as exc:  # a model error fails these requests (500), not the server
@@ -162,8 +172,9 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
     if body.get("stream"):
         raise _BadRequest(400, "'stream' is not supported by rlk2 serve")
     if body.get("model") not in (None, model_name):
-        raise _BadRequest(404, f"model {body['model']!r} is not served here (serving {model_name!r})",
-                          "not_found_error")
+        raise _BadRequest(
+            404, f"model {body['model']!r} is not served here (serving {model_name!r})", "not_found_error"
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _BadRequest(400, "'messages' must be a non-empty list")
@@ -187,13 +198,15 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
     if limit and not asked:  # no max_tokens given: up to the default, within the context
         max_new = max(1, min(max_new, limit - len(ids)))
     if limit and len(ids) + max_new > limit:
-        raise _BadRequest(400, f"prompt is {len(ids)} tokens; with {max_key}={max_new} it exceeds the context "
-                               f"of {limit}")
+        raise _BadRequest(
+            400, f"prompt is {len(ids)} tokens; with {max_key}={max_new} it exceeds the context of {limit}"
+        )
     return {"ids": ids, "key": (max_new, temperature, top_p, seed), "n": n, "stop": stop}
 
 
-def make_server(engine: Generator, model_name: str, host: str, port: int, *,
-                default_max_tokens: int = 256) -> ThreadingHTTPServer:
+def make_server(
+    engine: Generator, model_name: str, host: str, port: int, *, default_max_tokens: int = 256
+) -> ThreadingHTTPServer:
     limit = context_limit(engine.model)
     created = int(time.time())
 
@@ -216,8 +229,13 @@ def make_server(engine: Generator, model_name: str, host: str, port: int, *,
 
         def do_GET(self) -> None:
             if self.path.rstrip("/") in ("/v1/models", "/models"):
-                self._send(200, {"object": "list", "data": [
-                    {"id": model_name, "object": "model", "created": created, "owned_by": "rlk2"}]})
+                self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rlk2"}],
+                    },
+                )
             elif self.path == "/health":
                 self._send(200, {"status": "ok"})
             else:
@@ -235,8 +253,13 @@ def make_server(engine: Generator, model_name: str, host: str, port: int, *,
                     body = json.loads(self.rfile.read(length))
                 except ValueError:
                     raise _BadRequest(400, "request body is not valid JSON") from None
-                req = parse_request(body, model_name=model_name, tokenizer=engine.tokenizer, limit=limit,
-                                    default_max_tokens=default_max_tokens)
+                req = parse_request(
+                    body,
+                    model_name=model_name,
+                    tokenizer=engine.tokenizer,
+                    limit=limit,
+                    default_max_tokens=default_max_tokens,
+                )
             except _BadRequest as exc:
                 self._error(exc.status, str(exc), exc.kind)
                 return
@@ -251,15 +274,30 @@ def make_server(engine: Generator, model_name: str, host: str, port: int, *,
                 for s in req["stop"]:
                     if s in text:
                         text, reason = text[: text.index(s)], "stop"
-                choices.append({"index": k, "message": {"role": "assistant", "content": text},
-                                "finish_reason": reason, "logprobs": None})
+                choices.append(
+                    {
+                        "index": k,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": reason,
+                        "logprobs": None,
+                    }
+                )
                 used += len(toks)
-            self._send(200, {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": len(req["ids"]), "completion_tokens": used,
-                          "total_tokens": len(req["ids"]) + used},
-            })
+            self._send(
+                200,
+                {
+                    "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model_name,
+                    "choices": choices,
+                    "usage": {
+                        "prompt_tokens": len(req["ids"]),
+                        "completion_tokens": used,
+                        "total_tokens": len(req["ids"]) + used,
+                    },
+                },
+            )
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

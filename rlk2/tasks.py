@@ -53,12 +53,16 @@ def load_tasks(tasks: list[TaskConfig], engine: RewardEngine, *, note=print) -> 
         if any(resolve_reward(s.name) is code_reward for s in specs):
             sandbox = _sandbox_problem() if sandbox is False else sandbox
             if sandbox and task.source.startswith("builtin:"):
-                note(f"note: no sandbox backend works here ({sandbox}); the '{task.name}' code task is left out "
-                     "(see `rlk2 sandbox doctor`)")
+                note(
+                    f"note: no sandbox backend works here ({sandbox}); the '{task.name}' code task is left out "
+                    "(see `rlk2 sandbox doctor`)"
+                )
                 continue
             if sandbox:
-                raise UserError(f"tasks[{i}] ({task.name}): the code reward needs a sandbox and none works here "
-                                f"({sandbox}); see `rlk2 sandbox doctor`")
+                raise UserError(
+                    f"tasks[{i}] ({task.name}): the code reward needs a sandbox and none works here "
+                    f"({sandbox}); see `rlk2 sandbox doctor`"
+                )
         rows = load_task_rows(task.source, "train", eval_size=task.eval_size)
         held = load_task_rows(task.source, "eval", eval_size=task.eval_size)
         if not rows:
@@ -85,8 +89,12 @@ def bind_critic(tasks: list[Task], critic) -> None:
 
 
 def _bound(specs: list[RewardSpec], critic) -> list[RewardSpec]:
-    return [dataclasses.replace(s, kwargs={**s.kwargs, "backend": critic})
-            if metric_name(s.name) == "rubric" and s.kwargs.get("backend", "self") == "self" else s for s in specs]
+    return [
+        dataclasses.replace(s, kwargs={**s.kwargs, "backend": critic})
+        if metric_name(s.name) == "rubric" and s.kwargs.get("backend", "self") == "self"
+        else s
+        for s in specs
+    ]
 
 
 def reward_inputs(group_rows: list[dict], k: int) -> tuple[list[str], dict[str, list]]:

@@ -15,8 +15,10 @@ def skew_routers(model: nn.Module, rollout, favoured: tuple[int, ...] = (0, 1), 
     direction to their gate rows): a deliberately imbalanced router for the load-balancing test and benchmark."""
     routers = find_routers(model)
     hidden: dict[int, torch.Tensor] = {}
-    hooks = [r.register_forward_hook(lambda _m, a, _o, i=i: hidden.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
-             for i, r in routers]
+    hooks = [
+        r.register_forward_hook(lambda _m, a, _o, i=i: hidden.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+        for i, r in routers
+    ]
     try:
         with torch.no_grad():
             policy_logprobs(model, rollout, temperature=1.0)

@@ -52,8 +52,18 @@ from rlk2.config import Config, load_config, to_yaml
 from rlk2.controls import group_success, kept_sequences, load_ptx_rows, ptx_batch, ptx_loss, temperature_at
 from rlk2.critic import ClosedLoop, CriticSamples, PolicyCritic, pair_advantages
 from rlk2.data import PromptSampler
-from rlk2.distributed import (any_rank, check_launch, cpu_only_launch, ddp_kwargs, gather_step, global_loss,
-                              local_groups, loss_scale, pad_to_global_width, sequence_seeds)
+from rlk2.distributed import (
+    any_rank,
+    check_launch,
+    cpu_only_launch,
+    ddp_kwargs,
+    gather_step,
+    global_loss,
+    local_groups,
+    loss_scale,
+    pad_to_global_width,
+    sequence_seeds,
+)
 from rlk2.errors import UserError
 from rlk2.eval.evaluate import evaluate_policy
 from rlk2.moe import RouterControl
@@ -191,15 +201,25 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
     run_path = cfg.run_dir
     if not resume and run_path.exists() and any(run_path.iterdir()) and not cfg.run.overwrite:
         raise UserError(f"run.dir {run_path} exists and is not empty (use --resume {run_path}, or run.overwrite=true)")
-    accelerator = Accelerator(log_with=list(cfg.trainer.trackers) or None, project_dir=str(run_path),
-                              kwargs_handlers=ddp_kwargs(), cpu=cpu_only_launch())
-    check_launch(distributed_type=accelerator.distributed_type, num_processes=accelerator.num_processes,
-                 prompts_per_step=cfg.rollout.prompts_per_step, optimizer=cfg.optim.name, loss=cfg.algo.loss)
+    accelerator = Accelerator(
+        log_with=list(cfg.trainer.trackers) or None,
+        project_dir=str(run_path),
+        kwargs_handlers=ddp_kwargs(),
+        cpu=cpu_only_launch(),
+    )
+    check_launch(
+        distributed_type=accelerator.distributed_type,
+        num_processes=accelerator.num_processes,
+        prompts_per_step=cfg.rollout.prompts_per_step,
+        optimizer=cfg.optim.name,
+        loss=cfg.algo.loss,
+    )
     critic = ClosedLoop.from_config(cfg, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
-        accelerator.print(f"data parallel: {accelerator.num_processes} processes "
-                          f"({accelerator.distributed_type.value})")
+        accelerator.print(
+            f"data parallel: {accelerator.num_processes} processes ({accelerator.distributed_type.value})"
+        )
     set_seed(cfg.run.seed)
     engine = RewardEngine(num_workers=cfg.trainer.reward_workers)
     try:
@@ -209,8 +229,9 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
         raise
 
 
-def _build(cfg: Config, resume: bool, accelerator: Accelerator, engine: RewardEngine, critic: ClosedLoop | None,
-           on_step) -> Run:
+def _build(
+    cfg: Config, resume: bool, accelerator: Accelerator, engine: RewardEngine, critic: ClosedLoop | None, on_step
+) -> Run:
     tasks = load_tasks(cfg.tasks, engine, note=accelerator.print)
     ptx_rows = load_ptx_rows(cfg.algo.ptx.source) if cfg.algo.ptx.weight > 0 else None
     run_dir = RunDir(cfg.run_dir, main=accelerator.is_main_process)
@@ -225,44 +246,84 @@ def _build(cfg: Config, resume: bool, accelerator: Accelerator, engine: RewardEn
         task_rows = {t.name: t.rows for t in tasks}
         extra = critic.warm_start_rows(task_rows, seed=cfg.run.seed) if critic else []
         model, tokenizer, policy_source = prepare_policy(
-            path=p.path, dtype=p.dtype, attn_implementation=p.attn_implementation, chat_template=p.chat_template,
-            shape=p.demo, warm=cfg.warm_start, sources=[t.source for t in cfg.tasks], task_rows=task_rows,
-            extra_rows=extra, extra_key=critic.warm_start_key() if critic else None, seed=cfg.run.seed,
-            accelerator=accelerator)
+            path=p.path,
+            dtype=p.dtype,
+            attn_implementation=p.attn_implementation,
+            chat_template=p.chat_template,
+            shape=p.demo,
+            warm=cfg.warm_start,
+            sources=[t.source for t in cfg.tasks],
+            task_rows=task_rows,
+            extra_rows=extra,
+            extra_key=critic.warm_start_key() if critic else None,
+            seed=cfg.run.seed,
+            accelerator=accelerator,
+        )
     # MoE router health and replay (rlk2.moe); every call below is a no-op for a dense policy.
-    moe = RouterControl(model, router_replay=cfg.moe.router_replay, bias_update_rate=cfg.moe.bias_update_rate,
-                        aux_loss_coef=cfg.moe.aux_loss_coef, reduce=lambda t: accelerator.reduce(t, "sum"))
+    moe = RouterControl(
+        model,
+        router_replay=cfg.moe.router_replay,
+        bias_update_rate=cfg.moe.bias_update_rate,
+        aux_loss_coef=cfg.moe.aux_loss_coef,
+        reduce=lambda t: accelerator.reduce(t, "sum"),
+    )
     if p.chat_template and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"policy.chat_template=true but the tokenizer of {policy_source} has no chat template; set "
-                        "policy.chat_template=false to use prompts as plain text, or add one to its tokenizer_config.json")
-    run_dir.start(config_yaml=None if resume else to_yaml(cfg),
-                  env=None if resume else {**env_info(), "policy_source": policy_source,
-                                           "processes": accelerator.num_processes})
+        raise UserError(
+            f"policy.chat_template=true but the tokenizer of {policy_source} has no chat template; set "
+            "policy.chat_template=false to use prompts as plain text, or add one to its tokenizer_config.json"
+        )
+    run_dir.start(
+        config_yaml=None if resume else to_yaml(cfg),
+        env=None if resume else {**env_info(), "policy_source": policy_source, "processes": accelerator.num_processes},
+    )
     if p.lora.enabled and ckpt is None:
-        model = get_peft_model(model, PeftLoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha,
-                                                     target_modules=list(p.lora.target_modules)))
+        model = get_peft_model(
+            model, PeftLoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, target_modules=list(p.lora.target_modules))
+        )
     model.train()
-    optimizer = build_optimizer(cfg.optim.name, model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                qk_clip_tau=cfg.optim.qk_clip_tau)
+    optimizer = build_optimizer(
+        cfg.optim.name, model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, qk_clip_tau=cfg.optim.qk_clip_tau
+    )
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    sampler = PromptSampler({t.name: t.rows for t in tasks}, {t.name: t.cfg.weight for t in tasks},
-                            seed=cfg.run.seed, sampling=cfg.rollout.sampling, priority_floor=cfg.rollout.priority_floor)
+    sampler = PromptSampler(
+        {t.name: t.rows for t in tasks},
+        {t.name: t.cfg.weight for t in tasks},
+        seed=cfg.run.seed,
+        sampling=cfg.rollout.sampling,
+        priority_floor=cfg.rollout.priority_floor,
+    )
     ptx_sampler = PromptSampler({"ptx": ptx_rows}, {"ptx": 1.0}, seed=cfg.run.seed + 1) if ptx_rows else None
     # The rubric reward's `self` critic is the live policy: the unwrapped module is the very object the optimizer
     # updates in place, so the critic always judges with the current weights.
     bind_critic(tasks, PolicyCritic(accelerator.unwrap_model(model), tokenizer, chat_template=p.chat_template))
     start_step = 0
     if ckpt is not None:  # the weights came from the checkpoint itself; restore the rest of the trainer's state
-        start_step = run_dir.restore(ckpt, optimizer=optimizer, scheduler=scheduler,
-                                     samplers=_samplers(sampler, ptx_sampler))
+        start_step = run_dir.restore(
+            ckpt, optimizer=optimizer, scheduler=scheduler, samplers=_samplers(sampler, ptx_sampler)
+        )
         run_dir.truncate_metrics_after(start_step)
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
     if cfg.trainer.trackers:
         accelerator.init_trackers(cfg.run.name, config={"run": cfg.run.name})
-    return Run(cfg, accelerator, run_dir, model, tokenizer, optimizer, scheduler, engine, tasks, sampler,
-               ptx_sampler, moe, critic, start_step, on_step)
+    return Run(
+        cfg,
+        accelerator,
+        run_dir,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        engine,
+        tasks,
+        sampler,
+        ptx_sampler,
+        moe,
+        critic,
+        start_step,
+        on_step,
+    )
 
 
 def _samplers(sampler: PromptSampler, ptx_sampler: PromptSampler | None) -> dict[str, PromptSampler]:
@@ -274,17 +335,24 @@ def start(run: Run) -> dict:
     """The step-0 evaluation (a new run) and the critic's held-out pairs; installs the graceful-stop handlers."""
     before = evaluate(run, 0) if run.start_step == 0 else {}
     if run.critic is not None:
-        for warning in run.critic.start(run.run_dir.heldout_path,
-                                        run.eval_records.get(0) if run.start_step == 0 else None, seed=run.cfg.run.seed):
+        for warning in run.critic.start(
+            run.run_dir.heldout_path, run.eval_records.get(0) if run.start_step == 0 else None, seed=run.cfg.run.seed
+        ):
             run.accelerator.print(warning)
         if run.start_step == 0:
             row = run.critic.agreement(run.policy, run.tokenizer)
             run.run_dir.append_metrics({"step": 0, **row})
-            run.accelerator.print(f"critic/agreement at step 0: {row['critic/agreement']:.3f} "
-                                  f"on {len(run.critic.heldout)} held-out pairs")
+            run.accelerator.print(
+                f"critic/agreement at step 0: {row['critic/agreement']:.3f} on {len(run.critic.heldout)} held-out pairs"
+            )
     run.stop = GracefulStop()
-    run.bar = tqdm(desc="rl", dynamic_ncols=True, disable=not run.accelerator.is_main_process,
-                   initial=run.start_step, total=run.cfg.trainer.steps)
+    run.bar = tqdm(
+        desc="rl",
+        dynamic_ncols=True,
+        disable=not run.accelerator.is_main_process,
+        initial=run.start_step,
+        total=run.cfg.trainer.steps,
+    )
     if run.on_step is not None:
         run.on_step(run.start_step, {})
     return before
@@ -296,14 +364,22 @@ def generate(run: Run, step: int) -> Batch:
     while the next one generates (elementwise ones: each response as soon as it ends)."""
     cfg, k = run.cfg, run.k
     # K2 temperature decay: this step samples AND computes training log-probs at this temperature.
-    temperature = temperature_at(step, start=cfg.rollout.temperature, end=cfg.rollout.temperature_end,
-                                 decay_steps=cfg.rollout.temperature_decay_steps or cfg.trainer.steps - 1,
-                                 schedule=cfg.rollout.temperature_schedule)
+    temperature = temperature_at(
+        step,
+        start=cfg.rollout.temperature,
+        end=cfg.rollout.temperature_end,
+        decay_steps=cfg.rollout.temperature_decay_steps or cfg.trainer.steps - 1,
+        schedule=cfg.rollout.temperature_schedule,
+    )
     batch = Batch(step, cfg.run.seed * 1_000_003 + step, temperature)
     t0 = time.perf_counter()
     # This rank's whole groups of the global batch; `first` is the global index of its first group.
-    picked, first = local_groups(run.sampler.sample(cfg.rollout.prompts_per_step, step), [t.name for t in run.tasks],
-                                 rank=run.accelerator.process_index, world=run.accelerator.num_processes)
+    picked, first = local_groups(
+        run.sampler.sample(cfg.rollout.prompts_per_step, step),
+        [t.name for t in run.tasks],
+        rank=run.accelerator.process_index,
+        world=run.accelerator.num_processes,
+    )
     parts = []
     for task in run.tasks:
         group_rows = [row for t, row in picked if t == task.name]
@@ -311,12 +387,19 @@ def generate(run: Run, step: int) -> Batch:
             continue
         ids = encode_prompts(run.tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
         stream = run.engine.stream(task.specs, *reward_inputs(group_rows, k)) if task.streamed else None
-        parts.append(generate_rollouts(
-            run.policy, run.tokenizer, [i for i in ids for _ in range(k)], max_new_tokens=task.cfg.max_new_tokens,
-            temperature=temperature, top_p=cfg.rollout.top_p, record_routing=run.moe.enabled,
-            seeds=sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k),
-            on_finished=None if stream is None else _scorer_of_finished(stream, run.tokenizer),
-        ))
+        parts.append(
+            generate_rollouts(
+                run.policy,
+                run.tokenizer,
+                [i for i in ids for _ in range(k)],
+                max_new_tokens=task.cfg.max_new_tokens,
+                temperature=temperature,
+                top_p=cfg.rollout.top_p,
+                record_routing=run.moe.enabled,
+                seeds=sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k),
+                on_finished=None if stream is None else _scorer_of_finished(stream, run.tokenizer),
+            )
+        )
         if stream is not None:
             batch.scoring[task.name] = stream.finish(parts[-1].texts)
         elif task.overlap:  # the worker processes score this task while this process generates the next
@@ -332,6 +415,7 @@ def generate(run: Run, step: int) -> Batch:
 def _scorer_of_finished(stream, tokenizer):
     """generate_rollouts' `on_finished`: decode the responses that just ended, as the Rollout's texts are decoded,
     and hand them to the reward stream (rewards.engine.ScoreStream)."""
+
     def score_them(rows: list[int], token_ids: list[list[int]]) -> None:
         stream.add(rows, tokenizer.batch_decode(token_ids, skip_special_tokens=True))
 
@@ -349,8 +433,13 @@ def score(run: Run, batch: Batch) -> None:
             continue
         n = len(idx) * k
         t_task = time.perf_counter()
-        scored = batch.scoring.pop(task.name).result() if task.name in batch.scoring else run.engine.score(
-            task.specs, ro.texts[offset : offset + n], *reward_inputs([batch.rows[g] for g in idx], k))
+        scored = (
+            batch.scoring.pop(task.name).result()
+            if task.name in batch.scoring
+            else run.engine.score(
+                task.specs, ro.texts[offset : offset + n], *reward_inputs([batch.rows[g] for g in idx], k)
+            )
+        )
         if task.rubric:
             rubric_time += time.perf_counter() - t_task
         ntok = ro.num_tokens[offset : offset + n].tolist()
@@ -362,8 +451,10 @@ def score(run: Run, batch: Batch) -> None:
             batch.per_reward.setdefault(metric_name(rname), [None] * offset).extend(vals)
         for vals in batch.per_reward.values():
             vals.extend([None] * (offset + n - len(vals)))
-        batch.extras += [{key: _shift_pair_index(v[i], offset) for key, v in scored.extras.items() if v[i] is not None}
-                         for i in range(n)]
+        batch.extras += [
+            {key: _shift_pair_index(v[i], offset) for key, v in scored.extras.items() if v[i] is not None}
+            for i in range(n)
+        ]
         if "rubric/judgments" in scored.extras:
             batch.rubric_stats.append(summarize_judgments([j or [] for j in scored.extras["rubric/judgments"]]))
         for rname, cnt in scored.errors.items():
@@ -376,13 +467,18 @@ def score(run: Run, batch: Batch) -> None:
     n_unscorable = sum(r is None for r in batch.totals)
     if n_unscorable:  # loud on purpose: a sandbox or verifier outage must not pass silently
         counts = ", ".join(f"{name}: {v} errors" for name, v in batch.errors.items() if v)
-        run.accelerator.print(f"warning: step {batch.step}: {n_unscorable}/{len(batch.totals)} responses unscorable "
-                              f"({counts or 'returned None by their reward'}); they carry no loss")
+        run.accelerator.print(
+            f"warning: step {batch.step}: {n_unscorable}/{len(batch.totals)} responses unscorable "
+            f"({counts or 'returned None by their reward'}); they carry no loss"
+        )
     # Success counts for prioritized sampling; every rank records every group so the samplers stay identical.
-    outcomes = [(t, run.sampler.index_of(t, r), succ, n) for t, r, (succ, n) in
-                zip(batch.task_of_group, batch.rows,
-                    group_success(batch.totals, k, threshold=run.cfg.rollout.success_threshold))]
-    for t, i, succ, n in (gather_object(outcomes) if run.accelerator.num_processes > 1 else outcomes):
+    outcomes = [
+        (t, run.sampler.index_of(t, r), succ, n)
+        for t, r, (succ, n) in zip(
+            batch.task_of_group, batch.rows, group_success(batch.totals, k, threshold=run.cfg.rollout.success_threshold)
+        )
+    ]
+    for t, i, succ, n in gather_object(outcomes) if run.accelerator.num_processes > 1 else outcomes:
         run.sampler.record(t, i, succ, n)
 
 
@@ -402,12 +498,20 @@ def refine_critic(run: Run, batch: Batch) -> None:
         groups = [g for g, t in enumerate(batch.task_of_group) if t in run.critic.grounding]
         flat = [g * k + j for g in groups for j in range(k)]
         batch.critic = run.critic.samples(
-            run.policy, run.tokenizer, prompts=[batch.rows[g]["prompt"] for g in groups for _ in range(k)],
-            texts=[batch.ro.texts[j] for j in flat], totals=[batch.totals[j] for j in flat], group_size=k,
-            temperature=batch.temperature, seed=batch.seed + 7919, record_routing=run.moe.enabled)
+            run.policy,
+            run.tokenizer,
+            prompts=[batch.rows[g]["prompt"] for g in groups for _ in range(k)],
+            texts=[batch.ro.texts[j] for j in flat],
+            totals=[batch.totals[j] for j in flat],
+            group_size=k,
+            temperature=batch.temperature,
+            seed=batch.seed + 7919,
+            record_routing=run.moe.enabled,
+        )
         if batch.critic is not None:  # K verdicts per critic prompt: ordinary groups for the advantage
-            batch.ro = concat_rollouts([batch.ro, batch.critic.rollout.to(run.accelerator.device)],
-                                       run.tokenizer.pad_token_id)
+            batch.ro = concat_rollouts(
+                [batch.ro, batch.critic.rollout.to(run.accelerator.device)], run.tokenizer.pad_token_id
+            )
             batch.totals = batch.totals + batch.critic.rewards
     batch.times["critic"] = time.perf_counter() - t0
 
@@ -428,8 +532,10 @@ def advantages(run: Run, batch: Batch) -> None:
     mask = ro.completion_mask.float() * valid.view(-1, 1).to(ro.completion_mask.device)
     masked_tasks = {t.name for t in run.tasks if t.cfg.mask_truncated}
     if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
-        drop = torch.tensor([j < batch.n_policy and batch.task_of_group[j // k] in masked_tasks
-                             for j in range(len(totals))], device=mask.device)
+        drop = torch.tensor(
+            [j < batch.n_policy and batch.task_of_group[j // k] in masked_tasks for j in range(len(totals))],
+            device=mask.device,
+        )
         mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
     batch.mask = mask
     # Dynamic filtering: groups whose rewards all tie leave the loss. The forward still covers the whole batch
@@ -446,14 +552,21 @@ def update(run: Run, batch: Batch) -> None:
     train_adv, train_mask = (adv, mask) if keep is None else (adv[keep], mask[keep])
     has_rl = any_rank(acc, len(train_adv) > 0)
     ptx = _ptx_batch(run, batch.step)
-    hp = {"tau": cfg.algo.tau, "length_norm": cfg.algo.length_norm,
-          "clip_low": cfg.algo.clip_low, "clip_high": cfg.algo.clip_high}
+    hp = {
+        "tau": cfg.algo.tau,
+        "length_norm": cfg.algo.length_norm,
+        "clip_low": cfg.algo.clip_low,
+        "clip_high": cfg.algo.clip_high,
+    }
     loss_fn = LOSSES[cfg.algo.loss]
     scale = loss_scale(acc, cfg.algo.loss, train_mask)  # 1.0 on one process (see rlk2.distributed)
     batch.entropy = ro.entropy if ro.entropy is not None else torch.full_like(mask, math.nan)  # from the sampling loop
     rows, sub, whole, shared = _training_rows(run, batch)
     plain_grads = acc.scaler is None and acc.distributed_type in (
-        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # whole, unscaled, all-reduced
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+    )  # whole, unscaled, all-reduced
     skipped = 0
     # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
     for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
@@ -498,8 +611,10 @@ def update(run: Run, batch: Batch) -> None:
     run.bad_in_a_row = run.bad_in_a_row + 1 if skipped else 0
     run.bad_total += 1 if skipped else 0
     if run.bad_in_a_row >= cfg.trainer.max_bad_steps:
-        raise UserError(f"step {batch.step}: loss or gradient not finite for {run.bad_in_a_row} steps in a row "
-                        f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); lower optim.lr or check the rewards")
+        raise UserError(
+            f"step {batch.step}: loss or gradient not finite for {run.bad_in_a_row} steps in a row "
+            f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); lower optim.lr or check the rewards"
+        )
     batch.times["update"] = time.perf_counter() - t0
 
 
@@ -544,12 +659,27 @@ def log(run: Run, batch: Batch) -> dict:
     rollouts file."""
     cfg, acc, k = run.cfg, run.accelerator, run.k
     ro, entropy, mask, adv, zero_std = batch.ro, batch.entropy, batch.mask, batch.adv, batch.zero_std
-    totals, per_reward, errors, rows, task_of_group = (batch.totals, batch.per_reward, batch.errors, batch.rows,
-                                                       batch.task_of_group)
+    totals, per_reward, errors, rows, task_of_group = (
+        batch.totals,
+        batch.per_reward,
+        batch.errors,
+        batch.rows,
+        batch.task_of_group,
+    )
     if acc.num_processes > 1:  # from here on every name holds the global batch, as on one process
         ro, entropy, mask, adv, zero_std, totals, per_reward, errors, rows, task_of_group = gather_step(
-            acc, ro=ro, entropy=entropy, mask=mask, adv=adv, zero_std=zero_std, totals=totals,
-            per_reward=per_reward, errors=errors, rows=rows, task_of_group=task_of_group)
+            acc,
+            ro=ro,
+            entropy=entropy,
+            mask=mask,
+            adv=adv,
+            zero_std=zero_std,
+            totals=totals,
+            per_reward=per_reward,
+            errors=errors,
+            rows=rows,
+            task_of_group=task_of_group,
+        )
     n_samples = len(totals)
     # Policy metrics describe the policy's own samples; critic samples (after n_policy) get critic/* below.
     pol = batch.n_policy if batch.critic is not None else n_samples
@@ -592,12 +722,14 @@ def log(run: Run, batch: Batch) -> dict:
     if cfg.trainer.trackers:
         acc.log({key: v for key, v in row.items() if key != "step"}, step=batch.step)
     if batch.step % cfg.trainer.log_every == 0:
-        run.bar.set_postfix(reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}",
-                            sps=f"{row['throughput/samples_per_s']:.0f}")
+        run.bar.set_postfix(
+            reward=f"{row['reward/mean']:.3f}", loss=f"{row['loss']:.4f}", sps=f"{row['throughput/samples_per_s']:.0f}"
+        )
     run.bar.update(1)
     if cfg.trainer.save_rollouts:
-        run.run_dir.write_rollouts(batch.step, _rollout_records(run, batch, ro, totals, adv, per_reward, rows,
-                                                                task_of_group, pol))
+        run.run_dir.write_rollouts(
+            batch.step, _rollout_records(run, batch, ro, totals, adv, per_reward, rows, task_of_group, pol)
+        )
     if run.on_step is not None:
         run.on_step(batch.step, row)
     return row
@@ -627,23 +759,40 @@ def _critic_metrics(run: Run, batch: Batch, zero_std: torch.Tensor, n_samples: i
         both = sum(r["pairs_both_orders"] for r in stats)
         row["rewards/rubric/verdicts"] = sum(r["verdicts"] for r in stats)
         row["rewards/rubric/unparsable"] = sum(r["unparsable"] for r in stats)
-        row["rewards/rubric/position_consistency"] = (sum(
-            r["position_consistency"] * r["pairs_both_orders"] for r in stats if r["pairs_both_orders"])
-            / both if both else float("nan"))
+        row["rewards/rubric/position_consistency"] = (
+            sum(r["position_consistency"] * r["pairs_both_orders"] for r in stats if r["pairs_both_orders"]) / both
+            if both
+            else float("nan")
+        )
     return row
 
 
-def _rollout_records(run: Run, batch: Batch, ro: Rollout, totals: list, adv: torch.Tensor, per_reward: dict,
-                     rows: list[dict], task_of_group: list[str], pol: int) -> list[dict]:
+def _rollout_records(
+    run: Run,
+    batch: Batch,
+    ro: Rollout,
+    totals: list,
+    adv: torch.Tensor,
+    per_reward: dict,
+    rows: list[dict],
+    task_of_group: list[str],
+    pol: int,
+) -> list[dict]:
     """rollouts/step-N.jsonl: one record per sample (the policy's, then the critic's)."""
     records = []
     for j, text in enumerate(ro.texts):
         if j >= pol:  # critic-role samples: prompt, reply, verdict, reason, expected verdict, reward
             records.append({**batch.critic.records[j - pol], "advantage": float(adv[j])})
             continue
-        rec = {"task": task_of_group[j // run.k], "prompt": rows[j // run.k]["prompt"], "completion": text,
-               "reward": totals[j], "advantage": float(adv[j]), "truncated": bool(ro.truncated[j]),
-               "rewards": {name: v[j] for name, v in per_reward.items()}}
+        rec = {
+            "task": task_of_group[j // run.k],
+            "prompt": rows[j // run.k]["prompt"],
+            "completion": text,
+            "reward": totals[j],
+            "advantage": float(adv[j]),
+            "truncated": bool(ro.truncated[j]),
+            "rewards": {name: v[j] for name, v in per_reward.items()},
+        }
         if run.accelerator.num_processes == 1 and batch.extras[j]:  # e.g. rubric verdicts and reasons
             rec["extras"] = batch.extras[j]
         records.append(rec)
@@ -660,8 +809,9 @@ def periodic(run: Run, step: int) -> bool:
         checkpoint(run, step)
     if any_rank(run.accelerator, bool(run.stop.requested)) and step != cfg.trainer.steps:
         checkpoint(run, step)
-        run.accelerator.print(f"stopped by {run.stop.requested} after step {step}; resume with: "
-                              f"rlk2 train --resume {run.run_dir.path}")
+        run.accelerator.print(
+            f"stopped by {run.stop.requested} after step {step}; resume with: rlk2 train --resume {run.run_dir.path}"
+        )
         return True
     return False
 
@@ -673,10 +823,19 @@ def evaluate(run: Run, step: int) -> dict:
         acc.wait_for_everyone()
         return {}
     t0 = time.perf_counter()
-    res = evaluate_policy(run.policy, run.tokenizer, [t.eval for t in run.tasks], run.engine,
-                          samples=cfg.eval.samples, temperature=cfg.eval.temperature, greedy=cfg.eval.greedy,
-                          batch_size=cfg.eval.batch_size, chat_template=cfg.policy.chat_template,
-                          seed=cfg.run.seed + 7919, ks=sorted({1, cfg.eval.samples}))
+    res = evaluate_policy(
+        run.policy,
+        run.tokenizer,
+        [t.eval for t in run.tasks],
+        run.engine,
+        samples=cfg.eval.samples,
+        temperature=cfg.eval.temperature,
+        greedy=cfg.eval.greedy,
+        batch_size=cfg.eval.batch_size,
+        chat_template=cfg.policy.chat_template,
+        seed=cfg.run.seed + 7919,
+        ks=sorted({1, cfg.eval.samples}),
+    )
     run.eval_records[step] = res.samples
     run.run_dir.append_metrics({"step": step, **res.metrics, "time/eval": time.perf_counter() - t0})
     if cfg.trainer.trackers:
@@ -686,9 +845,16 @@ def evaluate(run: Run, step: int) -> dict:
 
 
 def checkpoint(run: Run, step: int) -> None:
-    run.run_dir.save_checkpoint(step, run.policy, run.tokenizer, optimizer=run.optimizer, scheduler=run.scheduler,
-                                samplers=_samplers(run.sampler, run.ptx_sampler), config_yaml=to_yaml(run.cfg),
-                                keep_last=run.cfg.trainer.keep_last)
+    run.run_dir.save_checkpoint(
+        step,
+        run.policy,
+        run.tokenizer,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        samplers=_samplers(run.sampler, run.ptx_sampler),
+        config_yaml=to_yaml(run.cfg),
+        keep_last=run.cfg.trainer.keep_last,
+    )
     run.accelerator.wait_for_everyone()
 
 
@@ -701,8 +867,14 @@ def finish(run: Run, before: dict) -> dict:
         run.accelerator.end_training()
     if run.accelerator.is_main_process:
         if not before:
-            before = next((r for r in run.run_dir.read_metrics()
-                           if r.get("step") == 0 and any(key.startswith("eval/") for key in r)), {})
+            before = next(
+                (
+                    r
+                    for r in run.run_dir.read_metrics()
+                    if r.get("step") == 0 and any(key.startswith("eval/") for key in r)
+                ),
+                {},
+            )
         print(run.run_dir.write_report(before, after))
         print(f"run directory: {run.run_dir.path}")
     return {"before": before, "after": after, "run_dir": str(run.run_dir.path)}

@@ -66,8 +66,20 @@ from sandboxes.image import DEFAULT_IMAGE
 from sandboxes.pool import Limits, SlotPool
 from sandboxes.result import ExecutionResult, Job, JobError, SandboxError, SandboxUnavailable, Status
 
-__all__ = ["DEFAULT_IMAGE", "BACKENDS", "ExecutionResult", "Job", "JobError", "Limits", "SandboxError",
-           "SandboxUnavailable", "SlotPool", "Status", "open_backend", "probe"]
+__all__ = [
+    "DEFAULT_IMAGE",
+    "BACKENDS",
+    "ExecutionResult",
+    "Job",
+    "JobError",
+    "Limits",
+    "SandboxError",
+    "SandboxUnavailable",
+    "SlotPool",
+    "Status",
+    "open_backend",
+    "probe",
+]
 
 BACKENDS = ("docker", "bwrap")
 
@@ -122,8 +134,14 @@ def choose_backend(name: str | None = None) -> str:
     raise SandboxUnavailable("no sandbox backend works here: " + "; ".join(f"{k}: {v}" for k, v in found.items()))
 
 
-def open_backend(name: str | None = None, *, pool_size: int | None = None, limits: Limits | None = None,
-                 engines: list[str] | None = None, **backend_options: Any) -> SlotPool:
+def open_backend(
+    name: str | None = None,
+    *,
+    pool_size: int | None = None,
+    limits: Limits | None = None,
+    engines: list[str] | None = None,
+    **backend_options: Any,
+) -> SlotPool:
     """Open a warm pool. `pool_size` is per engine for Docker; `backend_options` go to DockerOptions/BwrapOptions."""
     backend = choose_backend(name)
     if backend == "docker":

@@ -55,9 +55,24 @@ def resolve_root(options: BwrapOptions) -> Path:
 
 def bwrap_argv(root: Path, runner_fd: int, options: BwrapOptions) -> list[str]:
     """The bubblewrap command line for one slot (runner source arrives on `runner_fd`)."""
-    argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-            "--as-pid-1", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox",
-            "--ro-bind", str(root / "usr"), "/usr"]
+    argv = [
+        "bwrap",
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--as-pid-1",
+        "--uid",
+        str(NOBODY),
+        "--gid",
+        str(NOBODY),
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        str(root / "usr"),
+        "/usr",
+    ]
     for name in ("bin", "lib", "lib64", "sbin"):  # merged-/usr layouts: symlinks; otherwise bind the directory
         path = root / name
         if path.is_symlink():
@@ -66,14 +81,44 @@ def bwrap_argv(root: Path, runner_fd: int, options: BwrapOptions) -> list[str]:
             argv += ["--ro-bind", str(path), f"/{name}"]
     if root != Path("/"):
         argv += ["--ro-bind", str(root / "etc"), "/etc"]  # the sandbox's own /etc; the host's is never exposed
-    argv += ["--proc", "/proc", "--dev", "/dev",
-             "--size", str(options.scratch_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
-             "--size", str(options.shm_mb << 20), "--perms", "1777", "--tmpfs", "/dev/shm",
-             "--ro-bind-data", str(runner_fd), RUNNER_IN_IMAGE,
-             "--remount-ro", "/dev", "--remount-ro", "/",
-             "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
-             "--setenv", "LANG", "C.UTF-8",
-             "--", "/usr/bin/python3", "-I", RUNNER_IN_IMAGE]
+    argv += [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(options.scratch_mb << 20),
+        "--perms",
+        "1777",
+        "--tmpfs",
+        "/tmp",
+        "--size",
+        str(options.shm_mb << 20),
+        "--perms",
+        "1777",
+        "--tmpfs",
+        "/dev/shm",
+        "--ro-bind-data",
+        str(runner_fd),
+        RUNNER_IN_IMAGE,
+        "--remount-ro",
+        "/dev",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/tmp",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/local/bin:/usr/bin:/bin",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--",
+        "/usr/bin/python3",
+        "-I",
+        RUNNER_IN_IMAGE,
+    ]
     return argv
 
 
@@ -105,9 +150,15 @@ class BwrapSlot(Slot):
             self.err = tempfile.TemporaryFile()
             try:
                 self.proc = subprocess.Popen(
-                    bwrap_argv(root, runner.fileno(), self.options), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=self.err, pass_fds=(runner.fileno(),), env={}, start_new_session=True,
-                    **_unprivileged())
+                    bwrap_argv(root, runner.fileno(), self.options),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=self.err,
+                    pass_fds=(runner.fileno(),),
+                    env={},
+                    start_new_session=True,
+                    **_unprivileged(),
+                )
             except OSError as exc:
                 raise SlotError(f"cannot run bwrap: {exc}") from None
             self.buf = b""
@@ -151,7 +202,7 @@ class BwrapSlot(Slot):
             if left <= 0 or not select.select([], [fd], [], left)[1]:
                 raise SlotHung("the runner did not take its jobs before the deadline")
             try:
-                view = view[os.write(fd, view[:select.PIPE_BUF]):]
+                view = view[os.write(fd, view[: select.PIPE_BUF]) :]
             except OSError as exc:
                 raise SlotDied(f"the sandbox's stdin closed ({exc})") from None
 
@@ -196,8 +247,9 @@ def bwrap_problem(options: BwrapOptions | None = None) -> str | None:
     return None
 
 
-def open_bwrap_pool(pool_size: int | None = None, limits: Limits | None = None,
-                    options: BwrapOptions | None = None) -> SlotPool:
+def open_bwrap_pool(
+    pool_size: int | None = None, limits: Limits | None = None, options: BwrapOptions | None = None
+) -> SlotPool:
     if shutil.which("bwrap") is None:
         raise SandboxUnavailable("bwrap: bubblewrap is not installed (apt-get install bubblewrap)")
     options = options or BwrapOptions()

@@ -52,8 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _pool_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["docker", "bwrap"], help="default: $RLK2_SANDBOX_BACKEND, else docker > bwrap")
     p.add_argument("--engine", action="append", help="Docker engine URL; repeat for a pool over several engines")
-    p.add_argument("--pool-size", type=int,
-                   help="sandboxes (per engine for docker); default 1 per CPU for docker, 2 per CPU for bwrap")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        help="sandboxes (per engine for docker); default 1 per CPU for docker, 2 per CPU for bwrap",
+    )
     p.add_argument("--timeout-s", type=float, help="default per-job wall-clock limit (seconds)")
     p.add_argument("--memory-mb", type=int, help="default per-job memory limit (MiB)")
 
@@ -76,11 +79,18 @@ def _build(args: argparse.Namespace) -> int:
         client = engine_client(url, timeout=600)
         client.ping()
     except Exception as exc:
-        raise CliError(f"Docker engine {url} does not answer ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+        raise CliError(
+            f"Docker engine {url} does not answer ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+        ) from None
     try:
         if args.offline:
-            report = build_offline(client, DEFAULT_IMAGE, suite=args.suite or SUITE, mirror=args.mirror or MIRROR,
-                                   fresh_rootfs=args.fresh_rootfs)
+            report = build_offline(
+                client,
+                DEFAULT_IMAGE,
+                suite=args.suite or SUITE,
+                mirror=args.mirror or MIRROR,
+                fresh_rootfs=args.fresh_rootfs,
+            )
         else:
             report = build_dockerfile(client, DEFAULT_IMAGE)
     except docker.errors.DockerException as exc:
@@ -92,8 +102,10 @@ def _build(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
 
     found = probe()
-    details = {"docker": f"engines {', '.join(default_engines())}, image {DEFAULT_IMAGE}",
-               "bwrap": f"root {resolve_root(BwrapOptions())}"}
+    details = {
+        "docker": f"engines {', '.join(default_engines())}, image {DEFAULT_IMAGE}",
+        "bwrap": f"root {resolve_root(BwrapOptions())}",
+    }
     for name, problem in found.items():
         print(f"{name}: ok ({details[name]})" if problem is None else f"{name}: unavailable: {problem}")
     return 0 if any(p is None for p in found.values()) else 1

@@ -18,11 +18,11 @@ import logging
 import os
 import secrets
 import select
-import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from sandboxes.image import DEFAULT_IMAGE, RUNNER_CMD
 from sandboxes.pool import Limits, Slot, SlotDied, SlotError, SlotHung, SlotPool, default_pool_size
@@ -91,7 +91,7 @@ class _AttachStream:
             self._wait(deadline, write=True)
             try:
                 n = self.sock.send(view)
-            except (BlockingIOError, socket.timeout):
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError as exc:
                 raise SlotDied(f"attach stream closed ({exc})") from None
@@ -110,7 +110,7 @@ class _AttachStream:
             self._wait(deadline)
             try:
                 chunk = self.sock.recv(1 << 16)
-            except (BlockingIOError, socket.timeout):
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError as exc:
                 raise SlotDied(f"attach stream closed ({exc})") from None
@@ -121,7 +121,7 @@ class _AttachStream:
                 kind, size = self.raw[0], struct.unpack(">I", self.raw[4:8])[0]
                 if len(self.raw) < 8 + size:
                     break
-                payload, self.raw = self.raw[8:8 + size], self.raw[8 + size:]
+                payload, self.raw = self.raw[8 : 8 + size], self.raw[8 + size :]
                 if kind == 1:
                     self.out += payload
                 else:
@@ -173,15 +173,29 @@ class DockerSlot(Slot):
 
         o = self.options
         return dict(
-            image=o.image, command=RUNNER_CMD, name=f"{self.name}-{self.generation}",
-            user=f"{self.uid}:{self.uid}", stdin_open=True, working_dir="/tmp", hostname="sandbox",
+            image=o.image,
+            command=RUNNER_CMD,
+            name=f"{self.name}-{self.generation}",
+            user=f"{self.uid}:{self.uid}",
+            stdin_open=True,
+            working_dir="/tmp",
+            hostname="sandbox",
             environment={"LANG": "C.UTF-8", "PATH": "/usr/local/bin:/usr/bin:/bin"},
-            network_mode="none", read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={o.scratch_mb}m,mode=1777"}, shm_size=f"{o.shm_mb}m",
-            mem_limit=f"{o.memory_mb}m", memswap_limit=f"{o.memory_mb}m", pids_limit=o.pids,
-            nano_cpus=int(o.cpus * 1e9), cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0)], ipc_mode="private",
-            log_config=docker.types.LogConfig(type="none"), auto_remove=True, stop_signal="SIGKILL",
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={o.scratch_mb}m,mode=1777"},
+            shm_size=f"{o.shm_mb}m",
+            mem_limit=f"{o.memory_mb}m",
+            memswap_limit=f"{o.memory_mb}m",
+            pids_limit=o.pids,
+            nano_cpus=int(o.cpus * 1e9),
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0)],
+            ipc_mode="private",
+            log_config=docker.types.LogConfig(type="none"),
+            auto_remove=True,
+            stop_signal="SIGKILL",
             labels={LABEL: self.pool_id},
         )
 
@@ -199,8 +213,9 @@ class DockerSlot(Slot):
             container.start()
             ready = json.loads(self.stream.read_line(time.monotonic() + self.options.ready_timeout_s))
         except docker.errors.ImageNotFound:
-            raise SlotError(f"image {self.options.image} is missing on {self.engine} "
-                            f"(run `rlk2 sandbox build --offline`)") from None
+            raise SlotError(
+                f"image {self.options.image} is missing on {self.engine} (run `rlk2 sandbox build --offline`)"
+            ) from None
         except (SlotDied, SlotHung, ValueError) as exc:
             raise SlotError(f"the runner did not start: {exc}") from None
         except docker.errors.DockerException as exc:
@@ -236,8 +251,12 @@ class DockerSlot(Slot):
         return self.eng.ok()
 
 
-def open_docker_pool(engines: Sequence[str] | None = None, slots_per_engine: int | None = None,
-                     limits: Limits | None = None, options: DockerOptions | None = None) -> SlotPool:
+def open_docker_pool(
+    engines: Sequence[str] | None = None,
+    slots_per_engine: int | None = None,
+    limits: Limits | None = None,
+    options: DockerOptions | None = None,
+) -> SlotPool:
     """Open a warm pool over one or more engines. Raises SandboxUnavailable when no engine can run the image."""
     import docker
 
@@ -258,7 +277,9 @@ def open_docker_pool(engines: Sequence[str] | None = None, slots_per_engine: int
             problems.append(f"image {options.image} is missing on {url} (run `rlk2 sandbox build --offline`)")
             continue
         except Exception as exc:  # unreachable engine, bad URL, permission denied on the socket
-            problems.append(f"engine {url} does not answer ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            problems.append(
+                f"engine {url} does not answer ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            )
             continue
         for i in range(n):
             slot_no = len(slots)

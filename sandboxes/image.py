@@ -77,8 +77,11 @@ def make_rootfs(suite: str = SUITE, mirror: str = MIRROR, dest: Path | None = No
     os.chmod(dest.parent, 0o755)
     work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=dest.parent))
     try:
-        proc = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3", suite, str(work), mirror],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=python3", suite, str(work), mirror],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise SandboxError(f"debootstrap failed: {tail[0]}")
@@ -110,8 +113,11 @@ class BuildReport:
 
     def line(self) -> str:
         how = "cached root filesystem" if self.rootfs_seconds is None else f"debootstrap {self.rootfs_seconds:.1f}s"
-        return f"built {self.tag} ({self.method}) in {self.seconds:.1f}s ({how})" if self.method == "offline" \
+        return (
+            f"built {self.tag} ({self.method}) in {self.seconds:.1f}s ({how})"
+            if self.method == "offline"
             else f"built {self.tag} ({self.method}) in {self.seconds:.1f}s"
+        )
 
 
 def _rootfs_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -122,8 +128,9 @@ def _rootfs_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info
 
 
-def build_offline(client, tag: str = DEFAULT_IMAGE, *, suite: str = SUITE, mirror: str = MIRROR,
-                  fresh_rootfs: bool = False) -> BuildReport:
+def build_offline(
+    client, tag: str = DEFAULT_IMAGE, *, suite: str = SUITE, mirror: str = MIRROR, fresh_rootfs: bool = False
+) -> BuildReport:
     """debootstrap (or reuse) the root filesystem, add the runner, `docker import` it under `tag`."""
     start = time.monotonic()
     rootfs = rootfs_path(suite)
@@ -182,11 +189,18 @@ def build_dockerfile(client, tag: str = DEFAULT_IMAGE) -> BuildReport:
     start = time.monotonic()
     previous = _image_id(client, tag)
     try:
-        client.images.build(path=str(PACKAGE_DIR), dockerfile=str(DOCKERFILE.relative_to(PACKAGE_DIR)), tag=tag,
-                            rm=True, forcerm=True)
+        client.images.build(
+            path=str(PACKAGE_DIR), dockerfile=str(DOCKERFILE.relative_to(PACKAGE_DIR)), tag=tag, rm=True, forcerm=True
+        )
     except docker.errors.BuildError as exc:
-        last = next((c.get("error") or c.get("stream") for c in reversed(list(exc.build_log))
-                     if c.get("error") or c.get("stream")), str(exc))
+        last = next(
+            (
+                c.get("error") or c.get("stream")
+                for c in reversed(list(exc.build_log))
+                if c.get("error") or c.get("stream")
+            ),
+            str(exc),
+        )
         raise SandboxError(f"docker build failed: {str(last).strip()}") from None
     _drop_if_untagged(client, previous, _image_id(client, tag) or "")
     return BuildReport(tag, time.monotonic() - start, None, "dockerfile")

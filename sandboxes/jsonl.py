@@ -56,5 +56,6 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         with opener(path, "rb") as fh:
             return list(iter_jsonl(fh, str(path)))
     except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a truncated / corrupt gzip stream
-        raise JsonlError(f"{path}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
-            from None
+        raise JsonlError(
+            f"{path}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None

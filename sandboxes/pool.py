@@ -31,9 +31,10 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from sandboxes.result import ExecutionResult, Job, SandboxUnavailable, Status
 
@@ -66,9 +67,13 @@ class Limits:
     def payload(self, job: Job, memory_cap_mb: int | None = None) -> dict[str, Any]:
         memory = min(job.memory_mb or self.memory_mb, self.max_memory_mb, memory_cap_mb or 1 << 30)
         msg: dict[str, Any] = {
-            "code": job.code, "timeout_s": min(job.timeout_s or self.timeout_s, self.max_timeout_s),
-            "memory_mb": memory, "file_size_bytes": self.file_size_mb << 20, "nofile": self.nofile,
-            "nproc": self.nproc, "max_output": self.max_output,
+            "code": job.code,
+            "timeout_s": min(job.timeout_s or self.timeout_s, self.max_timeout_s),
+            "memory_mb": memory,
+            "file_size_bytes": self.file_size_mb << 20,
+            "nofile": self.nofile,
+            "nproc": self.nproc,
+            "max_output": self.max_output,
         }
         if job.test_cases is not None:
             msg["test_cases"] = [{"stdin": i, "stdout": o} for i, o in job.test_cases]
@@ -145,7 +150,7 @@ class PoolStats:
     per_slot: dict[str, int] = field(default_factory=dict)
 
 
-_LIVE_POOLS: "weakref.WeakSet[SlotPool]" = weakref.WeakSet()
+_LIVE_POOLS: weakref.WeakSet[SlotPool] = weakref.WeakSet()
 
 
 @atexit.register
@@ -157,8 +162,16 @@ def _close_live_pools() -> None:
 class SlotPool:
     """The backend object users hold: `run(job)`, `run_batch(jobs)`, `submit(job)`, `close()`."""
 
-    def __init__(self, name: str, slots: list[Slot], limits: Limits, *, max_attempts: int = 3,
-                 start_timeout_s: float = 120.0, pipeline: int = 2) -> None:
+    def __init__(
+        self,
+        name: str,
+        slots: list[Slot],
+        limits: Limits,
+        *,
+        max_attempts: int = 3,
+        start_timeout_s: float = 120.0,
+        pipeline: int = 2,
+    ) -> None:
         if not slots:
             raise SandboxUnavailable(f"{name}: no slots configured")
         if pipeline < 1:
@@ -173,8 +186,10 @@ class SlotPool:
         self._reason: dict[int, str] = {}
         self._closed = False
         self._closing = threading.Event()  # backoff sleeps wait on this, not on _cv, so notify() reaches idle workers
-        self._threads = [threading.Thread(target=self._worker, args=(s,), name=f"{name}-slot{i}", daemon=True)
-                         for i, s in enumerate(slots)]
+        self._threads = [
+            threading.Thread(target=self._worker, args=(s,), name=f"{name}-slot{i}", daemon=True)
+            for i, s in enumerate(slots)
+        ]
         for t in self._threads:
             t.start()
         _LIVE_POOLS.add(self)
@@ -365,16 +380,31 @@ class SlotPool:
         if isinstance(exc, SlotHung):
             slot.stop()
             self.stats.recycled += 1
-            self._finish(item, ExecutionResult(Status.TIMEOUT, wall_s=payload["timeout_s"], id=item.job.id,
-                                               error="the sandbox did not answer in time; recycled", backend=slot.label))
+            self._finish(
+                item,
+                ExecutionResult(
+                    Status.TIMEOUT,
+                    wall_s=payload["timeout_s"],
+                    id=item.job.id,
+                    error="the sandbox did not answer in time; recycled",
+                    backend=slot.label,
+                ),
+            )
             return False
         slot.stop()
         self.stats.recycled += 1
         if slot.engine_ok():
             item.deaths += 1
             if item.deaths >= 2:
-                self._finish(item, ExecutionResult(Status.RUNTIME_ERROR, id=item.job.id, backend=slot.label,
-                                                   error=f"the job killed two sandboxes ({exc})"))
+                self._finish(
+                    item,
+                    ExecutionResult(
+                        Status.RUNTIME_ERROR,
+                        id=item.job.id,
+                        backend=slot.label,
+                        error=f"the job killed two sandboxes ({exc})",
+                    ),
+                )
             else:
                 self._requeue([item])
             return False

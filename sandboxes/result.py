@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Iterable
-from typing import Any, Mapping
+from typing import Any
 
 from sandboxes.jsonl import JsonlError, iter_jsonl
 
@@ -67,17 +67,20 @@ class Job:
                 raise JobError(f"job {self.id!r}: 'entry_point' must be a Python identifier")
             if self.tests is None:
                 raise JobError(f"job {self.id!r}: 'entry_point' needs 'tests' defining check(candidate)")
-        if self.timeout_s is not None:
-            if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not (
-                    0 < self.timeout_s <= MAX_TIMEOUT_S):
-                raise JobError(f"job {self.id!r}: 'timeout_s' must be a number in (0, {MAX_TIMEOUT_S:g}]")
-        if self.memory_mb is not None:
-            if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, int) or self.memory_mb < 32:
-                raise JobError(f"job {self.id!r}: 'memory_mb' must be an integer >= 32")
+        if self.timeout_s is not None and (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, (int, float))
+            or not (0 < self.timeout_s <= MAX_TIMEOUT_S)
+        ):
+            raise JobError(f"job {self.id!r}: 'timeout_s' must be a number in (0, {MAX_TIMEOUT_S:g}]")
+        if self.memory_mb is not None and (
+            isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, int) or self.memory_mb < 32
+        ):
+            raise JobError(f"job {self.id!r}: 'memory_mb' must be an integer >= 32")
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> Job:
-        """Build a job from the JSONL shape `{"id","code","tests"|"test_cases","entry_point"?,"timeout_s"?,"memory_mb"?}`."""
+        """A job from its JSONL shape `{"id","code","tests"|"test_cases","entry_point"?,"timeout_s"?,"memory_mb"?}`."""
         if not isinstance(row, Mapping):
             raise JobError("a job must be a JSON object")
         known = {"id", "code", "tests", "test_cases", "entry_point", "timeout_s", "memory_mb"}
@@ -86,9 +89,15 @@ class Job:
             raise JobError(f"job {row.get('id')!r}: unknown field {unknown[0]!r}")
         if "code" not in row:
             raise JobError(f"job {row.get('id')!r}: missing field 'code'")
-        return cls(code=row["code"], tests=row.get("tests"), test_cases=parse_test_cases(row.get("test_cases"), row.get("id")),
-                   entry_point=row.get("entry_point"), timeout_s=row.get("timeout_s"), memory_mb=row.get("memory_mb"),
-                   id=row.get("id"))
+        return cls(
+            code=row["code"],
+            tests=row.get("tests"),
+            test_cases=parse_test_cases(row.get("test_cases"), row.get("id")),
+            entry_point=row.get("entry_point"),
+            timeout_s=row.get("timeout_s"),
+            memory_mb=row.get("memory_mb"),
+            id=row.get("id"),
+        )
 
 
 def parse_test_cases(value: Any, job_id: Any = None) -> tuple[tuple[str, str], ...] | None:
@@ -140,8 +149,15 @@ class ExecutionResult:
 
     def to_json(self) -> dict[str, Any]:
         """The `rlk2 sandbox exec` output row (DESIGN.md 2.4)."""
-        return {"id": self.id, "status": self.status.value, "passed": self.passed, "total": self.total,
-                "wall_s": round(self.wall_s, 4), "stdout": self.stdout, "stderr": self.stderr}
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "passed": self.passed,
+            "total": self.total,
+            "wall_s": round(self.wall_s, 4),
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+        }
 
     @classmethod
     def infra(cls, reason: str, job_id: Any = None, backend: str = "") -> ExecutionResult:
@@ -150,9 +166,18 @@ class ExecutionResult:
     @classmethod
     def from_runner(cls, raw: Mapping[str, Any], job_id: Any, backend: str) -> ExecutionResult:
         verdicts = tuple(bool(v) for v in raw.get("verdicts", ()))
-        return cls(status=Status(raw["status"]), passed=sum(verdicts), total=len(verdicts), verdicts=verdicts,
-                   stdout=raw.get("stdout", ""), stderr=raw.get("stderr", ""), wall_s=float(raw.get("wall_s", 0.0)),
-                   error=raw.get("error"), id=job_id, backend=backend)
+        return cls(
+            status=Status(raw["status"]),
+            passed=sum(verdicts),
+            total=len(verdicts),
+            verdicts=verdicts,
+            stdout=raw.get("stdout", ""),
+            stderr=raw.get("stderr", ""),
+            wall_s=float(raw.get("wall_s", 0.0)),
+            error=raw.get("error"),
+            id=job_id,
+            backend=backend,
+        )
 
 
 def read_jobs(lines: Iterable[str | bytes], source: str = "<input>") -> list[Job]:

@@ -50,8 +50,19 @@ MAX_VERDICT_BYTES = 1 << 20
 # Imported once by the runner so that a job importing them finds them already loaded (fork shares them): the
 # modules programs of code datasets import most. `typing` alone costs a job ~3 ms of CPU to import; each module
 # also makes every fork a little dearer (page tables), so the list stays short.
-PRELOAD = ("typing", "re", "math", "collections", "itertools", "functools", "heapq", "bisect", "string", "random",
-           "copy")
+PRELOAD = (
+    "typing",
+    "re",
+    "math",
+    "collections",
+    "itertools",
+    "functools",
+    "heapq",
+    "bisect",
+    "string",
+    "random",
+    "copy",
+)
 # Collected tests kept by the runner, keyed by the tests text (a group of samples shares its tests; a dataset
 # cycles through its problems). Bounded because the cache lives in the runner's memory, whose page tables every
 # fork copies: compiled HumanEval tests take ~15 bytes per character of test source, so ~4 MiB at most here.
@@ -164,8 +175,11 @@ def _collect(job):
             body, total = None, 1
         setup = [(code, False) for code, _ in module_stmts]
         return setup, ("check", argname, body), [], total
-    test_fns = [s.name for s in tree.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and s.name.startswith("test")]
+    test_fns = [
+        s.name
+        for s in tree.body
+        if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) and s.name.startswith("test")
+    ]
     total = sum(is_test for _, is_test in module_stmts) + len(test_fns)
     if total == 0:  # plain block: one test that passes if nothing raises
         return [(compile(tree, "<tests>", "exec"), True)], None, [], 1
@@ -209,7 +223,7 @@ class _Report:
         msg["n"] = self.nonce
         data = (self.dumps(msg) + "\n").encode()
         while data:
-            data = data[self.write(self.fd, data):]
+            data = data[self.write(self.fd, data) :]
 
 
 def _short_tb(exc, limit=4000):
@@ -236,8 +250,13 @@ def _harness_tests(job, report, plan):
         program = compile(job["code"], "<program>", "exec")
     except BaseException as exc:
         report.send(k="collected", total=total)
-        report.send(k="done", verdicts=[False] * total, runtime_error=True, memory=isinstance(exc, MemoryError),
-                    error="program does not compile: " + _short_tb(exc, 1000))
+        report.send(
+            k="done",
+            verdicts=[False] * total,
+            runtime_error=True,
+            memory=isinstance(exc, MemoryError),
+            error="program does not compile: " + _short_tb(exc, 1000),
+        )
         return
     report.send(k="collected", total=total)
     verdicts, memory, first_error = [], False, None
@@ -245,17 +264,27 @@ def _harness_tests(job, report, plan):
     try:
         exec(program, ns)
     except SystemExit:
-        report.send(k="done", verdicts=[False] * total, runtime_error=False, memory=False,
-                    error="the program raised SystemExit before the tests ran")
+        report.send(
+            k="done",
+            verdicts=[False] * total,
+            runtime_error=False,
+            memory=False,
+            error="the program raised SystemExit before the tests ran",
+        )
         return
     except BaseException as exc:
-        report.send(k="done", verdicts=[False] * total, runtime_error=True, memory=isinstance(exc, MemoryError),
-                    error="the program raised: " + _short_tb(exc))
+        report.send(
+            k="done",
+            verdicts=[False] * total,
+            runtime_error=True,
+            memory=isinstance(exc, MemoryError),
+            error="the program raised: " + _short_tb(exc),
+        )
         return
 
     def run_stmts(stmts, space):
         nonlocal memory, first_error
-        for i, (code, is_test) in enumerate(stmts):
+        for code, is_test in stmts:
             try:
                 exec(code, space)
                 if is_test:
@@ -274,7 +303,7 @@ def _harness_tests(job, report, plan):
         _, argname, body = check
         candidate = ns.get(job["entry_point"])
         if candidate is None:
-            first_error = "entry point %r is not defined by the program" % job["entry_point"]
+            first_error = "entry point {!r} is not defined by the program".format(job["entry_point"])
         elif body is None:
             try:
                 ns["check"](candidate)
@@ -320,7 +349,7 @@ def _case_child(program, in_fd, out_fd, note_fd, verdict_fd):
         os.close(verdict_fd)
         os.dup2(in_fd, 0)
         os.dup2(out_fd, 1)
-        sys.stdin = sys.__stdin__ = open(0, "r", closefd=False)
+        sys.stdin = sys.__stdin__ = open(0, closefd=False)
         sys.stdout = sys.__stdout__ = open(1, "w", closefd=False, errors="backslashreplace")
         try:
             exec(program, {"__name__": "__main__", "__builtins__": builtins})
@@ -344,8 +373,13 @@ def _harness_cases(job, report, verdict_fd):
         program = compile(job["code"], "<program>", "exec")
     except BaseException as exc:
         report.send(k="collected", total=len(cases))
-        report.send(k="done", verdicts=[False] * len(cases), runtime_error=True, memory=False,
-                    error="program does not compile: " + _short_tb(exc, 1000))
+        report.send(
+            k="done",
+            verdicts=[False] * len(cases),
+            runtime_error=True,
+            memory=False,
+            error="program does not compile: " + _short_tb(exc, 1000),
+        )
         return
     report.send(k="collected", total=len(cases))
     verdicts, crashed, memory, timeout, first_error = [], False, False, False, None
@@ -353,7 +387,7 @@ def _harness_cases(job, report, verdict_fd):
         in_fd, out_fd = _anon_file(), _anon_file()
         data = case["stdin"].encode()
         while data:
-            data = data[os.write(in_fd, data):]
+            data = data[os.write(in_fd, data) :]
         os.lseek(in_fd, 0, os.SEEK_SET)
         note_r, note_w = os.pipe()
         pid = os.fork()
@@ -378,7 +412,7 @@ def _harness_cases(job, report, verdict_fd):
             elif sig == signal.SIGKILL:
                 memory = True
             crashed = True
-            first_error = first_error or "test case killed by signal %d" % sig
+            first_error = first_error or f"test case killed by signal {sig}"
             verdicts.append(False)
             continue
         code = os.WEXITSTATUS(status)
@@ -386,7 +420,7 @@ def _harness_cases(job, report, verdict_fd):
         crashed = crashed or code != 0 or out_of_memory
         ok = code == 0 and _output_lines(got) == _output_lines(case["stdout"])
         if not ok and first_error is None:
-            first_error = "exit code %d" % code if code else "output differs from the expected output"
+            first_error = f"exit code {code}" if code else "output differs from the expected output"
         verdicts.append(ok)
     report.send(k="done", verdicts=verdicts, runtime_error=crashed, memory=memory, timeout=timeout, error=first_error)
 
@@ -426,7 +460,7 @@ def _read_capture(fd, cap):
     size = os.fstat(fd).st_size
     data = os.pread(fd, cap, 0).decode("utf-8", "replace")
     if size > cap:
-        data += "\n[... %d more bytes truncated]" % (size - cap)
+        data += f"\n[... {size - cap} more bytes truncated]"
     return data
 
 
@@ -537,7 +571,7 @@ def _classify(msgs, total, timed_out, exit_status, usage, oom_before, timeout_s)
     error = (done or collected or {}).get("error")
     cpu = usage.ru_utime + usage.ru_stime if usage is not None else 0.0
     if timed_out:
-        return "timeout", [False] * total, "wall-clock limit of %gs exceeded" % timeout_s
+        return "timeout", [False] * total, f"wall-clock limit of {timeout_s:g}s exceeded"
     if exit_status is not None and os.WIFSIGNALED(exit_status):
         sig = os.WTERMSIG(exit_status)
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= timeout_s):
@@ -546,7 +580,7 @@ def _classify(msgs, total, timed_out, exit_status, usage, oom_before, timeout_s)
             oom_after = _oom_kills()
             if oom_before is None or oom_after is None or oom_after > oom_before:
                 return "memory_exceeded", [False] * total, "killed (out of memory)"
-        return "runtime_error", [False] * total, "killed by signal %d" % sig
+        return "runtime_error", [False] * total, f"killed by signal {sig}"
     if collected is None:
         if exit_status is not None and os.WIFEXITED(exit_status) and os.WEXITSTATUS(exit_status) == EXIT_SETUP:
             return "infra_error", verdicts, "the job process could not be set up"
@@ -624,8 +658,11 @@ def _prepare(scratch, wipe_dirs):
     os.environ.clear()
     os.environ.update(JOB_ENV, HOME=scratch, TMPDIR=scratch)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    _JOB_STREAMS = (open(0, "r", closefd=False), open(1, "w", closefd=False, errors="backslashreplace"),
-                    open(2, "w", closefd=False, errors="backslashreplace", buffering=1))
+    _JOB_STREAMS = (
+        open(0, closefd=False),
+        open(1, "w", closefd=False, errors="backslashreplace"),
+        open(2, "w", closefd=False, errors="backslashreplace", buffering=1),
+    )
     for name in PRELOAD:
         try:
             __import__(name)
@@ -675,8 +712,9 @@ def run_job(job):
             continue
         if isinstance(msg, dict) and msg.get("n") == nonce:
             msgs.append(msg)
-    status_name, verdicts, error = _classify(msgs, 0, timed_out, None if timed_out else status, usage,
-                                             oom_before, job["timeout_s"])
+    status_name, verdicts, error = _classify(
+        msgs, 0, timed_out, None if timed_out else status, usage, oom_before, job["timeout_s"]
+    )
     clean = _sweep()
     stdout = _read_capture(out_fd, job["max_output"])
     stderr = _read_capture(err_fd, job["max_output"])
@@ -685,9 +723,18 @@ def run_job(job):
     for path in WIPE_DIRS:
         clean = _wipe(path) and clean
     clean = clean and _sysv_ipc_empty()
-    return {"id": job.get("id"), "status": status_name, "passed": sum(verdicts), "total": len(verdicts),
-            "verdicts": verdicts, "wall_s": round(wall, 4), "stdout": stdout, "stderr": stderr, "error": error,
-            "clean": clean}
+    return {
+        "id": job.get("id"),
+        "status": status_name,
+        "passed": sum(verdicts),
+        "total": len(verdicts),
+        "verdicts": verdicts,
+        "wall_s": round(wall, 4),
+        "stdout": stdout,
+        "stderr": stderr,
+        "error": error,
+        "clean": clean,
+    }
 
 
 def _lines(fd):
@@ -715,7 +762,7 @@ def _set_nondumpable():
 def _emit(obj):
     data = (json.dumps(obj) + "\n").encode()
     while data:
-        data = data[os.write(1, data):]
+        data = data[os.write(1, data) :]
 
 
 def main():
@@ -728,8 +775,15 @@ def main():
 
         scratch = tempfile.mkdtemp(prefix="rlk2-runner-")
         _prepare(scratch, (scratch,))
-    _emit({"ready": True, "pid": os.getpid(), "uid": os.getuid(), "nondumpable": nondumpable,
-           "python": sys.version.split()[0]})
+    _emit(
+        {
+            "ready": True,
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "nondumpable": nondumpable,
+            "python": sys.version.split()[0],
+        }
+    )
     for path in WIPE_DIRS:
         _wipe(path)
     for line in _lines(0):
@@ -739,9 +793,18 @@ def main():
             job_id = job.get("id")
             result = run_job(job)
         except Exception as exc:  # a runner fault is an infrastructure error, never a verdict
-            result = {"id": job_id, "status": "infra_error", "passed": 0, "total": 0, "verdicts": [], "wall_s": 0.0,
-                      "stdout": "", "stderr": "", "error": "runner: %s: %s" % (type(exc).__name__, exc),
-                      "clean": False}
+            result = {
+                "id": job_id,
+                "status": "infra_error",
+                "passed": 0,
+                "total": 0,
+                "verdicts": [],
+                "wall_s": 0.0,
+                "stdout": "",
+                "stderr": "",
+                "error": f"runner: {type(exc).__name__}: {exc}",
+                "clean": False,
+            }
         _emit(result)
         if not result["clean"]:  # nothing more runs here: the host recycles the sandbox and requeues the rest
             break

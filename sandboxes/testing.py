@@ -53,8 +53,12 @@ class UnisolatedRunner:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits(nproc=1 << 16)  # not a per-sandbox uid here: do not cap the user's tasks
-        self.proc = subprocess.Popen([sys.executable, "-I", str(RUNNER_PATH)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env={"PATH": os.environ.get("PATH", "/usr/bin")})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", str(RUNNER_PATH)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={"PATH": os.environ.get("PATH", "/usr/bin")},
+        )
         self.ready = json.loads(self.proc.stdout.readline())
 
     def raw(self, job: Job | dict[str, Any]) -> dict[str, Any]:
@@ -107,9 +111,24 @@ class SecondEngine:
         (self.run_dir / "exec" / "containerd" / "containerd.pid").unlink(missing_ok=True)
         log = open(self.run_dir / "dockerd.log", "ab")
         self.proc = subprocess.Popen(
-            ["dockerd", "--iptables=false", "--bridge=none", "-H", self.url, "--data-root", self.DATA_ROOT,
-             "--exec-root", str(self.run_dir / "exec"), "--pidfile", str(self.run_dir / "docker.pid")],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                "dockerd",
+                "--iptables=false",
+                "--bridge=none",
+                "-H",
+                self.url,
+                "--data-root",
+                self.DATA_ROOT,
+                "--exec-root",
+                str(self.run_dir / "exec"),
+                "--pidfile",
+                str(self.run_dir / "docker.pid"),
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + 90
         while True:
@@ -119,7 +138,7 @@ class SecondEngine:
             except Exception:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop(signal_number=9)
-                    raise RuntimeError(f"second dockerd did not come up; see {self.run_dir / 'dockerd.log'}")
+                    raise RuntimeError(f"second dockerd did not come up; see {self.run_dir / 'dockerd.log'}") from None
                 time.sleep(0.3)
 
     def ensure_image(self, tag: str, source_url: str) -> None:
@@ -164,7 +183,11 @@ class SecondEngine:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv and Path(argv[0].decode(errors="replace")).name == "containerd" and marker.encode() in b" ".join(argv):
+            if (
+                argv
+                and Path(argv[0].decode(errors="replace")).name == "containerd"
+                and marker.encode() in b" ".join(argv)
+            ):
                 try:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:

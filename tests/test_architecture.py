@@ -31,7 +31,9 @@ sys.meta_path.insert(0, NoRlk2())
 
 
 def test_the_rubric_reward_works_without_rlk2():
-    code = BLOCK_RLK2 + """
+    code = (
+        BLOCK_RLK2
+        + """
 from rewards.rubric import Reply, rubric
 import rewards, sandboxes
 class Scripted:
@@ -40,6 +42,7 @@ class Scripted:
 print(rubric(["x", "y"], prompts=["p", "p"], backend=Scripted())["rewards"])
 print(sorted(rewards.REWARDS))
 """
+    )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0] == "[0.5, 0.5]"
@@ -66,8 +69,10 @@ def test_lower_layers_name_no_rlk2_module_in_strings(package):
 def test_the_cli_parses_without_importing_torch():
     proc = _python("import sys; from rlk2.cli import build_parser; build_parser().parse_args(['train', '--help'])")
     assert proc.returncode == 0 and "--resume" in proc.stdout
-    proc = _python("import sys; from rlk2.cli import build_parser; "
-                   "build_parser().parse_args(['eval', 'ckpt']); print('torch' in sys.modules)")
+    proc = _python(
+        "import sys; from rlk2.cli import build_parser; "
+        "build_parser().parse_args(['eval', 'ckpt']); print('torch' in sys.modules)"
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
@@ -79,6 +84,10 @@ def _functions(path: Path):
 
 
 def test_no_function_in_rlk2_is_longer_than_a_screenful():
-    long = [f"{p.relative_to(ROOT)}:{line} {name} ({n} lines)" for p in (ROOT / "rlk2").rglob("*.py")
-            for name, line, n in _functions(p) if n > MAX_FUNCTION_LINES]
+    long = [
+        f"{p.relative_to(ROOT)}:{line} {name} ({n} lines)"
+        for p in (ROOT / "rlk2").rglob("*.py")
+        for name, line, n in _functions(p)
+        if n > MAX_FUNCTION_LINES
+    ]
     assert not long, "\n".join(long)

@@ -17,16 +17,16 @@ def run_all():
     return module
 
 
-GOOD = '''
+GOOD = """
 def run(quick):
     reps = 2 if quick else 5
     return [{"name": "fake/speed", "value": 30.0, "unit": "items/s", "baseline": "slow way",
              "baseline_value": 10.0, "ratio": 3.0, "spread": 0.25, "reps": reps}]
-'''
-BROKEN = '''
+"""
+BROKEN = """
 def run(quick):
     raise RuntimeError("engine unreachable")
-'''
+"""
 NO_RUN = "def main():\n    return 0\n"
 BAD_ROWS = "def run(quick):\n    return [{'name': 'x', 'value': 1.0}]\n"
 
@@ -49,13 +49,29 @@ def test_rows_table_and_json(run_all, tmp_path, capsys):
     assert record["quick"] is True
     assert [b["bench"] for b in record["benchmarks"]] == ["good"]  # helper.py is not a bench_*.py file
     (row,) = record["rows"]
-    assert row == {"bench": "good", "name": "fake/speed", "value": 30.0, "unit": "items/s", "baseline": "slow way",
-                   "baseline_value": 10.0, "ratio": 3.0, "spread": 0.25, "reps": 2}  # quick reached run()
+    assert row == {
+        "bench": "good",
+        "name": "fake/speed",
+        "value": 30.0,
+        "unit": "items/s",
+        "baseline": "slow way",
+        "baseline_value": 10.0,
+        "ratio": 3.0,
+        "spread": 0.25,
+        "reps": 2,
+    }  # quick reached run()
 
 
 def test_failures_are_reported_and_others_still_run(run_all, tmp_path, capsys):
-    _write(tmp_path, {"bench_a_broken.py": BROKEN, "bench_b_good.py": GOOD, "bench_c_norun.py": NO_RUN,
-                      "bench_d_badrows.py": BAD_ROWS})
+    _write(
+        tmp_path,
+        {
+            "bench_a_broken.py": BROKEN,
+            "bench_b_good.py": GOOD,
+            "bench_c_norun.py": NO_RUN,
+            "bench_d_badrows.py": BAD_ROWS,
+        },
+    )
     out = tmp_path / "results.json"
     assert run_all.main(["--bench-dir", str(tmp_path), "--out", str(out)]) == 1
     table = capsys.readouterr().out
@@ -75,7 +91,8 @@ def test_only_selects_benchmarks(run_all, tmp_path):
 
 def test_check_rows_names_missing_keys(run_all):
     with pytest.raises(ValueError, match="baseline_value"):
-        run_all.check_rows([{"name": "x", "value": 1, "unit": "s", "baseline": "b", "ratio": 1, "spread": 0,
-                             "reps": 1}])
+        run_all.check_rows(
+            [{"name": "x", "value": 1, "unit": "s", "baseline": "b", "ratio": 1, "spread": 0, "reps": 1}]
+        )
     with pytest.raises(ValueError, match="non-empty list"):
         run_all.check_rows({})

@@ -114,8 +114,11 @@ def _humaneval():
 def test_every_humaneval_canonical_solution_passes_and_wrong_ones_fail(backend):
     problems = _humaneval()
     assert len(problems) == 164
-    columns = {"prompts": [p["prompt"] for p in problems], "tests": [p["test"] for p in problems],
-               "entry_point": [p["entry_point"] for p in problems]}
+    columns = {
+        "prompts": [p["prompt"] for p in problems],
+        "tests": [p["test"] for p in problems],
+        "entry_point": [p["entry_point"] for p in problems],
+    }
     canonical = [f"Sure.\n```python\n{p['prompt']}{p['canonical_solution']}\n```\n" for p in problems]
     got = code(canonical, **columns)
     assert [p["task_id"] for p, r in zip(problems, got) if r != 1.0] == []
@@ -137,8 +140,12 @@ def test_fraction_and_binary_on_stdin_stdout_cases(backend):
 
 
 def test_mixed_batch_and_module_level_binary(backend, monkeypatch):
-    completions = ["def f(x):\n    return x + 1", "def f(x):\n    return x", "while True:\n    pass",
-                   "def f(x):\n    return x + 1"]
+    completions = [
+        "def f(x):\n    return x + 1",
+        "def f(x):\n    return x",
+        "while True:\n    pass",
+        "def f(x):\n    return x + 1",
+    ]
     tests = ["assert f(1) == 2\nassert f(2) == 3"] * 3 + [None]
     got = code(completions, prompts=[""] * 4, tests=tests, timeout_s=1)
     assert got == [1.0, 0.0, 0.0, None]
@@ -162,8 +169,9 @@ def test_through_the_reward_engine_in_the_callers_pool(backend):
     with RewardEngine(num_workers=1) as engine:
         got = engine.score([RewardSpec("code", timeout_s=120)], completions, [""] * 3, columns)
         fraction = got.rewards["code"]
-        binary = engine.score([RewardSpec("code", timeout_s=120, kwargs={"binary": True})], completions, [""] * 3,
-                              columns).rewards["code"]
+        binary = engine.score(
+            [RewardSpec("code", timeout_s=120, kwargs={"binary": True})], completions, [""] * 3, columns
+        ).rewards["code"]
     assert fraction == [1.0, 0.5, 0.0]  # sq(2) == 4 also holds for x + x
     assert binary == [1.0, 0.0, 0.0]
     assert code_reward._SHARED._pool is not None  # the engine ran it here, in this process's pool
@@ -173,11 +181,19 @@ def test_builtin_pyfunc_gold_programs_pass_and_altered_ones_fail(backend):
     from rlk2.data import builtin_split
 
     rows = builtin_split("pyfunc", "eval")
-    gold = code([r["completion"] for r in rows], prompts=[r["prompt"] for r in rows], tests=[r["tests"] for r in rows],
-                binary=True)
+    gold = code(
+        [r["completion"] for r in rows],
+        prompts=[r["prompt"] for r in rows],
+        tests=[r["tests"] for r in rows],
+        binary=True,
+    )
     assert gold == [1.0] * len(rows)
     # The same programs with the last constant off by one fail their hidden tests.
-    altered = [r["completion"][:-1] + str((int(r["completion"][-1]) + 1) % 10) if r["completion"][-1].isdigit()
-               else r["completion"].replace("return ", "return 1 + ") for r in rows]
+    altered = [
+        r["completion"][:-1] + str((int(r["completion"][-1]) + 1) % 10)
+        if r["completion"][-1].isdigit()
+        else r["completion"].replace("return ", "return 1 + ")
+        for r in rows
+    ]
     bad = code(altered, prompts=[r["prompt"] for r in rows], tests=[r["tests"] for r in rows], binary=True)
     assert bad == [0.0] * len(rows)

@@ -1,5 +1,6 @@
 """Config loading: defaults <- YAML <- overrides; every shipped recipe validates; mistakes are one clear line."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ def test_demo_config_is_default_and_frozen():
     cfg = load_config()
     assert isinstance(cfg, Config)
     assert cfg.algo.loss == "k2"
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rollout.group_size = 3  # frozen
 
 

@@ -11,13 +11,23 @@ import torch
 
 from rewards.rubric import Reply, RubricError, parse_verdict, rubric
 from rlk2.algorithms import group_advantages
-from rlk2.critic import (CheckpointCritic, CriticRefiner, PolicyCritic, VerifiedPair, format_warmup_rows,
-                         generate_texts, pairs_from_records, verified_pairs)
+from rlk2.critic import (
+    CheckpointCritic,
+    CriticRefiner,
+    PolicyCritic,
+    VerifiedPair,
+    format_warmup_rows,
+    generate_texts,
+    pairs_from_records,
+    verified_pairs,
+)
 from rlk2.critic.refine import agreement_metrics, agreement_reward, pair_advantages
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY = {"template": str(ROOT / "configs/critic/toy_prompt.txt"),
-       "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")]}
+TOY = {
+    "template": str(ROOT / "configs/critic/toy_prompt.txt"),
+    "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")],
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +73,9 @@ def test_checkpoint_critic_and_too_long_prompts(tiny_policy, policy):
 
 def test_rubric_reward_with_a_real_local_critic(policy):
     """The untrained tiny model writes no verdicts: every sample is None and every judgment is counted."""
-    out = rubric(["\\boxed{3}", "\\boxed{4}"], prompts=["1+2=?"] * 2, backend=PolicyCritic(*policy), max_new_tokens=8,
-                 **TOY)
+    out = rubric(
+        ["\\boxed{3}", "\\boxed{4}"], prompts=["1+2=?"] * 2, backend=PolicyCritic(*policy), max_new_tokens=8, **TOY
+    )
     assert len(out["rewards"]) == 2
     for r, j in zip(out["rewards"], out["extras"]["judgments"]):
         assert len(j) == 2 and all(x["error"] is None for x in j)  # generated fine
@@ -85,9 +96,13 @@ def test_verified_pairs_only_where_outcomes_differ():
 
 
 def test_held_out_pairs_from_eval_records():
-    records = [{"prompt": "p", "completion": "4", "passed": True}, {"prompt": "p", "completion": "5", "passed": False},
-               {"prompt": "q", "completion": "1", "passed": True}, {"prompt": "q", "completion": "1", "passed": True},
-               {"prompt": "r", "completion": "0", "passed": False}]
+    records = [
+        {"prompt": "p", "completion": "4", "passed": True},
+        {"prompt": "p", "completion": "5", "passed": False},
+        {"prompt": "q", "completion": "1", "passed": True},
+        {"prompt": "q", "completion": "1", "passed": True},
+        {"prompt": "r", "completion": "0", "passed": False},
+    ]
     assert pairs_from_records(records, n_pairs=10, seed=0) == [VerifiedPair("p", "4", "5")]
 
 
@@ -142,20 +157,27 @@ def test_critic_samples_join_the_same_k2_update(policy):
     model, tok = policy
     K = 4
     prompts = ["1+2=?", "3+4=?"]
-    ro = generate_rollouts(model, tok, [i for i in encode_prompts(tok, prompts, chat_template=True) for _ in range(K)],
-                           max_new_tokens=6, temperature=1.0, seed=0)
+    ro = generate_rollouts(
+        model,
+        tok,
+        [i for i in encode_prompts(tok, prompts, chat_template=True) for _ in range(K)],
+        max_new_tokens=6,
+        temperature=1.0,
+        seed=0,
+    )
     # pretend verifier: response 0 of each group is right, the rest wrong
     rewards = [1.0 if j % K == 0 else 0.0 for j in range(len(ro.texts))]
     texts = [f"t{j}" if j % K else "right" for j in range(len(ro.texts))]  # distinct texts so pairs exist
     ref = CriticRefiner(pairs_per_prompt=2, max_new_tokens=8, **TOY)
-    cs = ref.samples(model, tok, [p for p in prompts for _ in range(K)], texts, rewards, group_size=K,
-                     temperature=1.0, seed=1)
+    cs = ref.samples(
+        model, tok, [p for p in prompts for _ in range(K)], texts, rewards, group_size=K, temperature=1.0, seed=1
+    )
     assert cs is not None and cs.metrics["critic/train_pairs"] == 4.0
     assert len(cs.rewards) == len(cs.prompts) == len(cs.records) == 4 * 2 * K  # pairs x orders x K
     assert cs.rollout.completion_ids.shape[0] == len(cs.rewards)
     for rec, r in zip(cs.records, cs.rewards):
         assert r == agreement_reward(parse_verdict(rec["completion"]).verdict, rec["expected"])
-    assert [rec["expected"] for rec in cs.records[:: K]] == ["A", "B"] * 4  # both orders of every pair
+    assert [rec["expected"] for rec in cs.records[::K]] == ["A", "B"] * 4  # both orders of every pair
 
     joined = concat_rollouts([ro, cs.rollout], tok.pad_token_id)
     totals = rewards + cs.rewards
@@ -164,8 +186,16 @@ def test_critic_samples_join_the_same_k2_update(policy):
     adv, _ = group_advantages(r, valid, scale=False)
     logp, _ = policy_logprobs(model, joined, temperature=1.0)
     assert torch.allclose(logp * joined.completion_mask, joined.old_logp, atol=1e-4)  # pi_theta == pi_old at start
-    loss, _ = LOSSES["k2"](logp, joined.old_logp, adv.view(-1), joined.completion_mask.float(), tau=0.05,
-                           length_norm=False, clip_low=0.2, clip_high=0.2)
+    loss, _ = LOSSES["k2"](
+        logp,
+        joined.old_logp,
+        adv.view(-1),
+        joined.completion_mask.float(),
+        tau=0.05,
+        length_norm=False,
+        clip_low=0.2,
+        clip_high=0.2,
+    )
     loss.backward()
     assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
     model.zero_grad(set_to_none=True)
@@ -190,7 +220,8 @@ def test_reply_is_text_or_reason():
 
 
 def test_pair_advantages_give_a_position_biased_critic_a_gradient():
-    """Always "B": each order's group ties (no gradient per order); pooled per pair, the two orders get opposite signs."""
+    """Always "B": each order's group ties (no gradient per order); pooled per pair, the two orders get opposite
+    signs."""
     k = 4
     rewards = torch.tensor([[0.0] * k, [1.0] * k, [1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]])  # 2 pairs x 2 orders
     valid = torch.ones(4, k, dtype=torch.bool)

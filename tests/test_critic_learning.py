@@ -20,8 +20,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY = {"template": str(ROOT / "configs/critic/toy_prompt.txt"),
-       "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")]}
+TOY = {
+    "template": str(ROOT / "configs/critic/toy_prompt.txt"),
+    "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")],
+}
 
 
 @pytest.mark.slow
@@ -31,8 +33,8 @@ def test_refinement_lifts_agreement_on_a_learnable_judgement(tmp_path):
     from rlk2.critic import CriticRefiner, VerifiedPair, format_warmup_rows
     from rlk2.data import PromptSampler, builtin_split
     from rlk2.policy import build_demo_policy, load_policy
-    from rlk2.rollout import encode_prompts, generate_rollouts, policy_logprobs
     from rlk2.policy.warmstart import run_sft
+    from rlk2.rollout import encode_prompts, generate_rollouts, policy_logprobs
 
     torch.set_num_threads(1)
     train, held_rows = builtin_split("max", "train"), builtin_split("max", "eval")[:128]
@@ -62,13 +64,29 @@ def test_refinement_lifts_agreement_on_a_learnable_judgement(tmp_path):
             for j in rng.sample(range(g, g + K), K // 2):
                 texts[j] = strip(texts[j])
         verified = format_reward(texts, prompts=None)
-        cs = refiner.samples(model, tok, [r["prompt"] for r in rows for _ in range(K)], texts, verified,
-                             group_size=K, temperature=1.0, seed=10_000 + step)
+        cs = refiner.samples(
+            model,
+            tok,
+            [r["prompt"] for r in rows for _ in range(K)],
+            texts,
+            verified,
+            group_size=K,
+            temperature=1.0,
+            seed=10_000 + step,
+        )
         rewards = torch.tensor([r for r in cs.rewards]).view(-1, K)  # unparsable replies score 0.0
         adv, _ = group_advantages(rewards, torch.ones_like(rewards, dtype=torch.bool), scale=False)
         logp, _ = policy_logprobs(model, cs.rollout, temperature=1.0)
-        loss, _ = LOSSES["k2"](logp, cs.rollout.old_logp, adv.view(-1), cs.rollout.completion_mask.float(),
-                               tau=0.05, length_norm=False, clip_low=0.2, clip_high=0.2)
+        loss, _ = LOSSES["k2"](
+            logp,
+            cs.rollout.old_logp,
+            adv.view(-1),
+            cs.rollout.completion_mask.float(),
+            tau=0.05,
+            length_norm=False,
+            clip_low=0.2,
+            clip_high=0.2,
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -31,18 +31,18 @@ def rlk2(*args):
 def recipe(tmp: Path) -> Path:
     """Two tasks: `par` (verifiable, grounds the critic) and `open` (scored by the `self` rubric critic only)."""
     text = f"""
-run: {{name: critic, seed: 0, dir: {tmp / 'run'}}}
-warm_start: {{steps: 5, batch_size: 16, examples: 200, cache_dir: {tmp / 'cache'}}}
+run: {{name: critic, seed: 0, dir: {tmp / "run"}}}
+warm_start: {{steps: 5, batch_size: 16, examples: 200, cache_dir: {tmp / "cache"}}}
 policy: {{demo: {{hidden_size: 32, num_hidden_layers: 2}}}}
 tasks:
   - name: par
     source: builtin:max
-    rewards: [{{name: {ROOT / 'tests/data/critic_rewards.py'}:even_length}}]
+    rewards: [{{name: {ROOT / "tests/data/critic_rewards.py"}:even_length}}]
     max_new_tokens: 8
     eval_size: 16
     weight: 3.0
   - name: open
-    source: {ROOT / 'configs/critic/open_max.jsonl'}
+    source: {ROOT / "configs/critic/open_max.jsonl"}
     rewards:
       - name: rubric
         timeout_s: 300

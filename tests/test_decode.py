@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM
 
-from rlk2.rollout.decode import LatentDecoder, absorbed_mla_decode
 from rlk2.policy import TinyMoEShape, load_policy, tiny_deepseek_v3_config
 from rlk2.rollout import encode_prompts, generate_rollouts
+from rlk2.rollout.decode import LatentDecoder, absorbed_mla_decode
 
 
 def _model(attn: str, q_lora_rank=None, rope_interleave=True):
@@ -30,13 +30,17 @@ def _decode_logits(model, absorbed: bool, steps: int = 6) -> torch.Tensor:
     mask[1, :4] = mask[3, :2] = 0  # left padding in two rows
     outs = []
     with torch.no_grad(), absorbed_mla_decode(model) if absorbed else torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
         cache, pos = out.cache, mask.sum(1, keepdim=True)
         for t in range(steps):
             mask = torch.cat([mask, torch.ones(5, 1, dtype=mask.dtype)], dim=1)
-            out = model(input_ids=torch.randint(3, 64, (5, 1), generator=gen), attention_mask=mask,
-                        position_ids=pos + t, cache=cache, use_cache=True)
+            out = model(
+                input_ids=torch.randint(3, 64, (5, 1), generator=gen),
+                attention_mask=mask,
+                position_ids=pos + t,
+                cache=cache,
+                use_cache=True,
+            )
             outs.append(out.logits[:, -1])
     return torch.stack(outs)
 
@@ -90,7 +94,8 @@ def test_lora_wrapped_layers_keep_the_models_forward():
         assert absorbed == 0
 
 
-# ---- the latent decoder ------------------------------------------------------------------------------------------------
+# ---- the latent decoder ----------------------------------------------------------------------------------------------
+
 
 def _routed_model(attn: str, q_lora_rank=None, rope_interleave=True, groups: int = 1):
     torch.manual_seed(0)
@@ -126,8 +131,9 @@ def _steps(model, latent: bool, steps: int = 7):
             logits.append(dec.logits)
             routes.append(dec.routes().view(-1, 5, 9, 2)[:, mask.bool()])
         else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                        use_cache=True)
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True
+            )
             cache = out.cache
             logits.append(out.logits[:, -1])
             routes.append(probe.take().view(-1, 5, 9, 2)[:, mask.bool()])
@@ -144,8 +150,15 @@ def _steps(model, latent: bool, steps: int = 7):
                 routes.append(dec.routes())
             else:
                 mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
-                logits.append(model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
-                                    cache=cache, use_cache=True).logits[:, -1])
+                logits.append(
+                    model(
+                        input_ids=tok[:, None],
+                        attention_mask=mask,
+                        position_ids=pos[:, None],
+                        cache=cache,
+                        use_cache=True,
+                    ).logits[:, -1]
+                )
                 routes.append(probe.take())
             pos = pos + 1
     return logits, routes
@@ -181,5 +194,8 @@ def test_latent_decoder_declines_what_it_does_not_implement():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     assert not LatentDecoder.supports(get_peft_model(_routed_model("sdpa"), LoraConfig(r=4, target_modules=["q_proj"])))
-    assert not LatentDecoder.supports(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                                                   num_attention_heads=4, intermediate_size=64)))
+    assert not LatentDecoder.supports(
+        LlamaForCausalLM(
+            LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+        )
+    )

@@ -17,7 +17,6 @@ from rlk2.eval.metrics import (
     bootstrap_indices,
     majority_vote,
     pass_at_k,
-    prompt_stats,
     ratio,
     task_metrics,
 )
@@ -79,8 +78,16 @@ def _outcome(passed, *, scores=None, tokens=None, truncated=None, answers=None, 
     scores = np.array(scores if scores is not None else passed, dtype=float)
     tokens = np.array(tokens if tokens is not None else np.full(passed.shape, 5), dtype=np.int64)
     truncated = np.array(truncated if truncated is not None else np.zeros(passed.shape), dtype=bool)
-    return TaskOutcome("t", "math", passed, {"math": scores}, tokens, truncated, answers,
-                       None if greedy is None else np.array(greedy, dtype=bool))
+    return TaskOutcome(
+        "t",
+        "math",
+        passed,
+        {"math": scores},
+        tokens,
+        truncated,
+        answers,
+        None if greedy is None else np.array(greedy, dtype=bool),
+    )
 
 
 def test_task_metrics_worked_example():
@@ -175,8 +182,18 @@ def test_paired_difference_sees_a_constant_shift_exactly():
 
 
 # ------------------------------------------------------------------------------------------------ report
-EXPECTED_METRICS = ["pass@1", "pass@2", "greedy_pass@1", "mean@2", "maj@2", "reward/math", "mean_length",
-                    "max_length", "truncated", "unscorable"]
+EXPECTED_METRICS = [
+    "pass@1",
+    "pass@2",
+    "greedy_pass@1",
+    "mean@2",
+    "maj@2",
+    "reward/math",
+    "mean_length",
+    "max_length",
+    "truncated",
+    "unscorable",
+]
 
 
 def _fake_eval(seed):
@@ -195,8 +212,18 @@ def test_report_keys_are_stable(tmp_path):
     ckpts = [Checkpoint("a", tmp_path / "a", "hf", label="a"), Checkpoint("b", tmp_path / "b", "peft", label="b")]
     task = SimpleNamespace(name="arith", prompts=["p"] * 6, specs=[SimpleNamespace(name="math")], max_new_tokens=12)
     cfg = SimpleNamespace(source="builtin:arith")
-    settings = {"ks": [1, 2], "samples": 2, "temperature": 1.0, "greedy": True, "seed": 0, "limit": None,
-                "batch_size": 256, "bootstrap_resamples": 200, "confidence": 0.95, "device": "cpu"}
+    settings = {
+        "ks": [1, 2],
+        "samples": 2,
+        "temperature": 1.0,
+        "greedy": True,
+        "seed": 0,
+        "limit": None,
+        "batch_size": 256,
+        "bootstrap_resamples": 200,
+        "confidence": 0.95,
+        "device": "cpu",
+    }
     report = build_report(ckpts, [cfg], [task], [_fake_eval(0), _fake_eval(1)], settings)
     assert tuple(report) == REPORT_KEYS
     t = report["tasks"]["arith"]

@@ -23,9 +23,9 @@ def checkpoints(tiny_policy, tmp_path_factory):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rlk2.run_dir import save_checkpoint
     from rlk2.config import load_config, to_yaml
     from rlk2.policy import load_policy
+    from rlk2.run_dir import save_checkpoint
 
     root = tmp_path_factory.mktemp("eval_ckpts")
     model, tok = load_policy(tiny_policy)
@@ -68,8 +68,18 @@ def test_end_to_end_report_files_and_keys(first_report, checkpoints):
     assert set(report["tasks"]) == {"arith", "word_problems"}
     arith = report["tasks"]["arith"]
     assert arith["prompts"] == 6 and arith["samples_per_prompt"] == 2
-    assert list(arith["metrics"][labels[0]]) == ["pass@1", "pass@2", "greedy_pass@1", "mean@2", "maj@2", "reward/math",
-                                                 "mean_length", "max_length", "truncated", "unscorable"]
+    assert list(arith["metrics"][labels[0]]) == [
+        "pass@1",
+        "pass@2",
+        "greedy_pass@1",
+        "mean@2",
+        "maj@2",
+        "reward/math",
+        "mean_length",
+        "max_length",
+        "truncated",
+        "unscorable",
+    ]
     assert "reward/format" in report["tasks"]["word_problems"]["metrics"][labels[1]]
     for label in labels:
         m = arith["metrics"][label]
@@ -105,8 +115,9 @@ def test_same_checkpoint_same_seed_same_numbers(first_report, checkpoints, tmp_p
     label = report1["checkpoints"][0]["label"]
     for task in ("arith", "word_problems"):
         assert report2["tasks"][task]["metrics"][label] == report1["tasks"][task]["metrics"][label]
-        assert (tmp_path / "again" / "samples" / label / f"{task}.jsonl").read_text() == \
-            (out1 / "samples" / label / f"{task}.jsonl").read_text()
+        assert (tmp_path / "again" / "samples" / label / f"{task}.jsonl").read_text() == (
+            out1 / "samples" / label / f"{task}.jsonl"
+        ).read_text()
 
 
 def test_run_dir_start_and_default_tasks(checkpoints, tmp_path):
@@ -162,10 +173,31 @@ def test_evaluate_policy_keeps_the_training_loop_keys(tiny_policy):
     model, tok = load_policy(tiny_policy)
     task = EvalTask("arith", ["1+2=?", "30+4=?", "5+5=?"], {"answer": ["3", "34", "10"]}, [RewardSpec("math")], 8)
     with RewardEngine(num_workers=1) as engine:
-        res = evaluate_policy(model, tok, [task], engine, samples=4, temperature=1.0, greedy=True, batch_size=5,
-                              chat_template=True, seed=0, ks=[1, 4])
-    for key in ("pass@1", "greedy_pass@1", "pass@4", "reward/math", "mean_length", "truncated", "unscorable",
-                "mean@4", "maj@4", "max_length"):
+        res = evaluate_policy(
+            model,
+            tok,
+            [task],
+            engine,
+            samples=4,
+            temperature=1.0,
+            greedy=True,
+            batch_size=5,
+            chat_template=True,
+            seed=0,
+            ks=[1, 4],
+        )
+    for key in (
+        "pass@1",
+        "greedy_pass@1",
+        "pass@4",
+        "reward/math",
+        "mean_length",
+        "truncated",
+        "unscorable",
+        "mean@4",
+        "maj@4",
+        "max_length",
+    ):
         assert f"eval/arith/{key}" in res.metrics, key
     # batches of 5 split prompts' samples across calls: every prompt still gets its own 4 samples back
     samples = [r for r in res.samples["arith"] if r["mode"] == "sample"]

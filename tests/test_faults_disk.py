@@ -44,13 +44,24 @@ def _fill(disk: Path, leave: int) -> Path:
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk, tmp_path):
     run = small_disk / "run"
     args = [
-        f"run.dir={run}", "trainer.steps=50", "trainer.save_every=2", "trainer.keep_last=0",
-        "trainer.save_rollouts=false", "rollout.group_size=4", "rollout.prompts_per_step=4", "warm_start.steps=5",
-        f"warm_start.cache_dir={tmp_path / 'cache'}", "eval.samples=1", "eval.greedy=false", "tasks.0.eval_size=4",
-        "policy.demo.hidden_size=32", "policy.demo.num_hidden_layers=2",
+        f"run.dir={run}",
+        "trainer.steps=50",
+        "trainer.save_every=2",
+        "trainer.keep_last=0",
+        "trainer.save_rollouts=false",
+        "rollout.group_size=4",
+        "rollout.prompts_per_step=4",
+        "warm_start.steps=5",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "eval.samples=1",
+        "eval.greedy=false",
+        "tasks.0.eval_size=4",
+        "policy.demo.hidden_size=32",
+        "policy.demo.num_hidden_layers=2",
     ]
-    proc = subprocess.Popen([sys.executable, "-m", "rlk2.cli", "train", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlk2.cli", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     first = run / "checkpoints" / "step-2"
     deadline = time.monotonic() + 300
     while not (first / "trainer_state.pt").exists():
@@ -68,9 +79,13 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk,
     assert state["step"] == 2
 
     filler.unlink()  # space again: the run continues from step 2, nothing lost
-    resumed = subprocess.run([sys.executable, "-m", "rlk2.cli", "train", "--resume", str(run), "trainer.steps=5"],
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "rlk2.cli", "train", "--resume", str(run), "trainer.steps=5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(l)]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3, 4, 5]

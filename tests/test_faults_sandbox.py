@@ -41,16 +41,27 @@ def test_run_survives_killed_containers_and_a_stopped_engine(second_engine, tmp_
     run = tmp_path / "run"
     reward = "[{name: code, weight: 1.0, timeout_s: 120}]"
     args = [
-        f"run.dir={run}", "trainer.steps=500", "trainer.save_every=0", "rollout.group_size=4",
-        "rollout.prompts_per_step=4", "warm_start.steps=5", f"warm_start.cache_dir={tmp_path / 'cache'}",
-        "eval.samples=1", "eval.greedy=false", f"tasks.0.source={DATA}", "tasks.0.eval_size=4",
-        f"tasks.0.rewards={reward}", "tasks.0.max_new_tokens=16", "policy.demo.hidden_size=32",
+        f"run.dir={run}",
+        "trainer.steps=500",
+        "trainer.save_every=0",
+        "rollout.group_size=4",
+        "rollout.prompts_per_step=4",
+        "warm_start.steps=5",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "eval.samples=1",
+        "eval.greedy=false",
+        f"tasks.0.source={DATA}",
+        "tasks.0.eval_size=4",
+        f"tasks.0.rewards={reward}",
+        "tasks.0.max_new_tokens=16",
+        "policy.demo.hidden_size=32",
         "policy.demo.num_hidden_layers=2",
     ]
     env = {**os.environ, "RLK2_SANDBOX_BACKEND": "docker", "RLK2_SANDBOX_ENGINES": second_engine.url}
     log = open(tmp_path / "train.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rlk2.cli", "train", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlk2.cli", "train", *args], stdout=log, stderr=subprocess.STDOUT, env=env, text=True
+    )
     try:
         _wait(proc, run, lambda rows: len(rows) >= 2, "two scored steps")
 
@@ -72,8 +83,12 @@ def test_run_survives_killed_containers_and_a_stopped_engine(second_engine, tmp_
         # 2. the engine stops: responses become unscorable (None), the run goes on and warns.
         second_engine.stop()
         n1 = len(_steps(run))
-        rows = _wait(proc, run, lambda rows: sum(r["frac_unscorable"] == 1.0 for r in rows[n1:]) >= 3,
-                     "steps with the engine down")
+        rows = _wait(
+            proc,
+            run,
+            lambda rows: sum(r["frac_unscorable"] == 1.0 for r in rows[n1:]) >= 3,
+            "steps with the engine down",
+        )
         down = [r for r in rows[n1:] if r["frac_unscorable"] == 1.0]
         assert all(r["grad_norm"] == 0.0 for r in down)  # nothing was learned from unscorable responses
 

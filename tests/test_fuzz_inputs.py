@@ -16,24 +16,70 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rlk2.errors import UserError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Keys that exist, near-misses and junk, so the fuzzer reaches both the schema and the tree walking.
-KEYS = st.sampled_from([
-    "rollout.group_size", "rollout.temperature", "tasks.0.max_new_tokens", "tasks.1.weight", "tasks.0.rewards.0.name",
-    "tasks.0.rewards", "tasks", "optim.lr", "optim.name", "policy.demo.hidden_size", "policy", "run.seed", "run",
-    "trainer.steps.x", "rollout.group_sise", "tasks.x.weight", "tasks.-1.weight", "tasks.99.weight", "", ".", "a..b",
-    "policy.lora.target_modules", "policy.lora.target_modules.0", "eval.samples",
-]) | st.text(string.ascii_lowercase + "._0123456789-", max_size=30)
-VALUES = st.sampled_from([
-    "4", "-1", "0", "1e9", "0.5", "nan", "inf", "true", "null", "[1, 2]", "{a: 1}", "[", "{", "'", "\"x", "",
-    "adamw", "muonclip", "sgd", "[{name: math}]", "{name: math, weight: x}", "!!python/object:os.system",
-    "&a [*a]", "*b",
-]) | st.text(max_size=20)
+KEYS = st.sampled_from(
+    [
+        "rollout.group_size",
+        "rollout.temperature",
+        "tasks.0.max_new_tokens",
+        "tasks.1.weight",
+        "tasks.0.rewards.0.name",
+        "tasks.0.rewards",
+        "tasks",
+        "optim.lr",
+        "optim.name",
+        "policy.demo.hidden_size",
+        "policy",
+        "run.seed",
+        "run",
+        "trainer.steps.x",
+        "rollout.group_sise",
+        "tasks.x.weight",
+        "tasks.-1.weight",
+        "tasks.99.weight",
+        "",
+        ".",
+        "a..b",
+        "policy.lora.target_modules",
+        "policy.lora.target_modules.0",
+        "eval.samples",
+    ]
+) | st.text(string.ascii_lowercase + "._0123456789-", max_size=30)
+VALUES = st.sampled_from(
+    [
+        "4",
+        "-1",
+        "0",
+        "1e9",
+        "0.5",
+        "nan",
+        "inf",
+        "true",
+        "null",
+        "[1, 2]",
+        "{a: 1}",
+        "[",
+        "{",
+        "'",
+        '"x',
+        "",
+        "adamw",
+        "muonclip",
+        "sgd",
+        "[{name: math}]",
+        "{name: math, weight: x}",
+        "!!python/object:os.system",
+        "&a [*a]",
+        "*b",
+    ]
+) | st.text(max_size=20)
 
 
 @FUZZ
@@ -60,11 +106,20 @@ def test_overrides_without_an_equals_sign_or_key(items):
 
 
 def _jsonl_lines():
-    objects = st.dictionaries(st.sampled_from(["prompt", "completion", "answer", "tests", "x"]),
-                              st.none() | st.booleans() | st.integers() | st.text(max_size=10)
-                              | st.lists(st.integers(), max_size=2), max_size=4)
-    line = st.one_of(objects.map(json.dumps), st.text(max_size=30), st.just("[1, 2]"), st.just("{"),
-                     st.just("   "), st.just("null"), st.just('"s"'))
+    objects = st.dictionaries(
+        st.sampled_from(["prompt", "completion", "answer", "tests", "x"]),
+        st.none() | st.booleans() | st.integers() | st.text(max_size=10) | st.lists(st.integers(), max_size=2),
+        max_size=4,
+    )
+    line = st.one_of(
+        objects.map(json.dumps),
+        st.text(max_size=30),
+        st.just("[1, 2]"),
+        st.just("{"),
+        st.just("   "),
+        st.just("null"),
+        st.just('"s"'),
+    )
     return st.lists(line, max_size=6)
 
 
@@ -77,8 +132,13 @@ def test_dataset_reader(lines, tail, gzipped):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ("d.jsonl.gz" if gzipped else "d.jsonl")
         # A gzip file cut short is a real way to hand over a broken dataset.
-        path.write_bytes(gzip.compress(raw)[: len(raw) // 2 + 10] if gzipped and tail[:1] == b"\x00" else
-                         gzip.compress(raw) if gzipped else raw)
+        path.write_bytes(
+            gzip.compress(raw)[: len(raw) // 2 + 10]
+            if gzipped and tail[:1] == b"\x00"
+            else gzip.compress(raw)
+            if gzipped
+            else raw
+        )
         try:
             rows = load_task_rows(str(path), "train", eval_size=1)
             check_columns(rows, ["answer"], source=str(path))
@@ -98,17 +158,26 @@ def test_score_input_reader(lines):
 
 
 def _job_lines():
-    job = st.fixed_dictionaries({}, optional={
-        "code": st.none() | st.text(max_size=10) | st.integers(),
-        "tests": st.none() | st.text(max_size=10) | st.lists(st.text(max_size=3), max_size=2),
-        "test_cases": st.none() | st.text(max_size=10) | st.lists(st.dictionaries(
-            st.sampled_from(["stdin", "stdout", "x"]), st.text(max_size=3) | st.integers(), max_size=2), max_size=2),
-        "entry_point": st.none() | st.text(max_size=5) | st.integers(),
-        "timeout_s": st.none() | st.floats(allow_nan=True) | st.text(max_size=3) | st.integers(-5, 5),
-        "memory_mb": st.none() | st.integers(-10, 10**6) | st.text(max_size=3),
-        "id": st.none() | st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=1),
-        "stdin": st.text(max_size=5) | st.integers(),
-    })
+    job = st.fixed_dictionaries(
+        {},
+        optional={
+            "code": st.none() | st.text(max_size=10) | st.integers(),
+            "tests": st.none() | st.text(max_size=10) | st.lists(st.text(max_size=3), max_size=2),
+            "test_cases": st.none()
+            | st.text(max_size=10)
+            | st.lists(
+                st.dictionaries(
+                    st.sampled_from(["stdin", "stdout", "x"]), st.text(max_size=3) | st.integers(), max_size=2
+                ),
+                max_size=2,
+            ),
+            "entry_point": st.none() | st.text(max_size=5) | st.integers(),
+            "timeout_s": st.none() | st.floats(allow_nan=True) | st.text(max_size=3) | st.integers(-5, 5),
+            "memory_mb": st.none() | st.integers(-10, 10**6) | st.text(max_size=3),
+            "id": st.none() | st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=1),
+            "stdin": st.text(max_size=5) | st.integers(),
+        },
+    )
     return st.lists(st.one_of(job.map(json.dumps), st.text(max_size=20), st.just("[]")), max_size=5)
 
 
@@ -125,17 +194,24 @@ def test_sandbox_exec_reader(lines):
 
 # ---------------------------------------------------------------------------------------- through the real CLIs
 # A handful of the nastiest inputs through the installed entry points: exit code 2 and one line on stderr.
-@pytest.mark.parametrize("argv,stdin", [
-    (["rlk2.cli", "train", "rollout.group_size=[", "--resume", "/nonexistent"], None),
-    (["rlk2.cli", "train", "tasks.7.weight=1"], None),
-    (["rlk2.cli", "train", "optim=3"], None),
-    (["rlk2.cli", "score", "--reward", "math", "-"], "\udcff\n"),
-    (["rlk2.cli", "score", "--reward", "math", "-"], '{"completion": 3}\n'),
-    (["sandboxes.cli", "exec", "--backend", "bwrap", "-"], '{"code": 1}\n'),
-])
+@pytest.mark.parametrize(
+    "argv,stdin",
+    [
+        (["rlk2.cli", "train", "rollout.group_size=[", "--resume", "/nonexistent"], None),
+        (["rlk2.cli", "train", "tasks.7.weight=1"], None),
+        (["rlk2.cli", "train", "optim=3"], None),
+        (["rlk2.cli", "score", "--reward", "math", "-"], "\udcff\n"),
+        (["rlk2.cli", "score", "--reward", "math", "-"], '{"completion": 3}\n'),
+        (["sandboxes.cli", "exec", "--backend", "bwrap", "-"], '{"code": 1}\n'),
+    ],
+)
 def test_cli_rejects_bad_input_in_one_line(argv, stdin):
-    proc = subprocess.run([sys.executable, "-m", *argv], input=stdin.encode("utf-8", "surrogateescape") if stdin else None,
-                          capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        input=stdin.encode("utf-8", "surrogateescape") if stdin else None,
+        capture_output=True,
+        timeout=120,
+    )
     err = proc.stderr.decode("utf-8", "replace").strip()
     assert proc.returncode == 2, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

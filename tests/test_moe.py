@@ -29,11 +29,19 @@ def tiny_model(family: str):
     if family == "deepseek_v3":
         shape = TinyMoEShape(hidden_size=32, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=16)
         return tf.DeepseekV3ForCausalLM(tiny_deepseek_v3_config(VOCAB, shape))
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     if family == "qwen3_moe":
-        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=8,
-                                                        num_experts_per_tok=2))
+        return tf.Qwen3MoeForCausalLM(
+            tf.Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2)
+        )
     if family == "mixtral":
         return tf.MixtralForCausalLM(tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2))
     return tf.Qwen3ForCausalLM(tf.Qwen3Config(**common))  # dense
@@ -45,9 +53,14 @@ def fake_rollout(B: int = 3, P: int = 5, T: int = 4, seed: int = 0) -> Rollout:
     pm, cm = torch.ones(B, P, dtype=torch.long), torch.ones(B, T, dtype=torch.long)
     pm[0, :2] = 0
     cm[0, 2:] = 0
-    return Rollout(torch.randint(0, VOCAB, (B, P), generator=g) * pm, pm,
-                   torch.randint(0, VOCAB, (B, T), generator=g) * cm, cm,
-                   torch.zeros(B, T), torch.zeros(B, dtype=torch.bool))
+    return Rollout(
+        torch.randint(0, VOCAB, (B, P), generator=g) * pm,
+        pm,
+        torch.randint(0, VOCAB, (B, T), generator=g) * cm,
+        cm,
+        torch.zeros(B, T),
+        torch.zeros(B, dtype=torch.bool),
+    )
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -77,8 +90,9 @@ def test_mismatch_compares_sets_not_order_and_skips_masked_rows():
 
 
 # ------------------------------------------------------------------------------------------- router discovery
-@pytest.mark.parametrize("family,layers", [("deepseek_v3", [1, 2]), ("qwen3_moe", [0, 1]), ("mixtral", [0, 1]),
-                                           ("dense", [])])
+@pytest.mark.parametrize(
+    "family,layers", [("deepseek_v3", [1, 2]), ("qwen3_moe", [0, 1]), ("mixtral", [0, 1]), ("dense", [])]
+)
 def test_find_routers(family, layers):
     assert [i for i, _ in find_routers(tiny_model(family))] == layers  # DeepSeek-V3's first layer is dense
 

@@ -120,8 +120,12 @@ def test_launch_file_loads_with_accelerate(path):
         for key in getattr(cfg, section):
             name = key if key.startswith(prefix) else prefix + key
             assert name in known, f"{path.name}: {section}.{key} is not an accelerate launch argument"
-    expected = {"ddp.yaml": ("MULTI_GPU", {}), "cpu_2proc.yaml": ("MULTI_GPU", {}),
-                "fsdp2.yaml": ("FSDP", {"fsdp_version": 2}), "deepspeed_zero3.yaml": ("DEEPSPEED", {"zero_stage": 3})}
+    expected = {
+        "ddp.yaml": ("MULTI_GPU", {}),
+        "cpu_2proc.yaml": ("MULTI_GPU", {}),
+        "fsdp2.yaml": ("FSDP", {"fsdp_version": 2}),
+        "deepspeed_zero3.yaml": ("DEEPSPEED", {"zero_stage": 3}),
+    }
     kind, plugin = expected[path.name]
     assert cfg.distributed_type.value == kind
     section = cfg.fsdp_config if kind == "FSDP" else cfg.deepspeed_config
@@ -135,10 +139,20 @@ def test_every_expected_launch_file_is_shipped():
 # ------------------------------------------------------------------------------------------------ 1 vs 2 processes
 def _overrides(tmp: Path, run: str, extra: list[str]) -> list[str]:
     return [
-        f"run.dir={tmp / run}", "trainer.steps=3", "trainer.keep_last=0", "rollout.group_size=4",
-        "rollout.prompts_per_step=4", "warm_start.steps=30", f"warm_start.cache_dir={tmp / 'cache'}",
-        "eval.samples=2", "eval.greedy=false", "tasks.0.eval_size=4", "policy.demo.hidden_size=32",
-        "policy.demo.num_hidden_layers=2", "optim.lr=1.0e-2", *extra,
+        f"run.dir={tmp / run}",
+        "trainer.steps=3",
+        "trainer.keep_last=0",
+        "rollout.group_size=4",
+        "rollout.prompts_per_step=4",
+        "warm_start.steps=30",
+        f"warm_start.cache_dir={tmp / 'cache'}",
+        "eval.samples=2",
+        "eval.greedy=false",
+        "tasks.0.eval_size=4",
+        "policy.demo.hidden_size=32",
+        "policy.demo.num_hidden_layers=2",
+        "optim.lr=1.0e-2",
+        *extra,
     ]
 
 
@@ -146,12 +160,24 @@ def _train(tmp: Path, run: str, extra: list[str], processes: int) -> subprocess.
     if processes == 1:
         cmd = [sys.executable, "-m", "rlk2.cli", "train"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(processes),
-               "--main_process_port", str(_free_port()), "-m", "rlk2.cli", "train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "rlk2.cli",
+            "train",
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*cmd, *_overrides(tmp, run, extra)], capture_output=True, text=True, timeout=900,
-                          env=env, cwd=tmp)
+    proc = subprocess.run(
+        [*cmd, *_overrides(tmp, run, extra)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -177,15 +203,26 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.parametrize("extra", [
-    # the default loss (k2, a mean over sequences) with AdamW on the demo's two tasks, at lr 1e-3: AdamW moves an element
-    # whose gradient is ~0 by a full ±lr on a rounding-level sign flip, so at 1e-2 step-3 grad_norm drifted 1 %
-    ["optim.name=adamw", "optim.lr=1e-3"],
-    ["algo.loss=dapo", "algo.inner_steps=2", "optim.name=muonclip"],  # a token mean, off-policy steps, QK-Clip
-    # the K2 training controls: success counts gathered from both ranks, tied groups cut per rank, PTX on both
-    ["rollout.temperature_end=0.5", "rollout.sampling=prioritized", "algo.filter_zero_std=true",
-     "algo.ptx.weight=0.5", "algo.ptx.source=builtin:max", "algo.ptx.batch_size=4"],
-], ids=["k2-adamw", "dapo-muonclip", "k2-controls"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # the default loss (k2, a mean over sequences) with AdamW on the demo's two tasks, at lr 1e-3: AdamW moves an
+        # element
+        # whose gradient is ~0 by a full ±lr on a rounding-level sign flip, so at 1e-2 step-3 grad_norm drifted 1 %
+        ["optim.name=adamw", "optim.lr=1e-3"],
+        ["algo.loss=dapo", "algo.inner_steps=2", "optim.name=muonclip"],  # a token mean, off-policy steps, QK-Clip
+        # the K2 training controls: success counts gathered from both ranks, tied groups cut per rank, PTX on both
+        [
+            "rollout.temperature_end=0.5",
+            "rollout.sampling=prioritized",
+            "algo.filter_zero_std=true",
+            "algo.ptx.weight=0.5",
+            "algo.ptx.source=builtin:max",
+            "algo.ptx.batch_size=4",
+        ],
+    ],
+    ids=["k2-adamw", "dapo-muonclip", "k2-controls"],
+)
 def test_two_processes_match_one(tmp_path, extra):
     # Two processes first: their warm start runs in its own process (then cached for the one-process run).
     two = _train(tmp_path, "two", extra, 2)
@@ -216,8 +253,10 @@ def test_two_processes_match_one(tmp_path, extra):
 
     # the global batch's rollouts, written once, with the same completions
     for step in (1, 2, 3):
-        ra = [json.loads(l) for l in (tmp_path / "one" / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
-        rb = [json.loads(l) for l in (tmp_path / "two" / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
+        ra, rb = (
+            [json.loads(line) for line in (tmp_path / run / "rollouts" / f"step-{step}.jsonl").read_text().splitlines()]
+            for run in ("one", "two")
+        )
         assert len(rb) == 16 and [r["completion"] for r in rb] == [r["completion"] for r in ra]
         assert [r["reward"] for r in rb] == [r["reward"] for r in ra]
 
@@ -238,7 +277,7 @@ def test_two_processes_match_one(tmp_path, extra):
         moved += 1
         assert (db - da).norm() <= 0.02 * da.norm(), f"{name}: updates differ by {(db - da).norm() / da.norm():.3%}"
         diff2, norm2 = diff2 + float((db - da).norm()) ** 2, norm2 + float(da.norm()) ** 2
-    assert diff2 ** 0.5 <= 0.005 * norm2 ** 0.5
+    assert diff2**0.5 <= 0.005 * norm2**0.5
     assert moved > len(wa) // 2  # most tensors were trained
 
 

@@ -19,16 +19,32 @@ from rlk2.policy import tiny_deepseek_v3_config
 
 def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def tiny_qwen3_moe() -> Qwen3MoeForCausalLM:
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                         num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8)
+    cfg = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     return Qwen3MoeForCausalLM(cfg)
 
 
@@ -37,7 +53,8 @@ def tiny_deepseek() -> DeepseekV3ForCausalLM:
     return DeepseekV3ForCausalLM(tiny_deepseek_v3_config(64))
 
 
-# ---- Newton-Schulz ----------------------------------------------------------------------------------------------------
+# ---- Newton-Schulz ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(6, 48, 24), (4, 24, 48), (3, 16, 16)])
 def test_batched_newton_schulz_equals_per_matrix(shape):
@@ -98,7 +115,9 @@ def test_matches_torch_muon_with_rms_matching_when_run_in_bfloat16(monkeypatch):
     ref = torch.nn.Linear(64, 48, bias=False)
     ref.load_state_dict(ours.state_dict())
     opt_ours = MuonClip(ours, lr=0.05, weight_decay=0.1, momentum=0.0, qk_clip_tau=None)
-    opt_ref = torch.optim.Muon(ref.parameters(), lr=0.05, weight_decay=0.1, momentum=0.0, adjust_lr_fn="match_rms_adamw")
+    opt_ref = torch.optim.Muon(
+        ref.parameters(), lr=0.05, weight_decay=0.1, momentum=0.0, adjust_lr_fn="match_rms_adamw"
+    )
     start = ours.weight.detach().clone()
     for seed in range(3):
         x = torch.randn(32, 64, generator=torch.Generator().manual_seed(seed))
@@ -132,13 +151,16 @@ def test_newton_schulz_precision_is_chosen_per_device(monkeypatch):
     assert newton_schulz(torch.randn(4, 8, dtype=torch.float64)).dtype == torch.float64  # returned in input dtype
 
 
-# ---- routing ----------------------------------------------------------------------------------------------------------
+# ---- routing ---------------------------------------------------------------------------------------------------------
+
 
 def _names(pairs):
     return {n for n, _ in pairs}
 
 
-@pytest.mark.parametrize("build", [tiny_deepseek, tiny_qwen3_moe, tiny_llama], ids=["deepseek_v3", "qwen3_moe", "llama"])
+@pytest.mark.parametrize(
+    "build", [tiny_deepseek, tiny_qwen3_moe, tiny_llama], ids=["deepseek_v3", "qwen3_moe", "llama"]
+)
 def test_every_parameter_is_routed_exactly_once(build):
     model = build()
     routing = route_parameters(model)

@@ -19,15 +19,29 @@ VOCAB = 64
 
 def deepseek(seed: int = 0) -> DeepseekV3ForCausalLM:
     torch.manual_seed(seed)
-    shape = TinyMoEShape(hidden_size=32, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=16,
-                         n_routed_experts=4, kv_lora_rank=16)
+    shape = TinyMoEShape(
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        kv_lora_rank=16,
+    )
     return DeepseekV3ForCausalLM(tiny_deepseek_v3_config(VOCAB, shape))
 
 
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def ids_for(step: int) -> torch.Tensor:
@@ -171,10 +185,16 @@ def test_lora_on_mla_projections_records_the_adapted_logits():
     torch.testing.assert_close(torch.stack([a.running_max for a in opt.attentions]), torch.stack(seen))
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"lr": -1.0}, "lr"), ({"lr": 0.1, "momentum": 1.0}, "momentum"), ({"lr": 0.1, "ns_steps": 0}, "ns_steps"),
-    ({"lr": 0.1, "qk_clip_tau": 0.0}, "qk_clip_tau"), ({"lr": 0.1, "adamw_betas": (0.9, 1.0)}, "adamw_betas"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"lr": 0.1, "momentum": 1.0}, "momentum"),
+        ({"lr": 0.1, "ns_steps": 0}, "ns_steps"),
+        ({"lr": 0.1, "qk_clip_tau": 0.0}, "qk_clip_tau"),
+        ({"lr": 0.1, "adamw_betas": (0.9, 1.0)}, "adamw_betas"),
+    ],
+)
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"invalid {field}="):
         MuonClip(llama(), **kwargs)
@@ -205,8 +225,10 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp(ids, labels=ids).loss.backward()
         local = max(a.running_max.max().item() for a in opt.attentions)
         opt.step()
-        torch.save({"local": local, "metrics": opt.metrics(), "params": [p.detach() for p in model.parameters()]},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"local": local, "metrics": opt.metrics(), "params": [p.detach() for p in model.parameters()]},
+            f"{out_dir}/rank{rank}.pt",
+        )
         torch.distributed.barrier()  # both results are on disk
     except BaseException:
         traceback.print_exc()

@@ -29,46 +29,103 @@ VOCAB = 64
 
 
 def deepseek(q_lora_rank=None) -> DeepseekV3ForCausalLM:
-    shape = TinyMoEShape(hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
-                         n_routed_experts=4, q_lora_rank=q_lora_rank)
+    shape = TinyMoEShape(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        q_lora_rank=q_lora_rank,
+    )
     return DeepseekV3ForCausalLM(tiny_deepseek_v3_config(VOCAB, shape))
 
 
 def deepseek_yarn() -> DeepseekV3ForCausalLM:
     # YaRN with mscale_all_dim: the model's softmax scale is head_dim^-0.5 * mscale^2, not head_dim^-0.5.
     cfg = tiny_deepseek_v3_config(VOCAB, TinyMoEShape(hidden_size=64, num_hidden_layers=2, n_routed_experts=4))
-    cfg.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                           "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
+    cfg.rope_parameters = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "rope_theta": 10000.0,
+    }
     model = DeepseekV3ForCausalLM(cfg)
-    assert model.model.layers[0].self_attn.scaling > 1.1 * 24 ** -0.5
+    assert model.model.layers[0].self_attn.scaling > 1.1 * 24**-0.5
     return model
 
 
 def llama_gqa() -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attention_bias=True,
+        )
+    )
 
 
 def qwen2_gqa() -> Qwen2ForCausalLM:  # q/k/v biases always on
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=1))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+        )
+    )
 
 
 def mixtral_mha() -> MixtralForCausalLM:
-    return MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_local_experts=4,
-                                            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=4))
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    )
 
 
 def qwen3_moe() -> Qwen3MoeForCausalLM:
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                              moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              head_dim=16))
+    return Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+    )
 
 
-FAMILIES = {"mla": deepseek, "mla_q_lora": lambda: deepseek(q_lora_rank=24), "mla_yarn": deepseek_yarn,
-            "gqa_bias": llama_gqa, "gqa_qwen2": qwen2_gqa, "mha": mixtral_mha, "qk_norm": qwen3_moe}
+FAMILIES = {
+    "mla": deepseek,
+    "mla_q_lora": lambda: deepseek(q_lora_rank=24),
+    "mla_yarn": deepseek_yarn,
+    "gqa_bias": llama_gqa,
+    "gqa_qwen2": qwen2_gqa,
+    "mha": mixtral_mha,
+    "qk_norm": qwen3_moe,
+}
 
 
 def build(name: str, attn: str = "eager"):
@@ -115,10 +172,14 @@ def capture_attention_inputs(model, ids, mask):
     """The kwargs each attention module received in one forward, to re-run it on exactly the same inputs."""
     saved, handles = {}, []
     for m in attention_modules(model):
-        handles.append(m.register_forward_pre_hook(
-            lambda mod, args, kwargs: saved.__setitem__(mod, {k: kwargs[k] for k in
-                                                              ("hidden_states", "position_embeddings", "attention_mask")}),
-            with_kwargs=True))
+        handles.append(
+            m.register_forward_pre_hook(
+                lambda mod, args, kwargs: saved.__setitem__(
+                    mod, {k: kwargs[k] for k in ("hidden_states", "position_embeddings", "attention_mask")}
+                ),
+                with_kwargs=True,
+            )
+        )
     with torch.no_grad():
         model(ids, attention_mask=mask, use_cache=False)
     for h in handles:
@@ -136,7 +197,8 @@ def logits_on(model, inputs):
     return torch.stack(out)
 
 
-# ---- recording ---------------------------------------------------------------------------------------------------------
+# ---- recording -------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("attn, padded", [("eager", True), ("sdpa", True), ("sdpa", False)])
@@ -153,8 +215,10 @@ def test_recorded_max_logit_equals_the_models_own_logits(family, attn, padded):
     recorded = torch.stack([a.running_max for a in opt.attentions])
     torch.testing.assert_close(recorded, truth, rtol=1e-5, atol=1e-5)
     opt.step()
-    assert opt.metrics() == {"qk_clip/max_logit": pytest.approx(truth.max().item(), rel=1e-5),
-                             "qk_clip/clipped_heads": 0}
+    assert opt.metrics() == {
+        "qk_clip/max_logit": pytest.approx(truth.max().item(), rel=1e-5),
+        "qk_clip/clipped_heads": 0,
+    }
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -192,7 +256,8 @@ def test_gradient_checkpointing_records_the_same_logits():
     torch.testing.assert_close(torch.stack([a.running_max for a in opt.attentions]), torch.stack(seen))
 
 
-# ---- clipping ----------------------------------------------------------------------------------------------------------
+# ---- clipping --------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ["mla", "mla_q_lora", "mla_yarn", "gqa_bias", "gqa_qwen2", "mha"])
 def test_one_step_brings_clipped_heads_to_tau_and_leaves_the_rest_bit_identical(family):
@@ -202,7 +267,7 @@ def test_one_step_brings_clipped_heads_to_tau_and_leaves_the_rest_bit_identical(
     before = logits_on(model, inputs)  # [layers, H]
     # tau halfway between the two middle heads: strictly between the smallest and the largest head, and far from
     # every head's value compared with the float rounding of recomputing the logits outside the kernel
-    middle = before.flatten().sort().values[before.numel() // 2 - 1: before.numel() // 2 + 1]
+    middle = before.flatten().sort().values[before.numel() // 2 - 1 : before.numel() // 2 + 1]
     assert middle[1] - middle[0] > 1e-4 * middle[1]
     tau = middle.mean().item()
     over = before > tau
@@ -232,8 +297,9 @@ def test_one_step_brings_clipped_heads_to_tau_and_leaves_the_rest_bit_identical(
                 expect_kv[h, :dn] = math.sqrt(g)  # k^C x sqrt(gamma); value rows stay 1
             scaled = {q_name: expect_q.flatten(), "kv_b_proj.weight": expect_kv.flatten()}
             # The shared rotary key (and the compressed KV) in kv_a_proj_with_mqa: never touched.
-            assert torch.equal(model.get_parameter(prefix + "kv_a_proj_with_mqa.weight"),
-                               weights[prefix + "kv_a_proj_with_mqa.weight"])
+            assert torch.equal(
+                model.get_parameter(prefix + "kv_a_proj_with_mqa.weight"), weights[prefix + "kv_a_proj_with_mqa.weight"]
+            )
         else:
             d, groups = attn.head_dim, attn.num_key_value_groups
             expect_q = torch.ones(before.shape[1], d)
@@ -252,8 +318,17 @@ def test_one_step_brings_clipped_heads_to_tau_and_leaves_the_rest_bit_identical(
             assert torch.equal(new[same], old[same]), key
             torch.testing.assert_close(new, old * factor, rtol=1e-6, atol=0)
     for n, p in model.named_parameters():  # everything else: untouched (lr = 0)
-        if not any(n.endswith(k) for k in ("q_proj.weight", "q_b_proj.weight", "kv_b_proj.weight",
-                                           "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+        if not any(
+            n.endswith(k)
+            for k in (
+                "q_proj.weight",
+                "q_b_proj.weight",
+                "kv_b_proj.weight",
+                "k_proj.weight",
+                "q_proj.bias",
+                "k_proj.bias",
+            )
+        ):
             assert torch.equal(p, weights[n]), n
 
 

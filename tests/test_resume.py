@@ -22,15 +22,24 @@ def rlk2(*args, **kw):
 
 def base(tmp: Path, run: str, steps: int) -> list[str]:
     return [
-        f"run.dir={tmp / run}", f"trainer.steps={steps}", "trainer.save_every=1", "trainer.keep_last=0",
-        "rollout.group_size=4", "rollout.prompts_per_step=4", "warm_start.steps=5",
-        f"warm_start.cache_dir={tmp / 'cache'}", "eval.samples=1", "eval.greedy=false", "tasks.0.eval_size=4",
-        "policy.demo.hidden_size=32", "policy.demo.num_hidden_layers=2",
+        f"run.dir={tmp / run}",
+        f"trainer.steps={steps}",
+        "trainer.save_every=1",
+        "trainer.keep_last=0",
+        "rollout.group_size=4",
+        "rollout.prompts_per_step=4",
+        "warm_start.steps=5",
+        f"warm_start.cache_dir={tmp / 'cache'}",
+        "eval.samples=1",
+        "eval.greedy=false",
+        "tasks.0.eval_size=4",
+        "policy.demo.hidden_size=32",
+        "policy.demo.num_hidden_layers=2",
     ]
 
 
 def train_rows(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows if "loss" in r}
 
 
@@ -70,8 +79,12 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "rlk2.cli", "train", *base(tmp_path, "run", 200)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlk2.cli", "train", *base(tmp_path, "run", 200)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
@@ -89,12 +102,15 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
 def test_sigkill_at_a_random_point_then_resume_matches(tmp_path):
     full = rlk2("train", *base(tmp_path, "full", 6))
     assert full.returncode == 0, full.stderr[-2000:]
-    proc = subprocess.Popen([sys.executable, "-m", "rlk2.cli", "train", *base(tmp_path, "killed", 6)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlk2.cli", "train", *base(tmp_path, "killed", 6)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "killed" / "metrics.jsonl"
     target = 2 + int.from_bytes(os.urandom(1), "little") % 3  # kill somewhere after step 2..4 was logged
     while proc.poll() is None:
-        if metrics.exists() and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= target:
+        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= target:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)

@@ -11,8 +11,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def rlk2(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlk2.cli", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rlk2.cli", *args], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 def write(tmp_path: pathlib.Path, rows: list) -> str:
@@ -22,15 +23,21 @@ def write(tmp_path: pathlib.Path, rows: list) -> str:
 
 
 def test_score_one_line_per_row_in_order(tmp_path):
-    rows = [{"completion": r"so \boxed{4}", "answer": "4"},
-            {"completion": "no idea", "answer": "4"},
-            {"completion": r"\boxed{4}", "answer": r"\frac{"},  # broken gold -> unscorable, with the reason
-            {"completion": r"\boxed{0.5}", "answer": r"\frac12", "prompt": "half?"}]
+    rows = [
+        {"completion": r"so \boxed{4}", "answer": "4"},
+        {"completion": "no idea", "answer": "4"},
+        {"completion": r"\boxed{4}", "answer": r"\frac{"},  # broken gold -> unscorable, with the reason
+        {"completion": r"\boxed{0.5}", "answer": r"\frac12", "prompt": "half?"},
+    ]
     proc = rlk2("score", "--reward", "math", "--input", write(tmp_path, rows))
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert out == [{"reward": 1.0, "error": None}, {"reward": 0.0, "error": None},
-                   {"reward": None, "error": "unparsable gold"}, {"reward": 1.0, "error": None}]
+    assert out == [
+        {"reward": 1.0, "error": None},
+        {"reward": 0.0, "error": None},
+        {"reward": None, "error": "unparsable gold"},
+        {"reward": 1.0, "error": None},
+    ]
 
 
 def test_score_reads_stdin_and_passes_options():
@@ -50,8 +57,13 @@ def test_malformed_line_is_one_error_with_line_number(tmp_path):
 
 
 def test_missing_column_and_unknown_reward_fail_before_scoring(tmp_path):
-    proc = rlk2("score", "--reward", "math", "--input", write(tmp_path, [{"completion": "a", "answer": "1"},
-                                                                        {"completion": "b"}]))
+    proc = rlk2(
+        "score",
+        "--reward",
+        "math",
+        "--input",
+        write(tmp_path, [{"completion": "a", "answer": "1"}, {"completion": "b"}]),
+    )
     assert proc.returncode == 2 and ":2: reward 'math' needs column 'answer'" in proc.stderr
     proc = rlk2("score", "--reward", "maths", stdin='{"completion": "a"}\n')
     assert proc.returncode == 2 and "unknown reward 'maths'" in proc.stderr and "did you mean 'math'" in proc.stderr
@@ -74,8 +86,10 @@ def test_rewards_lists_every_reward_with_columns():
 
 def test_rewards_describes_the_rewards_a_config_names(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("tasks:\n  - name: arith\n    source: builtin:arith\n    rewards:\n      - name: math\n"
-                      "      - name: examples/my_reward.py:short_and_right\n        weight: 0.5\n")
+    config.write_text(
+        "tasks:\n  - name: arith\n    source: builtin:arith\n    rewards:\n      - name: math\n"
+        "      - name: examples/my_reward.py:short_and_right\n        weight: 0.5\n"
+    )
     proc = rlk2("rewards", "--json", "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     listed = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}

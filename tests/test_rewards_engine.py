@@ -284,10 +284,12 @@ def test_resolve_by_name_path_and_suggestions():
 
 def test_resolve_entry_point(tmp_path, monkeypatch):
     # a real installed-distribution layout on sys.path: importlib.metadata finds it like a pip-installed package
-    (tmp_path / "thirdparty_rewards.py").write_text(textwrap.dedent("""
+    (tmp_path / "thirdparty_rewards.py").write_text(
+        textwrap.dedent("""
         def shout(completions, *, prompts, **_):
             return [float(c.isupper()) for c in completions]
-    """))
+    """)
+    )
     dist = tmp_path / "thirdparty_rewards-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-rewards\nVersion: 0.1\n")
@@ -346,8 +348,10 @@ def test_none_nan_and_inf_from_a_reward_are_unscorable():
 def elementwise_extras(completions, *, prompts, answer, **_):
     if "bad" in completions:
         raise ValueError("unreadable")
-    return {"rewards": [float(c == a) for c, a in zip(completions, answer)],
-            "extras": {"seen": [f"{c}|{a}" for c, a in zip(completions, answer)]}}
+    return {
+        "rewards": [float(c == a) for c, a in zip(completions, answer)],
+        "extras": {"seen": [f"{c}|{a}" for c, a in zip(completions, answer)]},
+    }
 
 
 def test_a_batch_scored_in_pieces_equals_one_call(engine):

@@ -36,24 +36,35 @@ def test_length_is_group_relative_and_only_penalises_without_correctness():
 
 
 def test_budget_penalty_rule():
-    assert budget_penalty([10, 50, 20, 40], [False, True, False, False], budget=32, penalty=-0.5) == \
-        [0.0, -0.5, 0.0, -0.5]  # #1 truncated, #3 over budget
+    assert budget_penalty([10, 50, 20, 40], [False, True, False, False], budget=32, penalty=-0.5) == [
+        0.0,
+        -0.5,
+        0.0,
+        -0.5,
+    ]  # #1 truncated, #3 over budget
     assert budget_penalty([10, 10], [False, False], budget=[5, 20], penalty=-1.0) == [-1.0, 0.0]  # per task
     with pytest.raises(ValueError, match="2 truncated flags for 3 token counts"):
         budget_penalty([1, 2, 3], [True, False], budget=4, penalty=-1.0)
 
 
 def test_budget_reward_reads_per_row_budgets():
-    out = budget(["a", "b", "c"], prompts=[""] * 3, num_tokens=[100, 100, 10], truncated=[False, False, True],
-                 token_budget=[50, 200, None], penalty=-2.0)
+    out = budget(
+        ["a", "b", "c"],
+        prompts=[""] * 3,
+        num_tokens=[100, 100, 10],
+        truncated=[False, False, True],
+        token_budget=[50, 200, None],
+        penalty=-2.0,
+    )
     assert out == [-2.0, 0.0, -2.0]
 
 
 def test_shape_rewards_through_the_engine():
     with RewardEngine(num_workers=1) as engine:
         specs = [RewardSpec("format"), RewardSpec("length", weight=0.0), RewardSpec("budget", kwargs={"budget": 5})]
-        out = engine.score(specs, [r"\boxed{1}", "abc"], ["p", "p"],
-                           {"num_tokens": [3, 9], "truncated": [False, False]})
+        out = engine.score(
+            specs, [r"\boxed{1}", "abc"], ["p", "p"], {"num_tokens": [3, 9], "truncated": [False, False]}
+        )
     assert out.rewards["format"] == [1.0, 0.0]
     assert out.rewards["budget"] == [0.0, -1.0]
     assert out.total == [1.0, -1.0]  # format + budget; length has weight 0

@@ -26,8 +26,11 @@ FAMILIES = [
     (r"(1, 2]", r"$\boxed{(1,2]}$", r"$\boxed{[1,2]}$"),
     (r"\{1, 2, 3\}", r"$\boxed{\{3, 2, 1\}}$", r"$\boxed{\{1, 2\}}$"),
     (r"(3, -1)", r"the point is $\boxed{(3,-1)}$", r"$\boxed{(-1,3)}$"),
-    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"$\boxed{\begin{pmatrix}1&2\\3&4\end{pmatrix}}$",
-     r"$\boxed{\begin{pmatrix}1&2\\3&5\end{pmatrix}}$"),
+    (
+        r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}",
+        r"$\boxed{\begin{pmatrix}1&2\\3&4\end{pmatrix}}$",
+        r"$\boxed{\begin{pmatrix}1&2\\3&5\end{pmatrix}}$",
+    ),
     ("x = 5", r"$\boxed{5}$", r"$\boxed{x = 6}$"),
     (r"25\%", r"$\boxed{25\%}$", r"$\boxed{30\%}$"),
     ("1,000", "The final answer is $1000$. I hope it is correct.", "The final answer is $100$."),
@@ -96,8 +99,12 @@ def test_pathological_answers_are_cut_at_the_deadline():
     deadline = 3.0
     with RewardEngine(num_workers=2) as engine:
         start = time.monotonic()
-        out = engine.score([RewardSpec("math", timeout_s=deadline)], [p for _, p in PATHOLOGICAL],
-                           [""] * len(PATHOLOGICAL), {"answer": [g for g, _ in PATHOLOGICAL]})
+        out = engine.score(
+            [RewardSpec("math", timeout_s=deadline)],
+            [p for _, p in PATHOLOGICAL],
+            [""] * len(PATHOLOGICAL),
+            {"answer": [g for g, _ in PATHOLOGICAL]},
+        )
         elapsed = time.monotonic() - start
         # a normal answer right after is still graded (no stuck worker left behind)
         again = engine.score([RewardSpec("math")], [r"\boxed{5}"], [""], {"answer": ["5"]})
@@ -137,8 +144,10 @@ def test_accuracy_on_labelled_set_beats_raw_math_verify():
 
     acc, fp, fn = stats(ours)
     raw_acc, raw_fp, raw_fn = stats(raw)
-    print(f"\nmath reward: accuracy {acc:.3f}, FP {fp}, FN {fn} | raw verify: accuracy {raw_acc:.3f}, "
-          f"FP {raw_fp}, FN {raw_fn} | n={len(rows)}")
+    print(
+        f"\nmath reward: accuracy {acc:.3f}, FP {fp}, FN {fn} | raw verify: accuracy {raw_acc:.3f}, "
+        f"FP {raw_fp}, FN {raw_fn} | n={len(rows)}"
+    )
     assert acc >= raw_acc and fp <= raw_fp
 
 
@@ -149,7 +158,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(-10**12, 10**12), st.integers(1, 10**6))
+@given(st.integers(-(10**12), 10**12), st.integers(1, 10**6))
 def test_any_integer_or_fraction_matches_itself_and_not_its_neighbour(n, d):
     value = Fraction(n, d)
     gold = rf"\frac{{{value.numerator}}}{{{value.denominator}}}" if value.denominator != 1 else str(n // d)
@@ -160,12 +169,19 @@ def test_any_integer_or_fraction_matches_itself_and_not_its_neighbour(n, d):
     assert check(gold, rf"Thus $\boxed{{{other.numerator}/{other.denominator}}}$.") == (0.0, None)
 
 
-_INTS = st.one_of(st.integers(-99, 99), st.integers(-10**30, 10**30))
+_INTS = st.one_of(st.integers(-99, 99), st.integers(-(10**30), 10**30))
 
 
 @settings(max_examples=60, deadline=None)
-@given(gold=_INTS, pred=_INTS, equal=st.booleans(), pad=st.sampled_from(["", " ", "  "]),
-       wrap=st.sampled_from(["\\boxed{{{}}}", "$\\boxed{{{}}}$", "The answer is \\boxed{{{}}}.", "\\boxed{{{}}}, \\boxed{{7}}"]))
+@given(
+    gold=_INTS,
+    pred=_INTS,
+    equal=st.booleans(),
+    pad=st.sampled_from(["", " ", "  "]),
+    wrap=st.sampled_from(
+        ["\\boxed{{{}}}", "$\\boxed{{{}}}$", "The answer is \\boxed{{{}}}.", "\\boxed{{{}}}, \\boxed{{7}}"]
+    ),
+)
 def test_integer_shortcut_agrees_with_math_verify(gold, pred, equal, pad, wrap):
     """The plain-integer shortcut (`_same_integer`) gives Math-Verify's verdict on every pair it decides."""
     import rewards.math as m
@@ -188,18 +204,30 @@ def test_integer_shortcut_leaves_other_forms_to_math_verify():
 
     assert _same_integer("92", r"\boxed{92}") is True and _same_integer("-5", r"\boxed{ -5 }") is True
     assert _same_integer("92", r"\boxed{93}") is False
-    for gold, span in [("92", r"\boxed{092}"), ("92", r"\boxed{92.0}"), ("9.2", r"\boxed{9.2}"), ("1,000", r"\boxed{1000}"),
-                       ("92", r"\boxed{92}$ pct"), ("92", r"\boxed{+92}"), ("92", r"\boxed{9}, \boxed{2}"), ("x", r"\boxed{1}")]:
+    for gold, span in [
+        ("92", r"\boxed{092}"),
+        ("92", r"\boxed{92.0}"),
+        ("9.2", r"\boxed{9.2}"),
+        ("1,000", r"\boxed{1000}"),
+        ("92", r"\boxed{92}$ pct"),
+        ("92", r"\boxed{+92}"),
+        ("92", r"\boxed{9}, \boxed{2}"),
+        ("x", r"\boxed{1}"),
+    ]:
         assert _same_integer(gold, span) is None, (gold, span)
 
 
-_TEXT = st.lists(st.sampled_from(list("0123456789 -$.%(){}\n") + ["\\boxed{", "\\fbox{", "pct", "final answer"]),
-                 max_size=40).map("".join)
+_TEXT = st.lists(
+    st.sampled_from(list("0123456789 -$.%(){}\n") + ["\\boxed{", "\\fbox{", "pct", "final answer"]), max_size=40
+).map("".join)
 
 
 @settings(max_examples=200, deadline=None)
-@given(gold=st.one_of(st.integers(-999, 999).map(str), st.sampled_from(["007", "1.5", "x", " 12 "])), text=_TEXT,
-       pred=st.integers(-999, 999))
+@given(
+    gold=st.one_of(st.integers(-999, 999).map(str), st.sampled_from(["007", "1.5", "x", " 12 "])),
+    text=_TEXT,
+    pred=st.integers(-999, 999),
+)
 def test_engine_shortcut_decides_only_what_check_decides_the_same_way(gold, text, pred):
     """`integer_shortcut` (run in the trainer's process) never disagrees with `check` (run in a worker)."""
     from rewards.math import integer_shortcut
@@ -210,8 +238,13 @@ def test_engine_shortcut_decides_only_what_check_decides_the_same_way(gold, text
             assert (verdict, None) == check(gold, completion), completion
 
 
-_NO_ALNUM = st.lists(st.sampled_from(list(" -$.%(){}[]^_,;:!?*/+=<>|'\"\n~#&@") + ["\\boxed{", "\\fbox{", "\\", "\\,",
-                                        "\\!", "∞", "√", "−", "…", "·", "×", "°", "′"]), max_size=30).map("".join)
+_NO_ALNUM = st.lists(
+    st.sampled_from(
+        list(" -$.%(){}[]^_,;:!?*/+=<>|'\"\n~#&@")
+        + ["\\boxed{", "\\fbox{", "\\", "\\,", "\\!", "∞", "√", "−", "…", "·", "×", "°", "′"]
+    ),
+    max_size=30,
+).map("".join)
 
 
 @settings(max_examples=150, deadline=None)

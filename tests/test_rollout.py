@@ -48,7 +48,9 @@ def test_seeded_rollouts_are_reproducible(tiny_policy):
 def test_concat_rollouts_pads_to_common_width(tiny_policy):
     model, tok = load_policy(tiny_policy)
     a = generate_rollouts(model, tok, encode_prompts(tok, ["1+1=?"] * 2, chat_template=True), max_new_tokens=4, seed=1)
-    b = generate_rollouts(model, tok, encode_prompts(tok, ["10+10=?"] * 3, chat_template=True), max_new_tokens=9, seed=2)
+    b = generate_rollouts(
+        model, tok, encode_prompts(tok, ["10+10=?"] * 3, chat_template=True), max_new_tokens=9, seed=2
+    )
     c = concat_rollouts([a, b], tok.pad_token_id)
     assert c.completion_ids.shape == (5, 9) and c.prompt_ids.shape[0] == 5
     logp, _ = policy_logprobs(model, c, temperature=1.0)
@@ -56,7 +58,8 @@ def test_concat_rollouts_pads_to_common_width(tiny_policy):
 
 
 def test_top_p_logprobs_are_the_nucleus_distribution(tiny_policy):
-    """With top_p < 1, old_logp is the log-prob under HF's TopPLogitsWarper nucleus, renormalised (not the full softmax)."""
+    """With top_p < 1, old_logp is the log-prob under HF's TopPLogitsWarper nucleus, renormalised (not the full
+    softmax)."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
     model, tok = load_policy(tiny_policy)
@@ -66,8 +69,17 @@ def test_top_p_logprobs_are_the_nucleus_distribution(tiny_policy):
     attn = torch.cat([ro.prompt_mask, ro.completion_mask], dim=1)
     T = ro.completion_ids.shape[1]
     with torch.no_grad():
-        logits = model(input_ids=full, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0),
-                       logits_to_keep=T + 1).logits[:, :-1].float() / 0.8  # [B, T, V]
+        logits = (
+            model(
+                input_ids=full,
+                attention_mask=attn,
+                position_ids=(attn.cumsum(1) - 1).clamp(min=0),
+                logits_to_keep=T + 1,
+            )
+            .logits[:, :-1]
+            .float()
+            / 0.8
+        )  # [B, T, V]
     warp = TopPLogitsWarper(0.5)
     nucleus = torch.stack([warp(None, logits[:, t]) for t in range(T)], dim=1).log_softmax(-1)
     want = nucleus.gather(2, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -89,7 +101,8 @@ def test_seeded_rollouts_leave_the_global_rng_alone(tiny_policy):
 
 def test_counter_noise_is_splitmix64():
     """The int64 tensor arithmetic (wrapping multiply, masked shifts) equals splitmix64 on Python integers."""
-    from rlk2.rollout.sampling import mix64 as _mix64, to_int64 as _to_int64
+    from rlk2.rollout.sampling import mix64 as _mix64
+    from rlk2.rollout.sampling import to_int64 as _to_int64
 
     def reference(z: int) -> int:  # splitmix64's output function, on unbounded ints reduced mod 2**64
         m = (1 << 64) - 1
@@ -103,7 +116,8 @@ def test_counter_noise_is_splitmix64():
 
 
 def test_counter_noise_is_exponential():
-    from rlk2.rollout.sampling import mix64 as _mix64, sequence_exponentials as _sequence_exponentials
+    from rlk2.rollout.sampling import mix64 as _mix64
+    from rlk2.rollout.sampling import sequence_exponentials as _sequence_exponentials
 
     e = _sequence_exponentials(_mix64(torch.arange(64)), 3, 4096)  # [64, 4096]
     # Exp(1): mean 1, P(E > 1) = e^-1 = 0.368; 262k draws put both within ~0.01 of their value.

@@ -10,9 +10,22 @@ import re
 
 import pytest
 
-from rewards.rubric import (DEFAULT_TEMPLATE, Reply, RubricError, bradley_terry, choose_pairs, fill_template,
-                            load_rubric_file, load_rubrics, load_template, parse_verdict, render_rubrics, rubric,
-                            summarize, win_rate)
+from rewards.rubric import (
+    DEFAULT_TEMPLATE,
+    Reply,
+    RubricError,
+    bradley_terry,
+    choose_pairs,
+    fill_template,
+    load_rubric_file,
+    load_rubrics,
+    load_template,
+    parse_verdict,
+    render_rubrics,
+    rubric,
+    summarize,
+    win_rate,
+)
 
 
 # ----------------------------------------------------------------------------------------------- rubric files
@@ -30,20 +43,23 @@ def test_shipped_rubrics_are_k2s():
 GOOD = '[[rubric]]\nname = "x"\ntitle = "X"\ndescription = "d"\n'
 
 
-@pytest.mark.parametrize("body, needle", [
-    (GOOD + "weight = -1\n", "rubric #1 ('x').weight: must be a number > 0"),
-    (GOOD + 'weight = "high"\n', ".weight: must be a number > 0"),
-    (GOOD + "weight = true\n", ".weight: must be a number > 0"),
-    (GOOD + 'mandatory = "yes"\n', ".mandatory: must be true or false"),
-    (GOOD + "wieght = 2\n", ".wieght: unknown field"),
-    ('[[rubric]]\nname = "x"\ntitle = "X"\n', ".description: required"),
-    ('[[rubric]]\nname = "has space"\ntitle = "X"\ndescription = "d"\n', ".name: use letters"),
-    (GOOD + '[[rubric]]\nname = "y"\ndescription = "d"\n', "rubric #2 ('y').title: required"),
-    ('title = "loose"\n' + GOOD, "unknown top-level key 'title'"),
-    ('[rubrics]\nname = "x"\n', "expected a list of [[rubric]] tables"),
-    ("rubric = []\n", "'rubric' must be a non-empty list"),
-    ("[[rubric]\nname = 1\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (GOOD + "weight = -1\n", "rubric #1 ('x').weight: must be a number > 0"),
+        (GOOD + 'weight = "high"\n', ".weight: must be a number > 0"),
+        (GOOD + "weight = true\n", ".weight: must be a number > 0"),
+        (GOOD + 'mandatory = "yes"\n', ".mandatory: must be true or false"),
+        (GOOD + "wieght = 2\n", ".wieght: unknown field"),
+        ('[[rubric]]\nname = "x"\ntitle = "X"\n', ".description: required"),
+        ('[[rubric]]\nname = "has space"\ntitle = "X"\ndescription = "d"\n', ".name: use letters"),
+        (GOOD + '[[rubric]]\nname = "y"\ndescription = "d"\n', "rubric #2 ('y').title: required"),
+        ('title = "loose"\n' + GOOD, "unknown top-level key 'title'"),
+        ('[rubrics]\nname = "x"\n', "expected a list of [[rubric]] tables"),
+        ("rubric = []\n", "'rubric' must be a non-empty list"),
+        ("[[rubric]\nname = 1\n", "not valid TOML"),
+    ],
+)
 def test_bad_rubric_file_is_one_line_naming_file_and_field(tmp_path, body, needle):
     path = tmp_path / "mine.toml"
     path.write_text(body)
@@ -99,10 +115,13 @@ def test_shipped_template_has_every_slot_and_asks_reason_before_verdict():
     assert text.index("reasoning") < text.index("Verdict: A")
 
 
-@pytest.mark.parametrize("body, needle", [
-    ("{prompt} {response_a} {response_b} {score}", "unknown placeholder {score}"),
-    ("{prompt} {response_a}", "placeholder {response_b} is required"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("{prompt} {response_a} {response_b} {score}", "unknown placeholder {score}"),
+        ("{prompt} {response_a}", "placeholder {response_b} is required"),
+    ],
+)
 def test_bad_template_is_one_line(tmp_path, body, needle):
     path = tmp_path / "t.txt"
     path.write_text(body)
@@ -111,26 +130,31 @@ def test_bad_template_is_one_line(tmp_path, body, needle):
 
 
 def test_fill_never_expands_inserted_text():
-    out = fill_template("Q {prompt} A={response_a} B={response_b}",
-                        {"prompt": "{response_b}", "response_a": r"\boxed{4}", "response_b": "{x}"})
+    out = fill_template(
+        "Q {prompt} A={response_a} B={response_b}",
+        {"prompt": "{response_b}", "response_a": r"\boxed{4}", "response_b": "{x}"},
+    )
     assert out == r"Q {response_b} A=\boxed{4} B={x}"
 
 
 # ----------------------------------------------------------------------------------------------- verdicts
-@pytest.mark.parametrize("text, verdict", [
-    ("A is shorter.\nVerdict: A", "A"),
-    ("Verdict: B", "B"),
-    ("Equal.\nverdict: tie", "tie"),
-    ("**Verdict:** B", "B"),
-    ("Verdict: A\nOn reflection...\nVerdict: B", "B"),  # the last verdict counts
-    ("VERDICT = A", "A"),
-    ("Verdict: a tie", None),  # lower-case 'a' is an article, not a verdict
-    ("Verdict: Both", None),
-    ("I prefer A.", None),
-    ("", None),
-    (None, None),
-    ("\x00\x01 Verdict:", None),
-])
+@pytest.mark.parametrize(
+    "text, verdict",
+    [
+        ("A is shorter.\nVerdict: A", "A"),
+        ("Verdict: B", "B"),
+        ("Equal.\nverdict: tie", "tie"),
+        ("**Verdict:** B", "B"),
+        ("Verdict: A\nOn reflection...\nVerdict: B", "B"),  # the last verdict counts
+        ("VERDICT = A", "A"),
+        ("Verdict: a tie", None),  # lower-case 'a' is an article, not a verdict
+        ("Verdict: Both", None),
+        ("I prefer A.", None),
+        ("", None),
+        (None, None),
+        ("\x00\x01 Verdict:", None),
+    ],
+)
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text).verdict == verdict
 
@@ -264,16 +288,23 @@ def test_groups_are_prompts_and_a_lone_response_is_unscorable():
 
 def test_per_rubric_mandatory_rubric_decides_first(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('[[rubric]]\nname = "safe"\ntitle = "Safe"\ndescription = "no harm"\nmandatory = true\n'
-                    '[[rubric]]\nname = "style"\ntitle = "Style"\ndescription = "nice"\nweight = 5\n')
+    path.write_text(
+        '[[rubric]]\nname = "safe"\ntitle = "Safe"\ndescription = "no harm"\nmandatory = true\n'
+        '[[rubric]]\nname = "style"\ntitle = "Style"\ndescription = "nice"\nweight = 5\n'
+    )
 
     def decide(a, b, prompt):  # "bad" replies break the mandatory rubric; "fancy" replies win on style
         if "- Safe" in prompt:
             return Reply("Verdict: " + ("tie" if ("bad" in a) == ("bad" in b) else "B" if "bad" in a else "A"))
         return Reply("Verdict: " + ("A" if "fancy" in a and "fancy" not in b else "B" if "fancy" in b else "tie"))
 
-    out = rubric(["fancy bad", "plain", "fancy"], prompts=["p"] * 3, backend=Scripted(decide),
-                 rubrics=[str(path)], judge="per_rubric")
+    out = rubric(
+        ["fancy bad", "plain", "fancy"],
+        prompts=["p"] * 3,
+        backend=Scripted(decide),
+        rubrics=[str(path)],
+        judge="per_rubric",
+    )
     # pairs: (fancy bad, plain): mandatory says plain -> s=0 despite style; (fancy bad, fancy): mandatory -> 0;
     # (plain, fancy): mandatory ties -> style decides, fancy wins -> s=0.  r = [0/2, 1/2, 2/2]
     assert out["rewards"] == [0.0, 0.5, 1.0]
@@ -282,8 +313,12 @@ def test_per_rubric_mandatory_rubric_decides_first(tmp_path):
 def test_bradley_terry_option_and_bad_options():
     out = rubric(["x 1", "x 2", "x 3"], prompts=["p"] * 3, backend=Scripted(by_score), aggregate="bradley_terry")
     assert out["rewards"][2] > out["rewards"][1] > out["rewards"][0] and all(0 < r < 1 for r in out["rewards"])
-    for bad, needle in [({"pairs": 0}, "pairs"), ({"order": "AB"}, "order"), ({"aggregate": "elo"}, "aggregate"),
-                        ({"backend": "vllm"}, "unknown critic backend 'vllm'")]:
+    for bad, needle in [
+        ({"pairs": 0}, "pairs"),
+        ({"order": "AB"}, "order"),
+        ({"aggregate": "elo"}, "aggregate"),
+        ({"backend": "vllm"}, "unknown critic backend 'vllm'"),
+    ]:
         with pytest.raises(RubricError, match=needle):
             rubric(["x 1", "x 2"], prompts=["p"] * 2, **{"backend": Scripted(by_score), **bad})
 

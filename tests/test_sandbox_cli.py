@@ -17,14 +17,20 @@ JOBS = [
     {"id": 7, "code": "def add(a, b):\n    return a - b", "tests": "assert add(1, 2) == 3\nassert add(0, 0) == 0"},
     {"id": "loop", "code": "while True:\n    pass", "tests": "assert 1", "timeout_s": 1},
     {"id": "io", "code": "print(int(input()) * 2)", "test_cases": [{"stdin": "4", "stdout": "8"}]},
-    {"id": "he", "code": "def inc(x):\n    print('hi')\n    return x + 1", "tests": "def check(c):\n    assert c(1) == 2",
-     "entry_point": "inc", "memory_mb": 128},
+    {
+        "id": "he",
+        "code": "def inc(x):\n    print('hi')\n    return x + 1",
+        "tests": "def check(c):\n    assert c(1) == 2",
+        "entry_point": "inc",
+        "memory_mb": 128,
+    },
 ]
 
 
 def cli(*args, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "sandboxes.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sandboxes.cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(params=BACKENDS)
@@ -52,13 +58,16 @@ def test_exec_reads_stdin(backend):
     assert json.loads(proc.stdout)["status"] == "passed"
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"id": 1, "code": "x", "tests": "assert 1"}\n{"id": 2, "code": \n', r"<stdin>:2: malformed JSON"),
-    ('{"id": 1, "tests": "assert 1"}\n', r"<stdin>:1: job 1: missing field 'code'"),
-    ('{"id": 1, "code": "x", "tests": "assert 1", "timeout_s": "soon"}\n', r"<stdin>:1: .*timeout_s"),
-    ('[1, 2]\n', r"<stdin>:1: expected a JSON object, got list"),
-    ('\n{"id": 1, "code": "x", "tests": "\\ud800"}\n', r"<stdin>:2: .*lone surrogate"),  # blank line skipped
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"id": 1, "code": "x", "tests": "assert 1"}\n{"id": 2, "code": \n', r"<stdin>:2: malformed JSON"),
+        ('{"id": 1, "tests": "assert 1"}\n', r"<stdin>:1: job 1: missing field 'code'"),
+        ('{"id": 1, "code": "x", "tests": "assert 1", "timeout_s": "soon"}\n', r"<stdin>:1: .*timeout_s"),
+        ("[1, 2]\n", r"<stdin>:1: expected a JSON object, got list"),
+        ('\n{"id": 1, "code": "x", "tests": "\\ud800"}\n', r"<stdin>:2: .*lone surrogate"),  # blank line skipped
+    ],
+)
 def test_exec_bad_input_is_one_line_and_exit_2(text, message):
     proc = cli("exec", stdin=text)
     assert proc.returncode == 2
@@ -103,13 +112,18 @@ def test_offline_build_reports_its_time_and_tags_the_image():
         pytest.skip("no cached root filesystem: the build would run debootstrap (minutes)")
     proc = cli("build", "--offline", timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert re.fullmatch(rf"built {re.escape(DEFAULT_IMAGE)} \(offline\) in \d+\.\ds \(cached root filesystem\)\n",
-                        proc.stdout), proc.stdout
+    assert re.fullmatch(
+        rf"built {re.escape(DEFAULT_IMAGE)} \(offline\) in \d+\.\ds \(cached root filesystem\)\n", proc.stdout
+    ), proc.stdout
 
 
 def test_serve_runs_jobs_over_http(backend):
-    server = subprocess.Popen([sys.executable, "-m", "sandboxes.cli", "serve", "--backend", backend, "--pool-size", "1",
-                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sandboxes.cli", "serve", "--backend", backend, "--pool-size", "1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = re.search(r"http://\S+", server.stdout.readline()).group(0)
         with urllib.request.urlopen(url + "/health", timeout=30) as resp:

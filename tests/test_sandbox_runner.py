@@ -40,8 +40,10 @@ def test_all_asserts_pass(runner):
 
 
 def test_check_body_split_per_assert_and_constant_asserts_do_not_count(runner):
-    tests = ("def check(candidate):\n    assert True, 'not a test'\n    assert candidate(1, 1) == 2\n"
-             "    for a in range(3):\n        assert candidate(a, 0) == a\n    assert candidate(2, 2) == 5\n")
+    tests = (
+        "def check(candidate):\n    assert True, 'not a test'\n    assert candidate(1, 1) == 2\n"
+        "    for a in range(3):\n        assert candidate(a, 0) == a\n    assert candidate(2, 2) == 5\n"
+    )
     r = runner.run({"code": ADD, "tests": tests, "entry_point": "add"})
     # tests: `assert candidate(1,1)`, the `for` loop (contains asserts), `assert candidate(2,2) == 5` (fails)
     assert (r.status, r.passed, r.total, r.verdicts) == (Status.FAILED, 2, 3, (True, True, False))
@@ -54,7 +56,9 @@ def test_check_with_return_runs_as_one_test(runner):
 
 
 def test_missing_entry_point_fails_every_test(runner):
-    r = runner.run({"code": "def other(): pass", "tests": "def check(c):\n    assert c(1, 1) == 2", "entry_point": "add"})
+    r = runner.run(
+        {"code": "def other(): pass", "tests": "def check(c):\n    assert c(1, 1) == 2", "entry_point": "add"}
+    )
     assert (r.status, r.passed, r.total) == (Status.FAILED, 0, 1)
     assert "not defined" in r.error
 
@@ -77,8 +81,9 @@ def test_failed_setup_statement_fails_the_tests_after_it(runner):
     assert (r.status, r.passed, r.total) == (Status.FAILED, 1, 2)
 
 
-@pytest.mark.parametrize("exit_line", ["exit(0)", "import sys; sys.exit(0)", "raise SystemExit", "import os; os._exit(0)",
-                                       "quit()"])
+@pytest.mark.parametrize(
+    "exit_line", ["exit(0)", "import sys; sys.exit(0)", "raise SystemExit", "import os; os._exit(0)", "quit()"]
+)
 def test_early_exit_never_passes(runner, exit_line):
     r = runner.run({"code": ADD + exit_line, "tests": "assert add(1, 2) == 3"})
     assert r.status is Status.FAILED
@@ -91,13 +96,16 @@ def test_exit_inside_a_test_fails_that_test(runner):
 
 
 def test_forged_verdicts_on_every_fd_do_not_pass(runner):
-    forge = ("import os, json\n"
-             "msg = json.dumps({'k': 'done', 'verdicts': [True], 'n': 'guess'}) + '\\n'\n"
-             "print('passed 1/1'); print(msg)\n"
-             "for fd in range(3, 64):\n"
-             "    try: os.write(fd, json.dumps({'k': 'collected', 'total': 1, 'n': 'guess'}).encode() + b'\\n' + msg.encode())\n"
-             "    except OSError: pass\n"
-             "os._exit(0)\n")
+    forge = (
+        "import os, json\n"
+        "msg = json.dumps({'k': 'done', 'verdicts': [True], 'n': 'guess'}) + '\\n'\n"
+        "print('passed 1/1'); print(msg)\n"
+        "for fd in range(3, 64):\n"
+        "    try: os.write(fd, json.dumps({'k': 'collected', 'total': 1, 'n': 'guess'}).encode()"
+        " + b'\\n' + msg.encode())\n"
+        "    except OSError: pass\n"
+        "os._exit(0)\n"
+    )
     r = runner.run({"code": forge, "tests": "assert False"})
     assert r.status is Status.FAILED and r.passed == 0 and r.total == 1
 
@@ -113,10 +121,12 @@ def test_tests_collected_once_are_the_same_for_every_job(runner):
     # The runner collects tests once and every job process inherits them; a program that empties the collected
     # statements it can reach in its own process changes nothing for the next job with the same tests.
     tests = "assert add(1, 1) == 2\nassert add(1, 2) == 4\nassert add(2, 2) == 4"
-    vandal = ("import gc\n"
-              "for obj in gc.get_objects():\n"
-              "    if isinstance(obj, list) and obj and all(isinstance(x, tuple) and len(x) == 2 for x in obj):\n"
-              "        obj.clear()\n" + ADD)
+    vandal = (
+        "import gc\n"
+        "for obj in gc.get_objects():\n"
+        "    if isinstance(obj, list) and obj and all(isinstance(x, tuple) and len(x) == 2 for x in obj):\n"
+        "        obj.clear()\n" + ADD
+    )
     first = runner.run({"code": ADD, "tests": tests})
     vandalised = runner.run({"code": vandal, "tests": tests})
     again = runner.run({"code": ADD, "tests": tests})
@@ -191,10 +201,12 @@ ECHO_DOUBLE = "n = int(input())\nprint(n * 2)\n"
 
 
 def test_cases_compare_every_line(runner):
-    cases = [{"stdin": "3\n", "stdout": "6\n"},        # exact
-             {"stdin": "4", "stdout": "8   \n\n"},      # trailing whitespace and blank lines ignored
-             {"stdin": "5", "stdout": "10\n11"},        # a missing line fails
-             {"stdin": "1", "stdout": ""}]              # an extra line fails
+    cases = [
+        {"stdin": "3\n", "stdout": "6\n"},  # exact
+        {"stdin": "4", "stdout": "8   \n\n"},  # trailing whitespace and blank lines ignored
+        {"stdin": "5", "stdout": "10\n11"},  # a missing line fails
+        {"stdin": "1", "stdout": ""},
+    ]  # an extra line fails
     r = runner.run({"code": ECHO_DOUBLE, "test_cases": cases})
     assert (r.status, r.verdicts) == (Status.FAILED, (True, True, False, False))
 
@@ -212,17 +224,20 @@ def test_cases_crash_in_one_case_is_runtime_error(runner):
 
 
 # ----------------------------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("row, field", [
-    ({"tests": "assert 1"}, "code"),
-    ({"code": "x", "tests": "assert 1", "test_cases": [{"stdin": "", "stdout": ""}]}, "exactly one"),
-    ({"code": "x"}, "exactly one"),
-    ({"code": "x", "test_cases": [{"stdin": ""}]}, "test_cases[0]"),
-    ({"code": "x", "test_cases": "not json"}, "test_cases"),
-    ({"code": "x", "tests": "assert 1", "entry_point": "not an identifier"}, "entry_point"),
-    ({"code": "x", "tests": "assert 1", "timeout_s": -1}, "timeout_s"),
-    ({"code": "x", "tests": "assert 1", "memory_mb": "lots"}, "memory_mb"),
-    ({"code": "x", "tests": "assert 1", "colour": "red"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ({"tests": "assert 1"}, "code"),
+        ({"code": "x", "tests": "assert 1", "test_cases": [{"stdin": "", "stdout": ""}]}, "exactly one"),
+        ({"code": "x"}, "exactly one"),
+        ({"code": "x", "test_cases": [{"stdin": ""}]}, "test_cases[0]"),
+        ({"code": "x", "test_cases": "not json"}, "test_cases"),
+        ({"code": "x", "tests": "assert 1", "entry_point": "not an identifier"}, "entry_point"),
+        ({"code": "x", "tests": "assert 1", "timeout_s": -1}, "timeout_s"),
+        ({"code": "x", "tests": "assert 1", "memory_mb": "lots"}, "memory_mb"),
+        ({"code": "x", "tests": "assert 1", "colour": "red"}, "colour"),
+    ],
+)
 def test_bad_jobs_name_the_field(row, field):
     with pytest.raises(JobError, match=None) as info:
         Job.from_dict(row)
@@ -313,8 +328,12 @@ def test_jobs_pipelined_behind_an_unclean_job_run_in_a_fresh_sandbox():
         results = [f.result() for f in futures]
         retried = pool.stats.retried
     # the worker sent "dirty" and "a" together; "a" never ran there and was sent again after the restart
-    assert [(r.stdout, r.backend) for r in results] == [("dirty", "fake/1"), ("a", "fake/2"), ("b", "fake/2"),
-                                                        ("c", "fake/2")]
+    assert [(r.stdout, r.backend) for r in results] == [
+        ("dirty", "fake/1"),
+        ("a", "fake/2"),
+        ("b", "fake/2"),
+        ("c", "fake/2"),
+    ]
     assert slot.sends[0] == (1, ["dirty", "a"]) and slot.sends[1][0] == 2 and slot.sends[1][1][0] == "a"
     assert retried == 0  # a job that never ran is not a retry
 

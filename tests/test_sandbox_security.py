@@ -19,10 +19,12 @@ BACKENDS = [pytest.param("docker", marks=pytest.mark.docker), "bwrap"]
 
 # The follow-up job: passes only in a clean sandbox (just the runner and this job, empty scratch, working Python).
 CLEAN_PROBE = {
-    "code": ("import os\n"
-             "pids = {int(p) for p in os.listdir('/proc') if p.isdigit()}\n"
-             "leftovers = sorted(os.listdir('/tmp')) + sorted(os.listdir('/dev/shm'))\n"
-             "def add(a, b):\n    return a + b\n"),
+    "code": (
+        "import os\n"
+        "pids = {int(p) for p in os.listdir('/proc') if p.isdigit()}\n"
+        "leftovers = sorted(os.listdir('/tmp')) + sorted(os.listdir('/dev/shm'))\n"
+        "def add(a, b):\n    return a + b\n"
+    ),
     "tests": "assert pids == {1, os.getpid()}, pids\nassert leftovers == [], leftovers\nassert add(2, 3) == 5",
 }
 
@@ -51,8 +53,11 @@ def _host_pids(pool, backend):
     if backend == "bwrap":
         roots = [s.proc.pid for s in pool.slots if s.proc is not None]
     else:
-        roots = [s.eng.client.api.inspect_container(s.container_id)["State"]["Pid"] for s in pool.slots
-                 if s.container_id is not None]
+        roots = [
+            s.eng.client.api.inspect_container(s.container_id)["State"]["Pid"]
+            for s in pool.slots
+            if s.container_id is not None
+        ]
     return _descendants(roots)
 
 
@@ -106,7 +111,10 @@ def test_long_sleep(sandbox):
 
 
 def test_ignoring_sigterm(sandbox):
-    code = "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass"
+    code = (
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass"
+    )
     r, p = attack(sandbox, code, timeout_s=1)
     assert r.status is Status.TIMEOUT
     assert same_sandbox(r, p)
@@ -147,14 +155,16 @@ def test_output_flood(sandbox):
 
 
 def test_network_connection(sandbox):
-    code = ("import socket\n"
-            "for addr in [('1.1.1.1', 53), ('8.8.8.8', 443), ('10.0.0.1', 80)]:\n"
-            "    try:\n"
-            "        socket.create_connection(addr, timeout=2)\n"
-            "        print('CONNECTED', addr)\n"
-            "    except OSError as e:\n"
-            "        print('refused', e)\n"
-            "socket.getaddrinfo('example.com', 80)\n")
+    code = (
+        "import socket\n"
+        "for addr in [('1.1.1.1', 53), ('8.8.8.8', 443), ('10.0.0.1', 80)]:\n"
+        "    try:\n"
+        "        socket.create_connection(addr, timeout=2)\n"
+        "        print('CONNECTED', addr)\n"
+        "    except OSError as e:\n"
+        "        print('refused', e)\n"
+        "socket.getaddrinfo('example.com', 80)\n"
+    )
     r, p = attack(sandbox, code)
     assert "CONNECTED" not in r.stdout
     assert r.status is Status.RUNTIME_ERROR  # no resolver either
@@ -162,10 +172,12 @@ def test_network_connection(sandbox):
 
 
 def test_reading_host_environment(sandbox):
-    code = ("import os\n"
-            "print(dict(os.environ))\n"
-            "for path in ['/proc/1/environ', '/proc/self/environ']:\n"
-            "    try:\n        print(open(path, 'rb').read())\n    except OSError as e:\n        print(path, e)\n")
+    code = (
+        "import os\n"
+        "print(dict(os.environ))\n"
+        "for path in ['/proc/1/environ', '/proc/self/environ']:\n"
+        "    try:\n        print(open(path, 'rb').read())\n    except OSError as e:\n        print(path, e)\n"
+    )
     r, p = attack(sandbox, code)
     assert r.status is Status.PASSED
     assert CANARY not in r.stdout and "RLK2_TEST_CANARY" not in r.stdout
@@ -177,61 +189,89 @@ def test_reading_host_files(sandbox, tmp_path):
     secret.write_text(CANARY)
     os.chmod(tmp_path, 0o755)
     os.chmod(secret, 0o644)
-    paths = [str(secret), "/etc/shadow", "/root/.bashrc", os.path.abspath("pyproject.toml"),
-             "/var/run/docker.sock", "/proc/1/fd/0", "/proc/1/mem"]
-    code = ("import os\n"
-            f"for path in {paths!r}:\n"
-            "    try:\n        print('READ', path, open(path, 'rb').read(200))\n"
-            "    except OSError as e:\n        print('denied', path, type(e).__name__)\n"
-            "try:\n    print('LISTED', os.listdir('/proc/1/fd'))\nexcept OSError as e:\n    print('denied fd', e)\n")
+    paths = [
+        str(secret),
+        "/etc/shadow",
+        "/root/.bashrc",
+        os.path.abspath("pyproject.toml"),
+        "/var/run/docker.sock",
+        "/proc/1/fd/0",
+        "/proc/1/mem",
+    ]
+    code = (
+        "import os\n"
+        f"for path in {paths!r}:\n"
+        "    try:\n        print('READ', path, open(path, 'rb').read(200))\n"
+        "    except OSError as e:\n        print('denied', path, type(e).__name__)\n"
+        "try:\n    print('LISTED', os.listdir('/proc/1/fd'))\nexcept OSError as e:\n    print('denied fd', e)\n"
+    )
     r, p = attack(sandbox, code)
     assert r.status is Status.PASSED
     assert CANARY not in r.stdout and "READ" not in r.stdout and "LISTED" not in r.stdout, r.stdout
 
 
 def test_writing_outside_scratch(sandbox):
-    targets = ["/x", "/usr/x", "/usr/lib/x", "/etc/x", "/opt/rlk2/runner.py", "/var/tmp/x", "/root/x", "/home/x",
-               "/dev/x", "/proc/x", "/sys/x"]
-    code = ("wrote = []\n"
-            f"for path in {targets!r}:\n"
-            "    try:\n        open(path, 'a').write('x')\n        wrote.append(path)\n"
-            "    except OSError:\n        pass\n"
-            "print(wrote)\n")
+    targets = [
+        "/x",
+        "/usr/x",
+        "/usr/lib/x",
+        "/etc/x",
+        "/opt/rlk2/runner.py",
+        "/var/tmp/x",
+        "/root/x",
+        "/home/x",
+        "/dev/x",
+        "/proc/x",
+        "/sys/x",
+    ]
+    code = (
+        "wrote = []\n"
+        f"for path in {targets!r}:\n"
+        "    try:\n        open(path, 'a').write('x')\n        wrote.append(path)\n"
+        "    except OSError:\n        pass\n"
+        "print(wrote)\n"
+    )
     r, p = attack(sandbox, code, tests="assert wrote == [], wrote")
     assert r.status is Status.PASSED, r.stdout
     assert same_sandbox(r, p)
 
 
 def test_killing_parent_and_pid_1(sandbox):
-    code = ("import os, signal\n"
-            "for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGSTOP):\n"
-            "    for pid in (1, os.getppid()):\n"
-            "        try:\n            os.kill(pid, sig)\n        except OSError:\n            pass\n"
-            "try:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\n"
-            "def f():\n    return 1\n")
+    code = (
+        "import os, signal\n"
+        "for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGSTOP):\n"
+        "    for pid in (1, os.getppid()):\n"
+        "        try:\n            os.kill(pid, sig)\n        except OSError:\n            pass\n"
+        "try:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\n"
+        "def f():\n    return 1\n"
+    )
     r, p = attack(sandbox, code, tests="assert f() == 1")
     assert r.status is Status.PASSED  # the runner survived and reported
     assert same_sandbox(r, p)
 
 
 def test_leaving_a_background_process(sandbox):
-    code = ("import os, time\n"
-            "if os.fork() == 0:\n"
-            "    os.setsid()\n"
-            "    if os.fork() == 0:\n"
-            "        time.sleep(3600)\n"
-            "    os._exit(0)\n"
-            "def f():\n    return 1\n")
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(3600)\n"
+        "    os._exit(0)\n"
+        "def f():\n    return 1\n"
+    )
     r, p = attack(sandbox, code, tests="assert f() == 1")
     assert r.status is Status.PASSED
     assert same_sandbox(r, p)  # the probe saw only the runner and itself
 
 
 def test_leaving_sysv_ipc_gets_the_sandbox_recycled(sandbox):
-    code = ("import ctypes\n"
-            "libc = ctypes.CDLL(None, use_errno=True)\n"
-            "shmid = libc.shmget(0, 4096, 0o1000 | 0o600)\n"  # IPC_PRIVATE, IPC_CREAT
-            "assert shmid >= 0\n")
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "shmid = libc.shmget(0, 4096, 0o1000 | 0o600)\n"  # IPC_PRIVATE, IPC_CREAT
+        "assert shmid >= 0\n"
+    )
     r, p = attack(sandbox, code)
     assert r.status is Status.PASSED
     assert not same_sandbox(r, p)  # the leftover segment got the sandbox replaced
@@ -240,8 +280,7 @@ def test_leaving_sysv_ipc_gets_the_sandbox_recycled(sandbox):
 def test_jobs_sent_ahead_never_run_behind_a_job_that_left_the_sandbox_unclean(sandbox):
     # Several jobs in one batch on one sandbox: the pool sends them ahead (pipelining). None may run in the
     # sandbox the SysV IPC segment was left in: the runner stops there and the host resends them elsewhere.
-    leave_ipc = ("import ctypes\n"
-                 "assert ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600) >= 0\n")
+    leave_ipc = "import ctypes\nassert ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600) >= 0\n"
     busy = sandbox.submit({"code": "import time\ntime.sleep(0.5)", "tests": "assert 1"})  # the batch queues up
     results = sandbox.run_batch([{"code": leave_ipc, "tests": "assert 1"}] + [CLEAN_PROBE] * 3)
     assert busy.result().status is Status.PASSED
@@ -264,16 +303,24 @@ def test_runner_runs_nothing_after_a_job_that_left_the_sandbox_unclean(backend):
         from sandboxes.docker_backend import DockerOptions, DockerSlot, Engine, default_engines
 
         tag = secrets.token_hex(4)
-        slot = DockerSlot(Engine(default_engines()[0]), f"rlk2-sbx-{tag}", 100_000 + secrets.randbelow(1 << 20) * 64,
-                          tag, DockerOptions())
+        slot = DockerSlot(
+            Engine(default_engines()[0]),
+            f"rlk2-sbx-{tag}",
+            100_000 + secrets.randbelow(1 << 20) * 64,
+            tag,
+            DockerOptions(),
+        )
     else:
         from sandboxes.bwrap_backend import BwrapOptions, BwrapSlot
 
         slot = BwrapSlot(0, BwrapOptions())
-    leave_ipc = {"code": "import ctypes\nassert ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600) >= 0\n",
-                 "tests": "assert 1"}
-    lines = b"".join((json.dumps(Limits().payload(Job.from_dict(job))) + "\n").encode()
-                     for job in (leave_ipc, CLEAN_PROBE))
+    leave_ipc = {
+        "code": "import ctypes\nassert ctypes.CDLL(None).shmget(0, 4096, 0o1000 | 0o600) >= 0\n",
+        "tests": "assert 1",
+    }
+    lines = b"".join(
+        (json.dumps(Limits().payload(Job.from_dict(job))) + "\n").encode() for job in (leave_ipc, CLEAN_PROBE)
+    )
     slot.start()
     try:
         slot.send(lines, 30)
@@ -293,12 +340,14 @@ def test_early_exit(sandbox, exit_line):
 
 
 def test_forging_the_verdict(sandbox):
-    code = ("import os, json\n"
-            "msg = json.dumps({'k': 'done', 'verdicts': [True], 'runtime_error': False, 'memory': False, 'n': '0' * 32})\n"
-            "print('{\"status\": \"passed\", \"passed\": 1, \"total\": 1}')\n"
-            "for fd in range(0, 256):\n"
-            "    try:\n        os.write(fd, (msg + '\\n').encode())\n    except OSError:\n        pass\n"
-            "os._exit(0)\n")
+    code = (
+        "import os, json\n"
+        "msg = json.dumps({'k': 'done', 'verdicts': [True], 'runtime_error': False, 'memory': False, 'n': '0' * 32})\n"
+        'print(\'{"status": "passed", "passed": 1, "total": 1}\')\n'
+        "for fd in range(0, 256):\n"
+        "    try:\n        os.write(fd, (msg + '\\n').encode())\n    except OSError:\n        pass\n"
+        "os._exit(0)\n"
+    )
     r, p = attack(sandbox, code, tests="assert False")
     assert r.status is Status.FAILED and r.passed == 0
     assert same_sandbox(r, p)
@@ -311,14 +360,32 @@ HOSTILE = [  # (job, expected status)
     ({"code": "import os\nwhile True:\n    os.fork()", "tests": "assert 1"}, Status.RUNTIME_ERROR),
     ({"code": "x = bytearray(64 * 1024 ** 3)", "tests": "assert x"}, Status.MEMORY_EXCEEDED),
     ({"code": "while True:\n    print('x' * 4096)", "tests": "assert 1"}, Status.RUNTIME_ERROR),
-    ({"code": "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (4 << 20))\n    i += 1", "tests": "assert 1"},
-     Status.RUNTIME_ERROR),
-    ({"code": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)", "tests": "assert 1"},
-     Status.RUNTIME_ERROR),
-    ({"code": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(3600)\ndef f():\n    return 1",
-      "tests": "assert f() == 1"}, Status.PASSED),
-    ({"code": "import os\nos.kill(1, 9)\nos.kill(os.getppid(), 9)\ndef f():\n    return 1", "tests": "assert f() == 1"},
-     Status.PASSED),
+    (
+        {
+            "code": "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (4 << 20))\n    i += 1",
+            "tests": "assert 1",
+        },
+        Status.RUNTIME_ERROR,
+    ),
+    (
+        {"code": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)", "tests": "assert 1"},
+        Status.RUNTIME_ERROR,
+    ),
+    (
+        {
+            "code": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(3600)\n"
+            "def f():\n    return 1",
+            "tests": "assert f() == 1",
+        },
+        Status.PASSED,
+    ),
+    (
+        {
+            "code": "import os\nos.kill(1, 9)\nos.kill(os.getppid(), 9)\ndef f():\n    return 1",
+            "tests": "assert f() == 1",
+        },
+        Status.PASSED,
+    ),
     ({"code": "def f():\n    return 0\nexit(0)", "tests": "assert f() == 1"}, Status.FAILED),
     ({"code": "import os\ndef f():\n    return 0\nos._exit(0)", "tests": "assert f() == 1"}, Status.FAILED),
 ]
@@ -345,7 +412,9 @@ def test_burst_of_1000_jobs_with_10_percent_hostile(backend):
         expected.append(status)
     with open_backend(backend, limits=Limits(timeout_s=5)) as pool:
         results = pool.run_batch(jobs)
-        wrong = [(r.id, r.status.value, expected[r.id].value, r.error) for r in results if r.status is not expected[r.id]]
+        wrong = [
+            (r.id, r.status.value, expected[r.id].value, r.error) for r in results if r.status is not expected[r.id]
+        ]
         assert wrong == []
         assert pool.ready_slots() == len(pool.slots)  # the pool is intact
         after = pool.run_batch([CLEAN_PROBE] * (2 * len(pool.slots)))

@@ -12,22 +12,29 @@ from pathlib import Path
 
 import pytest
 
-from rewards.rubric import rubric
 from rewards.critic import OpenAICritic
+from rewards.rubric import rubric
 from rlk2.critic import generate_texts
 
 pytestmark = pytest.mark.integration  # starts the real `rlk2 serve` CLI on a tiny checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY = {"template": str(ROOT / "configs/critic/toy_prompt.txt"),
-       "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")]}
+TOY = {
+    "template": str(ROOT / "configs/critic/toy_prompt.txt"),
+    "rubrics": [str(ROOT / "configs/critic/toy_rubric.toml")],
+}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_policy):
     """`rlk2 serve CHECKPOINT --port 0` in a subprocess; yields its base URL (…/v1)."""
-    proc = subprocess.Popen([sys.executable, "-m", "rlk2.cli", "serve", str(tiny_policy), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlk2.cli", "serve", str(tiny_policy), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         line = proc.stdout.readline()  # "rlk2 serve: NAME on http://127.0.0.1:PORT/v1", printed once listening
         assert "http://127.0.0.1:" in line, f"server did not start: {line!r} (exit {proc.poll()})"
@@ -51,8 +58,10 @@ def test_models_and_chat_completion_shape(server, tiny_policy):
     with urllib.request.urlopen(server + "/models", timeout=30) as resp:
         models = json.loads(resp.read())
     assert models["object"] == "list" and models["data"][0]["id"] == tiny_policy.name
-    status, out = post(server, {"messages": [{"role": "user", "content": "2+3=?"}], "max_tokens": 6, "n": 3,
-                                "temperature": 1.0, "seed": 5})
+    status, out = post(
+        server,
+        {"messages": [{"role": "user", "content": "2+3=?"}], "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 5},
+    )
     assert status == 200 and out["object"] == "chat.completion" and out["model"] == tiny_policy.name
     assert [c["index"] for c in out["choices"]] == [0, 1, 2]
     assert all(c["message"]["role"] == "assistant" and c["finish_reason"] in ("stop", "length") for c in out["choices"])
@@ -79,23 +88,32 @@ def test_concurrent_requests_all_answered(server):
 
 
 def test_rubric_reward_through_the_openai_backend(server):
-    out = rubric(["\\boxed{3}", "\\boxed{4}", "\\boxed{5}"], prompts=["1+2=?"] * 3, backend="openai",
-                 critic={"base_url": server, "timeout_s": 60}, max_new_tokens=8, **TOY)
+    out = rubric(
+        ["\\boxed{3}", "\\boxed{4}", "\\boxed{5}"],
+        prompts=["1+2=?"] * 3,
+        backend="openai",
+        critic={"base_url": server, "timeout_s": 60},
+        max_new_tokens=8,
+        **TOY,
+    )
     assert len(out["rewards"]) == 3
     for r, judgments in zip(out["rewards"], out["extras"]["judgments"]):
         assert len(judgments) == 4 and all(j["error"] is None for j in judgments)  # every HTTP call worked
         assert (r is None) == all(j["verdict"] is None for j in judgments)
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    ({"messages": "hi"}, 400, "'messages' must be a non-empty list"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, 400, "'temperature' must be"),
-    ({"messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "'stream' is not supported"),
-    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model 'gpt-9' is not served"),
-    ({"messages": [{"role": "user", "content": "x" * 300}], "max_tokens": 4}, 400, "exceeds the context"),
-    (b"{not json", 400, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"messages": "hi"}, 400, "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, 400, "'temperature' must be"),
+        ({"messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "'stream' is not supported"),
+        ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model 'gpt-9' is not served"),
+        ({"messages": [{"role": "user", "content": "x" * 300}], "max_tokens": 4}, 400, "exceeds the context"),
+        (b"{not json", 400, "not valid JSON"),
+    ],
+)
 def test_bad_requests_are_4xx_with_one_line(server, body, status, needle):
     code, out = post(server, body)
     assert code == status and needle in out["error"]["message"] and "\n" not in out["error"]["message"]
@@ -124,7 +142,12 @@ def test_timeouts_and_unreachable_servers_are_retried_then_none(server, tiny_pol
 
 
 def test_serve_bad_checkpoint_is_one_line_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rlk2.cli", "serve", str(tmp_path / "nope")], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "rlk2.cli", "serve", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("rlk2 serve: error: policy.path:")

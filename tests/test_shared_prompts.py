@@ -24,8 +24,14 @@ def grouped_rollout(groups: int = 3, K: int = 4, P: int = 6, T: int = 5, seed: i
     cids = torch.randint(1, VOCAB, (B, T), generator=g)
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     cmask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-    return Rollout((prompts * pmask).repeat_interleave(K, 0), pmask.repeat_interleave(K, 0), cids * cmask, cmask,
-                   torch.zeros(B, T), torch.zeros(B, dtype=torch.bool))
+    return Rollout(
+        (prompts * pmask).repeat_interleave(K, 0),
+        pmask.repeat_interleave(K, 0),
+        cids * cmask,
+        cmask,
+        torch.zeros(B, T),
+        torch.zeros(B, dtype=torch.bool),
+    )
 
 
 def test_sharing_is_found_and_counted():
@@ -71,8 +77,9 @@ def test_log_probs_and_gradients_match_the_per_row_forward(family):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family, replay, aux", [("deepseek_v3", True, 0.0), ("deepseek_v3", False, 0.0),
-                                                 ("qwen3_moe", False, 0.01)])
+@pytest.mark.parametrize(
+    "family, replay, aux", [("deepseek_v3", True, 0.0), ("deepseek_v3", False, 0.0), ("qwen3_moe", False, 0.01)]
+)
 def test_router_records_match_the_per_row_forward(family, replay, aux):
     model = model_of(family).train()
     ro = grouped_rollout()
@@ -131,8 +138,9 @@ def test_padding_prompts_changes_no_log_prob_and_no_record():
     ro.routed_experts = torch.randint(0, 8, (layers, 4, 7, 2), dtype=torch.int16)
     padded = ro.pad_prompts(9, pad_id=0)
     assert padded.prompt_ids.shape == (4, 9) and padded.routed_experts.shape == (layers, 4, 12, 2)
-    assert (padded.routed_experts[:, :, :5] == -1).all() and torch.equal(padded.routed_experts[:, :, 5:],
-                                                                         ro.routed_experts)
+    assert (padded.routed_experts[:, :, :5] == -1).all() and torch.equal(
+        padded.routed_experts[:, :, 5:], ro.routed_experts
+    )
     assert ro.pad_prompts(3, pad_id=0) is ro
     ctl = RouterControl(model, router_replay=True, bias_update_rate=1e-3, aux_loss_coef=0.0)
     out = []

@@ -11,21 +11,46 @@ import torch
 pytestmark = pytest.mark.integration
 
 METRIC_KEYS = {
-    "step", "loss", "reward/mean", "rewards/math/mean", "rewards/math/std", "frac_reward_zero_std",
-    "frac_unscorable", "kl/approx", "entropy", "completion/mean_length", "completion/clipped_ratio", "lr",
-    "grad_norm", "time/rollout", "time/reward", "time/update", "throughput/samples_per_s", "throughput/tokens_per_s",
+    "step",
+    "loss",
+    "reward/mean",
+    "rewards/math/mean",
+    "rewards/math/std",
+    "frac_reward_zero_std",
+    "frac_unscorable",
+    "kl/approx",
+    "entropy",
+    "completion/mean_length",
+    "completion/clipped_ratio",
+    "lr",
+    "grad_norm",
+    "time/rollout",
+    "time/reward",
+    "time/update",
+    "throughput/samples_per_s",
+    "throughput/tokens_per_s",
 }
 
 
 def rlk2(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rlk2.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "rlk2.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def tiny_overrides(tmp_path: Path, run: str) -> list[str]:
     return [
-        f"run.dir={tmp_path / run}", "trainer.steps=2", "rollout.group_size=4", "rollout.prompts_per_step=4",
-        "warm_start.steps=5", f"warm_start.cache_dir={tmp_path / 'cache'}", "eval.samples=1", "eval.greedy=false",
-        "tasks.0.eval_size=8", "policy.demo.hidden_size=32", "policy.demo.num_hidden_layers=2",
+        f"run.dir={tmp_path / run}",
+        "trainer.steps=2",
+        "rollout.group_size=4",
+        "rollout.prompts_per_step=4",
+        "warm_start.steps=5",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "eval.samples=1",
+        "eval.greedy=false",
+        "tasks.0.eval_size=8",
+        "policy.demo.hidden_size=32",
+        "policy.demo.num_hidden_layers=2",
     ]
 
 
@@ -39,7 +64,14 @@ def two_step_run(tmp_path_factory):
 
 def test_run_directory_layout(two_step_run):
     run, _ = two_step_run
-    for name in ("config.yaml", "env.json", "metrics.jsonl", "report.md", "rollouts/step-1.jsonl", "rollouts/step-2.jsonl"):
+    for name in (
+        "config.yaml",
+        "env.json",
+        "metrics.jsonl",
+        "report.md",
+        "rollouts/step-1.jsonl",
+        "rollouts/step-2.jsonl",
+    ):
         assert (run / name).exists(), name
     env = json.loads((run / "env.json").read_text())
     assert {"git_sha", "torch", "transformers"} <= set(env)
@@ -47,11 +79,11 @@ def test_run_directory_layout(two_step_run):
 
 def test_metrics_have_contract_names_and_eval_rows(two_step_run):
     run, _ = two_step_run
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
+        assert set(r) >= METRIC_KEYS, METRIC_KEYS - set(r)
     evals = [r for r in rows if "eval/max/pass@1" in r]  # the demo task
     assert [r["step"] for r in evals] == [0, 2]
 
@@ -65,7 +97,9 @@ def test_parameters_changed_and_checkpoint_loads(two_step_run):
     trained = AutoModelForCausalLM.from_pretrained(ckpt)
     start = json.loads((run / "env.json").read_text())["policy_source"]
     base = AutoModelForCausalLM.from_pretrained(start)
-    changed = [n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    changed = [
+        n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters()) if not torch.equal(p, q)
+    ]
     assert changed, "RL steps did not change any parameter"
 
 
@@ -73,7 +107,7 @@ def test_moe_router_metrics_and_bias_update(two_step_run):
     from transformers import AutoModelForCausalLM
 
     run, _ = two_step_run
-    steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     for r in steps:  # the demo: 2 layers, the first dense, so one MoE layer (index 1)
         keys = {"moe/expert_load_cv", "moe/expert_load_cv/layer_1", "moe/expert_load_cv/max", "moe/router_mismatch"}
         assert keys <= set(r)
@@ -129,7 +163,9 @@ def test_dataset_row_missing_answer_column(tmp_path):
 def test_non_causal_lm_checkpoint(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "bert")
     proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"policy.path={tmp_path / 'bert'}")
     assert proc.returncode == 2
     assert "not a causal language model" in proc.stderr, proc.stderr
@@ -148,7 +184,7 @@ def test_misbehaving_rewards_inside_a_real_run(tmp_path):
     one_task = "tasks=[{name: max, source: 'builtin:max', max_new_tokens: 8, eval_size: 8}]"
     proc = rlk2("train", *tiny_overrides(tmp_path, "faults"), one_task, f"tasks.0.rewards={rewards}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(l) for l in (tmp_path / "faults" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "faults" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2
     n = 16  # 4 prompts x 4 samples
@@ -157,7 +193,8 @@ def test_misbehaving_rewards_inside_a_real_run(tmp_path):
         assert 0 < r["rewards/raises_on_some/errors"] < n  # only the rows it raised on
         assert 0 < r["frac_unscorable"] < 1  # those rows are unscorable, not 0.0
         assert r["rewards/async_length/mean"] > 0
-    rollouts = [json.loads(l) for l in (tmp_path / "faults" / "rollouts" / "step-1.jsonl").read_text().splitlines()]
+    rollouts_file = tmp_path / "faults" / "rollouts" / "step-1.jsonl"
+    rollouts = [json.loads(line) for line in rollouts_file.read_text().splitlines()]
     raised = [x for x in rollouts if x["rewards"]["raises_on_some"] is None]
     assert raised and all(x["reward"] is None for x in raised)
 
@@ -192,8 +229,12 @@ def test_tokenizer_without_a_chat_template_where_one_is_asked_for(tmp_path, tiny
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "policy.chat_template" in proc.stderr and "no chat template" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
-    served = subprocess.run([sys.executable, "-m", "rlk2.cli", "serve", str(plain), "--port", "0"],
-                            capture_output=True, text=True, timeout=120)
+    served = subprocess.run(
+        [sys.executable, "-m", "rlk2.cli", "serve", str(plain), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert served.returncode == 2 and "no chat template" in served.stderr and "--plain-prompts" in served.stderr
 
 
@@ -209,12 +250,19 @@ def test_empty_dataset(tmp_path):
 def test_non_finite_loss_skips_steps_then_stops_with_a_clear_message(tmp_path):
     """An absurd learning rate blows the weights up after the first update: every later loss is NaN/inf, each of
     those steps is skipped (the weights are not touched again) and the run stops after max_bad_steps in a row."""
-    proc = rlk2("train", *tiny_overrides(tmp_path, "nan"), "trainer.steps=8", "trainer.max_bad_steps=3",
-                "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0")
+    proc = rlk2(
+        "train",
+        *tiny_overrides(tmp_path, "nan"),
+        "trainer.steps=8",
+        "trainer.max_bad_steps=3",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "not finite for 3 steps in a row" in last and "trainer.max_bad_steps=3" in last, last
-    rows = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["skipped_steps"] for r in steps][-2:] == [1, 2]  # the third bad step raised before it was logged
 
@@ -228,16 +276,19 @@ def test_malformed_dataset_line_is_named(tmp_path):
 
 
 def _two_tasks(source: str) -> str:
-    return (f"tasks=[{{name: max, source: 'builtin:max', eval_size: 4, rewards: [{{name: math}}]}}, "
-            f"{{name: pyfunc, source: '{source}', eval_size: 4, max_new_tokens: 8, rewards: [{{name: code}}]}}]")
+    return (
+        f"tasks=[{{name: max, source: 'builtin:max', eval_size: 4, rewards: [{{name: math}}]}}, "
+        f"{{name: pyfunc, source: '{source}', eval_size: 4, max_new_tokens: 8, rewards: [{{name: code}}]}}]"
+    )
 
 
 def test_without_any_sandbox_the_builtin_code_task_is_left_out_and_user_code_tasks_refused(tmp_path):
     import os
 
     env = {**os.environ, "RLK2_SANDBOX_BACKEND": "docker", "RLK2_SANDBOX_ENGINES": "unix:///nonexistent/docker.sock"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "rlk2.cli", "train", *a], capture_output=True, text=True,
-                                    timeout=600, env=env)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "rlk2.cli", "train", *a], capture_output=True, text=True, timeout=600, env=env
+    )
     data = Path(__file__).parent / "data" / "code_tasks.jsonl"
     refused = run(*tiny_overrides(tmp_path, "user"), _two_tasks(str(data)))
     assert refused.returncode == 2, refused.stderr[-2000:]
@@ -246,8 +297,8 @@ def test_without_any_sandbox_the_builtin_code_task_is_left_out_and_user_code_tas
 
     demo = run(*tiny_overrides(tmp_path, "demo"), _two_tasks("builtin:pyfunc"))
     assert demo.returncode == 0, demo.stderr[-2000:]
-    notes = [l for l in demo.stdout.splitlines() if "no sandbox backend works here" in l]
+    notes = [line for line in demo.stdout.splitlines() if "no sandbox backend works here" in line]
     assert len(notes) == 1 and "the 'pyfunc' code task is left out" in notes[0]
-    rows = [json.loads(l) for l in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert not any(k.startswith(("eval/pyfunc", "rewards/code")) for r in rows for k in r)
     assert any("eval/max/pass@1" in r for r in rows)

@@ -22,14 +22,25 @@ def rlk2(*args):
 
 def tiny(tmp: Path, run: str, steps: int = 3) -> list[str]:
     return [
-        f"run.dir={tmp / run}", f"trainer.steps={steps}", "rollout.group_size=4", "rollout.prompts_per_step=4",
-        "warm_start.steps=5", f"warm_start.cache_dir={tmp / 'cache'}", "eval.samples=1", "eval.greedy=false",
-        ONE_TASK, "tasks.0.eval_size=8", "policy.demo.hidden_size=32", "policy.demo.num_hidden_layers=2",
+        f"run.dir={tmp / run}",
+        f"trainer.steps={steps}",
+        "rollout.group_size=4",
+        "rollout.prompts_per_step=4",
+        "warm_start.steps=5",
+        f"warm_start.cache_dir={tmp / 'cache'}",
+        "eval.samples=1",
+        "eval.greedy=false",
+        ONE_TASK,
+        "tasks.0.eval_size=8",
+        "policy.demo.hidden_size=32",
+        "policy.demo.num_hidden_layers=2",
     ]
 
 
 # The demo's `max` task alone (the demo also has a code task): these tests count prompts and groups per step.
-ONE_TASK = "tasks=[{name: max, source: 'builtin:max', max_new_tokens: 8, overlong_penalty: -0.5, rewards: [{name: math}]}]"
+ONE_TASK = (
+    "tasks=[{name: max, source: 'builtin:max', max_new_tokens: 8, overlong_penalty: -0.5, rewards: [{name: math}]}]"
+)
 
 
 def step_rows(run_dir: Path) -> list[dict]:
@@ -41,8 +52,12 @@ def ptx_runs(tmp_path_factory):
     """Two runs from the same seed on the same 4 PTX rows (one fixed PTX batch per step): weight 0 and weight 2."""
     tmp = tmp_path_factory.mktemp("ptx")
     data = tmp / "ptx.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"max({a},{a + 1},{a + 2})=?", "completion": f"\\boxed{{{a + 2}}}"})
-                            + "\n" for a in (11, 23, 47, 60)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"max({a},{a + 1},{a + 2})=?", "completion": f"\\boxed{{{a + 2}}}"}) + "\n"
+            for a in (11, 23, 47, 60)
+        )
+    )
     ptx = [f"algo.ptx.source={data}", "algo.ptx.batch_size=4"]
     for run, weight in (("off", 0), ("on", 2)):
         proc = rlk2("train", *tiny(tmp, run), *ptx, f"algo.ptx.weight={weight}")
@@ -71,9 +86,16 @@ def test_ptx_changes_the_update(ptx_runs):
 
 
 def test_temperature_decay_prioritized_sampling_and_filtering_in_one_run(tmp_path):
-    proc = rlk2("train", *tiny(tmp_path, "run"), f"tasks.0.rewards={TIES}", "tasks.0.overlong_penalty=0",
-                "rollout.temperature=1.5",
-                "rollout.temperature_end=0.5", "rollout.sampling=prioritized", "algo.filter_zero_std=true")
+    proc = rlk2(
+        "train",
+        *tiny(tmp_path, "run"),
+        f"tasks.0.rewards={TIES}",
+        "tasks.0.overlong_penalty=0",
+        "rollout.temperature=1.5",
+        "rollout.temperature_end=0.5",
+        "rollout.sampling=prioritized",
+        "algo.filter_zero_std=true",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = step_rows(tmp_path / "run")
     # linear decay over trainer.steps - 1 = 2 steps: 1.5, 1.0, 0.5
@@ -98,10 +120,20 @@ def test_temperature_decay_prioritized_sampling_and_filtering_in_one_run(tmp_pat
 @pytest.mark.slow
 def test_resume_with_every_control_on_matches_an_uninterrupted_run(tmp_path):
     """Success counts, the PTX data position and the temperature schedule all continue exactly after a resume."""
-    controls = [f"tasks.0.rewards={TIES}", "tasks.0.overlong_penalty=0", "rollout.temperature=1.5",
-                "rollout.temperature_end=0.5", "rollout.temperature_decay_steps=3", "rollout.sampling=prioritized",
-                "algo.filter_zero_std=true", "algo.ptx.weight=0.5", "algo.ptx.source=builtin:max",
-                "algo.ptx.batch_size=3", "trainer.save_every=1", "trainer.keep_last=0"]
+    controls = [
+        f"tasks.0.rewards={TIES}",
+        "tasks.0.overlong_penalty=0",
+        "rollout.temperature=1.5",
+        "rollout.temperature_end=0.5",
+        "rollout.temperature_decay_steps=3",
+        "rollout.sampling=prioritized",
+        "algo.filter_zero_std=true",
+        "algo.ptx.weight=0.5",
+        "algo.ptx.source=builtin:max",
+        "algo.ptx.batch_size=3",
+        "trainer.save_every=1",
+        "trainer.keep_last=0",
+    ]
     full = rlk2("train", *tiny(tmp_path, "full", steps=4), *controls)
     assert full.returncode == 0, full.stderr[-2000:]
     part = rlk2("train", *tiny(tmp_path, "part", steps=2), *controls)
@@ -116,8 +148,10 @@ def test_resume_with_every_control_on_matches_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b
     assert [r["rollout/temperature"] for r in a] == pytest.approx([1.5, 1.5 - 1 / 3, 0.5 + 1 / 3, 0.5])
-    states = [torch.load(tmp_path / run / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=False)
-              for run in ("full", "part")]
+    states = [
+        torch.load(tmp_path / run / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=False)
+        for run in ("full", "part")
+    ]
     assert states[0]["sampler"]["success"] == states[1]["sampler"]["success"]  # 4 steps of counts in both
     assert sum(n for _, n in states[1]["sampler"]["success"]["max"].values()) == 4 * 4 * 4
     assert states[0]["ptx_sampler"] == states[1]["ptx_sampler"]

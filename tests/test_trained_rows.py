@@ -19,8 +19,9 @@ def _batch(tiny_policy, seed: int = 5):
     model, tok = load_policy(tiny_policy)
     prompts = ["1+2=?", "45+67=?", "9+99=?", "123+4=?"]  # different lengths: left padding to trim
     ids = encode_prompts(tok, prompts, chat_template=True)
-    ro = generate_rollouts(model, tok, [i for i in ids for _ in range(4)], max_new_tokens=12, seed=seed,
-                           record_routing=True)
+    ro = generate_rollouts(
+        model, tok, [i for i in ids for _ in range(4)], max_new_tokens=12, seed=seed, record_routing=True
+    )
     # groups 0 and 2 tie (no signal), 1 and 3 are mixed; one response of group 3 is unscorable
     rewards = torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 1], [0.1, 0.1, 0.1, 0.1], [0, 1, 0, 0]])
     valid = torch.ones_like(rewards, dtype=torch.bool)
@@ -62,9 +63,18 @@ def test_select_trims_common_padding_and_keeps_the_logprobs(tiny_policy):
     width = part.shape[1]
     assert torch.allclose(part * sub.completion_mask, full[rows, :width] * sub.completion_mask, atol=1e-5)
     assert not ro.completion_mask[rows, width:].any()
-    assert torch.equal(sub.routed_experts, torch.cat([
-        ro.routed_experts[:, rows, ro.prompt_ids.shape[1] - sub.prompt_ids.shape[1]:][:, :, : sub.prompt_ids.shape[1]],
-        ro.routed_experts[:, rows, ro.prompt_ids.shape[1]:][:, :, :width]], dim=2))
+    assert torch.equal(
+        sub.routed_experts,
+        torch.cat(
+            [
+                ro.routed_experts[:, rows, ro.prompt_ids.shape[1] - sub.prompt_ids.shape[1] :][
+                    :, :, : sub.prompt_ids.shape[1]
+                ],
+                ro.routed_experts[:, rows, ro.prompt_ids.shape[1] :][:, :, :width],
+            ],
+            dim=2,
+        ),
+    )
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
@@ -86,8 +96,9 @@ def test_gradient_of_the_selection_equals_the_whole_batch(tiny_policy, loss):
             logp, _ = policy_logprobs(model, ro, temperature=1.0)
         value, _ = LOSSES[loss](logp, ro.old_logp, adv, mask, **HP)
         value.backward()
-        return float(value.detach()), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                              for p in model.parameters()]
+        return float(value.detach()), [
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
+        ]
 
     whole_loss, whole = grads(selected=False)
     part_loss, part = grads(selected=True)

@@ -104,8 +104,16 @@ def load_rubric_file(path: str | Path) -> list[Rubric]:
         mandatory = entry.get("mandatory", False)
         if not isinstance(mandatory, bool):
             raise RubricError(f"{where}.mandatory: must be true or false, got {mandatory!r}")
-        out.append(Rubric(entry["name"], entry["title"].strip(), " ".join(entry["description"].split()),
-                          float(weight), mandatory, str(path)))
+        out.append(
+            Rubric(
+                entry["name"],
+                entry["title"].strip(),
+                " ".join(entry["description"].split()),
+                float(weight),
+                mandatory,
+                str(path),
+            )
+        )
     return out
 
 

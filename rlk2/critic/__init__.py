@@ -11,9 +11,31 @@ which a user can use without rlk2.
 
 from rlk2.critic.backends import CheckpointCritic, PolicyCritic, generate_texts
 from rlk2.critic.loop import ClosedLoop, critic_standard
-from rlk2.critic.refine import (CriticRefiner, CriticSamples, VerifiedPair, agreement_metrics, agreement_reward,
-                                format_warmup_rows, pair_advantages, pairs_from_records, verified_pairs)
+from rlk2.critic.refine import (
+    CriticRefiner,
+    CriticSamples,
+    VerifiedPair,
+    agreement_metrics,
+    agreement_reward,
+    format_warmup_rows,
+    pair_advantages,
+    pairs_from_records,
+    verified_pairs,
+)
 
-__all__ = ["CheckpointCritic", "ClosedLoop", "CriticRefiner", "CriticSamples", "PolicyCritic", "VerifiedPair",
-           "agreement_metrics", "agreement_reward", "critic_standard", "format_warmup_rows", "generate_texts",
-           "pair_advantages", "pairs_from_records", "verified_pairs"]
+__all__ = [
+    "CheckpointCritic",
+    "ClosedLoop",
+    "CriticRefiner",
+    "CriticSamples",
+    "PolicyCritic",
+    "VerifiedPair",
+    "agreement_metrics",
+    "agreement_reward",
+    "critic_standard",
+    "format_warmup_rows",
+    "generate_texts",
+    "pair_advantages",
+    "pairs_from_records",
+    "verified_pairs",
+]

@@ -23,11 +23,21 @@ from rlk2.policy import load_policy
 from rlk2.rollout import context_limit, encode_messages, generate_replies
 
 
-def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
-                   chat_template: bool = True, batch_size: int = 64) -> list[Reply]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    chat_template: bool = True,
+    batch_size: int = 64,
+) -> list[Reply]:
     """One reply per prompt (a user message) from a local causal LM; over-long prompts get `Reply(None, why)`."""
-    encoded = [encode_messages(tokenizer, [{"role": "user", "content": p}], chat_template=chat_template)
-               for p in prompts]
+    encoded = [
+        encode_messages(tokenizer, [{"role": "user", "content": p}], chat_template=chat_template) for p in prompts
+    ]
     limit = context_limit(model)
     out = [Reply(None, "not generated")] * len(prompts)
     todo = []
@@ -36,8 +46,15 @@ def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
             out[i] = Reply(None, f"critic prompt too long: {len(ids)} tokens + {max_new_tokens} new > context {limit}")
         else:
             todo.append(i)
-    done = generate_replies(model, tokenizer, [encoded[i] for i in todo], max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed, batch_size=batch_size)
+    done = generate_replies(
+        model,
+        tokenizer,
+        [encoded[i] for i in todo],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
     for i, (toks, _) in zip(todo, done):
         out[i] = Reply(tokenizer.decode(toks, skip_special_tokens=True))
     return out
@@ -53,16 +70,30 @@ class PolicyCritic:
 
     def complete(self, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int) -> list[Reply]:
         with self.lock:
-            return generate_texts(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, seed=seed, chat_template=self.chat_template,
-                                  batch_size=self.batch_size)
+            return generate_texts(
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+                chat_template=self.chat_template,
+                batch_size=self.batch_size,
+            )
 
 
 class CheckpointCritic(PolicyCritic):
     """A separate local Hugging Face checkpoint as critic; loaded once, on the GPU when there is one."""
 
-    def __init__(self, path: str, *, dtype: str = "float32", device: str | None = None, batch_size: int = 64,
-                 chat_template: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        batch_size: int = 64,
+        chat_template: bool = True,
+    ) -> None:
         try:
             model, tokenizer = load_policy(path, dtype=dtype)
         except UserError as exc:

@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.rubric import (DEFAULT_RUBRICS, fill_template, load_rubrics, load_template, parse_verdict,
-                            render_rubrics)
+from rewards.rubric import DEFAULT_RUBRICS, fill_template, load_rubrics, load_template, parse_verdict, render_rubrics
 from rlk2.algorithms import group_advantages
 from rlk2.critic.backends import generate_texts
 from rlk2.errors import UserError
@@ -54,8 +53,15 @@ class VerifiedPair:
     worse: str
 
 
-def verified_pairs(prompts: Sequence[str], completions: Sequence[str], rewards: Sequence[float | None], *,
-                   group_size: int, per_prompt: int, rng: random.Random) -> list[VerifiedPair]:
+def verified_pairs(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    rewards: Sequence[float | None],
+    *,
+    group_size: int,
+    per_prompt: int,
+    rng: random.Random,
+) -> list[VerifiedPair]:
     """Up to `per_prompt` random pairs per group (consecutive blocks of `group_size`) whose rewards differ.
 
     Unscorable responses (None) are never paired; pairs with identical texts are skipped (nothing to judge).
@@ -63,8 +69,12 @@ def verified_pairs(prompts: Sequence[str], completions: Sequence[str], rewards: 
     out = []
     for g in range(0, len(completions), group_size):
         idx = [i for i in range(g, min(g + group_size, len(completions))) if rewards[i] is not None]
-        cands = [(i, j) for a, i in enumerate(idx) for j in idx[a + 1 :]
-                 if rewards[i] != rewards[j] and completions[i] != completions[j]]
+        cands = [
+            (i, j)
+            for a, i in enumerate(idx)
+            for j in idx[a + 1 :]
+            if rewards[i] != rewards[j] and completions[i] != completions[j]
+        ]
         rng.shuffle(cands)
         seen = set()
         for i, j in cands:
@@ -163,9 +173,17 @@ class CriticSamples:
 class CriticRefiner:
     """Builds critic prompts from verified pairs, samples verdicts from the policy, scores them by agreement."""
 
-    def __init__(self, *, template: str | None = None, rubrics: Sequence[str] | str = DEFAULT_RUBRICS,
-                 pairs_per_prompt: int = 1, max_pairs: int | None = None, max_new_tokens: int = 64,
-                 chat_template: bool = True, unparsable_reward: float | None = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        template: str | None = None,
+        rubrics: Sequence[str] | str = DEFAULT_RUBRICS,
+        pairs_per_prompt: int = 1,
+        max_pairs: int | None = None,
+        max_new_tokens: int = 64,
+        chat_template: bool = True,
+        unparsable_reward: float | None = 0.0,
+    ) -> None:
         if pairs_per_prompt < 1:
             raise ValueError("pairs_per_prompt must be >= 1")
         self.template = load_template(template)  # validated now: a bad file fails at start-up, not at step 1
@@ -175,30 +193,54 @@ class CriticRefiner:
         self.unparsable_reward = unparsable_reward
 
     def critic_prompt(self, prompt: str, response_a: str, response_b: str) -> str:
-        return fill_template(self.template, {
-            "prompt": prompt, "response_a": response_a, "response_b": response_b,
-            "rubrics": render_rubrics(self.rubrics), "rubric_names": ", ".join(r.name for r in self.rubrics)})
+        return fill_template(
+            self.template,
+            {
+                "prompt": prompt,
+                "response_a": response_a,
+                "response_b": response_b,
+                "rubrics": render_rubrics(self.rubrics),
+                "rubric_names": ", ".join(r.name for r in self.rubrics),
+            },
+        )
 
     def _jobs(self, pairs: Sequence[VerifiedPair]) -> list[tuple[str, str, VerifiedPair]]:
         """(critic prompt, expected verdict, pair): every pair in both orders."""
-        return [job for p in pairs for job in ((self.critic_prompt(p.prompt, p.better, p.worse), "A", p),
-                                               (self.critic_prompt(p.prompt, p.worse, p.better), "B", p))]
+        return [
+            job
+            for p in pairs
+            for job in (
+                (self.critic_prompt(p.prompt, p.better, p.worse), "A", p),
+                (self.critic_prompt(p.prompt, p.worse, p.better), "B", p),
+            )
+        ]
 
     def _fits(self, model, ids: list[int]) -> bool:
         limit = getattr(model.config, "max_position_embeddings", None)
         return not limit or len(ids) + self.max_new_tokens <= limit
 
-    def samples(self, model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                rewards: Sequence[float | None], *, group_size: int, temperature: float,
-                seed: int, record_routing: bool = False) -> CriticSamples | None:
+    def samples(
+        self,
+        model,
+        tokenizer,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        rewards: Sequence[float | None],
+        *,
+        group_size: int,
+        temperature: float,
+        seed: int,
+        record_routing: bool = False,
+    ) -> CriticSamples | None:
         """Critic-role samples for this step's verifiable groups (`prompts` repeated per sample), or None.
 
         `record_routing` records the experts of every token (as the policy's own rollouts do under router
         replay): `concat_rollouts` keeps recorded routing only when every part has it.
         """
         rng = random.Random(seed)
-        pairs = verified_pairs(prompts, completions, rewards, group_size=group_size,
-                               per_prompt=self.pairs_per_prompt, rng=rng)
+        pairs = verified_pairs(
+            prompts, completions, rewards, group_size=group_size, per_prompt=self.pairs_per_prompt, rng=rng
+        )
         if self.max_pairs is not None and len(pairs) > self.max_pairs:
             pairs = rng.sample(pairs, self.max_pairs)
         jobs = self._jobs(pairs)
@@ -208,9 +250,15 @@ class CriticRefiner:
         if not keep:
             return None
         jobs, ids = [jobs[k] for k in keep], [ids[k] for k in keep]
-        ro = generate_rollouts(model, tokenizer, [x for x in ids for _ in range(group_size)],
-                               max_new_tokens=self.max_new_tokens, temperature=temperature, seed=seed,
-                               record_routing=record_routing)
+        ro = generate_rollouts(
+            model,
+            tokenizer,
+            [x for x in ids for _ in range(group_size)],
+            max_new_tokens=self.max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            record_routing=record_routing,
+        )
         out_rewards: list[float | None] = []
         records, texts = [], []
         for n, text in enumerate(ro.texts):
@@ -219,8 +267,17 @@ class CriticRefiner:
             reward = agreement_reward(v.verdict, expected, unparsable=self.unparsable_reward)
             out_rewards.append(reward)
             texts.append(prompt)
-            records.append({"task": "critic", "prompt": prompt, "completion": text, "verdict": v.verdict,
-                            "reason": v.reason, "expected": expected, "reward": reward})
+            records.append(
+                {
+                    "task": "critic",
+                    "prompt": prompt,
+                    "completion": text,
+                    "verdict": v.verdict,
+                    "reason": v.reason,
+                    "expected": expected,
+                    "reward": reward,
+                }
+            )
         verdicts = [rec["verdict"] for rec in records]
         metrics = {
             "critic/train_agreement": sum(rec["verdict"] == rec["expected"] for rec in records) / len(records),
@@ -235,14 +292,23 @@ class CriticRefiner:
         if not pairs:
             return {}
         jobs = self._jobs(pairs)
-        replies = generate_texts(model, tokenizer, [j[0] for j in jobs], max_new_tokens=self.max_new_tokens,
-                                 temperature=0.0, seed=0, chat_template=self.chat_template, batch_size=batch_size)
+        replies = generate_texts(
+            model,
+            tokenizer,
+            [j[0] for j in jobs],
+            max_new_tokens=self.max_new_tokens,
+            temperature=0.0,
+            seed=0,
+            chat_template=self.chat_template,
+            batch_size=batch_size,
+        )
         verdicts = [parse_verdict(r.text).verdict for r in replies]
         return {**agreement_metrics(verdicts, [job[1] for job in jobs]), "critic/heldout_pairs": float(len(pairs))}
 
 
-def format_warmup_rows(rows: Sequence[dict], *, n: int, refiner: CriticRefiner, seed: int,
-                       verdicts: str = "both") -> list[dict]:
+def format_warmup_rows(
+    rows: Sequence[dict], *, n: int, refiner: CriticRefiner, seed: int, verdicts: str = "both"
+) -> list[dict]:
     """Supervised rows that initialise the critic role of a model that has never seen a critic prompt.
 
     From task rows with a gold `completion`: the critic prompt shows the gold and another row's (different)
@@ -268,7 +334,7 @@ def format_warmup_rows(rows: Sequence[dict], *, n: int, refiner: CriticRefiner, 
         gold_first = rng.random() < 0.5
         a, b = (row["completion"], other["completion"]) if gold_first else (other["completion"], row["completion"])
         prompt = refiner.critic_prompt(row["prompt"], a, b)
-        for verdict in ("AB" if verdicts == "both" else "A" if gold_first else "B"):
+        for verdict in "AB" if verdicts == "both" else "A" if gold_first else "B":
             out.append({"prompt": prompt, "completion": f"{row['completion']} Verdict: {verdict}"})
     return out[:n]
 
@@ -278,8 +344,10 @@ def check_refine_launch(num_processes: int) -> None:
     the critic samples across ranks so that N processes reproduce one (as rlk2.distributed does for the policy's
     own groups) is not implemented. Refused at start-up rather than trained differently per rank."""
     if num_processes > 1:
-        raise UserError(f"critic.refine: supported on one process only, this launch has {num_processes} (critic "
-                        "samples are not split across ranks); launch one process or set critic.refine=false")
+        raise UserError(
+            f"critic.refine: supported on one process only, this launch has {num_processes} (critic "
+            "samples are not split across ranks); launch one process or set critic.refine=false"
+        )
 
 
 def save_pairs(path: Path, pairs: Sequence[VerifiedPair]) -> None:

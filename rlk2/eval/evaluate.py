@@ -8,8 +8,8 @@ with the reward engine while the next batch generates, and returns `eval/<task>/
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -86,25 +86,52 @@ def evaluate_policy(
         ids = encode_prompts(tokenizer, task.prompts, chat_template=chat_template)
         t_task, outs = time.perf_counter(), {}
         for mode, reps in [("sample", samples)] + ([("greedy", 1)] if greedy else []):
-            outs[mode] = _generate_and_score(model, tokenizer, task, ids, engine, reps=reps, greedy=mode == "greedy",
-                                             temperature=temperature, batch_size=batch_size, seed=seed, bar=bar)
+            outs[mode] = _generate_and_score(
+                model,
+                tokenizer,
+                task,
+                ids,
+                engine,
+                reps=reps,
+                greedy=mode == "greedy",
+                temperature=temperature,
+                batch_size=batch_size,
+                seed=seed,
+                bar=bar,
+            )
         outcome = _outcome(task, outs)
         result.outcomes[task.name] = outcome
         result.metrics.update({f"eval/{task.name}/{key}": value for key, value in task_metrics(outcome, ks).items()})
         elapsed = time.perf_counter() - t_task
         sequences = len(task.prompts) * (samples + int(greedy))
         tokens = sum(sum(o["ntok"]) for o in outs.values())
-        result.timing[task.name] = {"sequences": sequences, "tokens": tokens, "seconds": elapsed,
-                                    "generate_s": sum(o["generate_s"] for o in outs.values()),
-                                    "samples_per_s": sequences / elapsed if elapsed else 0.0,
-                                    "tokens_per_s": tokens / elapsed if elapsed else 0.0}
+        result.timing[task.name] = {
+            "sequences": sequences,
+            "tokens": tokens,
+            "seconds": elapsed,
+            "generate_s": sum(o["generate_s"] for o in outs.values()),
+            "samples_per_s": sequences / elapsed if elapsed else 0.0,
+            "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        }
         result.samples[task.name] = _records(task, outs)
     bar.close()
     return result
 
 
-def _generate_and_score(model, tokenizer, task: EvalTask, ids: list[list[int]], engine, *, reps: int, greedy: bool,
-                        temperature: float, batch_size: int, seed: int, bar) -> dict:
+def _generate_and_score(
+    model,
+    tokenizer,
+    task: EvalTask,
+    ids: list[list[int]],
+    engine,
+    *,
+    reps: int,
+    greedy: bool,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+    bar,
+) -> dict:
     """`reps` completions of every prompt of `task`, scored; everything in prompt order."""
     n = len(task.prompts)
     # Longest prompts first so each batch holds prompts of similar length (less left padding); the results are put
@@ -115,8 +142,16 @@ def _generate_and_score(model, tokenizer, task: EvalTask, ids: list[list[int]], 
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         t0 = time.perf_counter()
-        ro = generate_rollouts(model, tokenizer, [ids[i] for i in chunk], max_new_tokens=task.max_new_tokens,
-                               temperature=temperature, greedy=greedy, seed=seed + start, record_logprobs=False)
+        ro = generate_rollouts(
+            model,
+            tokenizer,
+            [ids[i] for i in chunk],
+            max_new_tokens=task.max_new_tokens,
+            temperature=temperature,
+            greedy=greedy,
+            seed=seed + start,
+            record_logprobs=False,
+        )
         t_gen += time.perf_counter() - t0
         cols = {k: [v[i] for i in chunk] for k, v in task.columns.items()}
         pending.append(engine.score_later(list(task.specs), ro.texts, [task.prompts[i] for i in chunk], cols))
@@ -128,8 +163,16 @@ def _generate_and_score(model, tokenizer, task: EvalTask, ids: list[list[int]], 
     back = sorted(range(len(order)), key=lambda j: order[j])  # stable: samples keep their order
     order, texts, ntok, trunc = ([xs[j] for j in back] for xs in (order, texts, ntok, trunc))
     rewards = {name: [vals[j] for j in back] for name, vals in rewards.items()}
-    return {"order": order, "texts": texts, "ntok": ntok, "trunc": trunc, "rewards": rewards, "errors": errors,
-            "reps": reps, "generate_s": t_gen}
+    return {
+        "order": order,
+        "texts": texts,
+        "ntok": ntok,
+        "trunc": trunc,
+        "rewards": rewards,
+        "errors": errors,
+        "reps": reps,
+        "generate_s": t_gen,
+    }
 
 
 def _as_array(vals: list, shape: tuple[int, int]) -> np.ndarray:
@@ -155,8 +198,17 @@ def _outcome(task: EvalTask, outs: dict[str, dict]) -> TaskOutcome:
         greedy_passed = np.array([r is not None and r >= 1.0 - 1e-6 for r in g], dtype=bool)
         for name, cnt in outs["greedy"]["errors"].items():
             errors[name] = errors.get(name, 0) + cnt
-    return TaskOutcome(task.name, primary, passed, scores, np.array(s["ntok"], dtype=np.int64).reshape(shape),
-                       np.array(s["trunc"], dtype=bool).reshape(shape), answers, greedy_passed, errors)
+    return TaskOutcome(
+        task.name,
+        primary,
+        passed,
+        scores,
+        np.array(s["ntok"], dtype=np.int64).reshape(shape),
+        np.array(s["trunc"], dtype=bool).reshape(shape),
+        answers,
+        greedy_passed,
+        errors,
+    )
 
 
 def _records(task: EvalTask, outs: dict[str, dict]) -> list[dict]:
@@ -166,12 +218,17 @@ def _records(task: EvalTask, outs: dict[str, dict]) -> list[dict]:
     for mode, o in outs.items():
         for j, (i, text) in enumerate(zip(o["order"], o["texts"])):
             r = o["rewards"][primary][j]
-            rec = {"mode": mode, "prompt_index": i, "prompt": task.prompts[i], "completion": text,
-                   "passed": r is not None and r >= 1.0 - 1e-6, "tokens": o["ntok"][j], "truncated": o["trunc"][j],
-                   "rewards": {name: vals[j] for name, vals in o["rewards"].items()}}
+            rec = {
+                "mode": mode,
+                "prompt_index": i,
+                "prompt": task.prompts[i],
+                "completion": text,
+                "passed": r is not None and r >= 1.0 - 1e-6,
+                "tokens": o["ntok"][j],
+                "truncated": o["trunc"][j],
+                "rewards": {name: vals[j] for name, vals in o["rewards"].items()},
+            }
             if kind != "none":
                 rec["answer"] = extract_answer(text, kind)
             records.append(rec)
     return records
-
-

@@ -17,9 +17,9 @@ checkpoints resample the same prompts for both (a paired bootstrap), so a checkp
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import comb
-from typing import Sequence
 
 import numpy as np
 

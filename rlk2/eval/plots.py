@@ -29,8 +29,15 @@ def plot_pass_at_k(task: str, outcomes: list, metrics: dict, path: Path) -> None
             if name.startswith("pass@") and entry["ci"] is not None and entry["value"] is not None:
                 k = int(name.split("@")[1])
                 lo, hi = entry["ci"]
-                ax.errorbar([k], [entry["value"]], yerr=[[entry["value"] - lo], [hi - entry["value"]]],
-                            fmt="o", color=line.get_color(), capsize=3, markersize=4)
+                ax.errorbar(
+                    [k],
+                    [entry["value"]],
+                    yerr=[[entry["value"] - lo], [hi - entry["value"]]],
+                    fmt="o",
+                    color=line.get_color(),
+                    capsize=3,
+                    markersize=4,
+                )
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4, 8 rather than 2^0, 2^1, ...
     ax.set_xlabel("k (samples)")
@@ -73,8 +80,14 @@ def plot_training(run_name: str, rows: list[dict], ckpts: list, report: dict, pa
         for task, t in report["tasks"].items():
             entry = t["metrics"][c.label].get("pass@1")
             if entry and entry["value"] is not None:
-                right.scatter([c.step], [entry["value"]], marker="*", s=80, zorder=3,
-                              label=f"eval/{task}/pass@1 ({c.label}, this report)")
+                right.scatter(
+                    [c.step],
+                    [entry["value"]],
+                    marker="*",
+                    s=80,
+                    zorder=3,
+                    label=f"eval/{task}/pass@1 ({c.label}, this report)",
+                )
     right.set_title("held-out evaluation")
     for ax in (left, right):
         ax.set_xlabel("step")
@@ -92,7 +105,11 @@ def plot_series(rows: list[dict], keys: list[str], path: Path, title: str) -> bo
     fig, ax = plt.subplots(figsize=(6, 3.5))
     drawn = False
     for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        pts = [
+            (r["step"], r[key])
+            for r in rows
+            if key in r and r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))
+        ]
         if pts:
             ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=key)
             drawn = True

@@ -29,8 +29,26 @@ from rlk2.eval.metrics import bootstrap_ci, bootstrap_diff_ci, bootstrap_indices
 from rlk2.eval.plots import plot_pass_at_k, plot_series, plot_training
 
 SCHEMA_VERSION = 1
-REPORT_KEYS = ("schema_version", "rlk2_version", "created_at", "settings", "checkpoints", "tasks", "throughput", "plots")
-TASK_KEYS = ("source", "prompts", "samples_per_prompt", "rewards", "max_new_tokens", "metrics", "differences", "reward_errors")
+REPORT_KEYS = (
+    "schema_version",
+    "rlk2_version",
+    "created_at",
+    "settings",
+    "checkpoints",
+    "tasks",
+    "throughput",
+    "plots",
+)
+TASK_KEYS = (
+    "source",
+    "prompts",
+    "samples_per_prompt",
+    "rewards",
+    "max_new_tokens",
+    "metrics",
+    "differences",
+    "reward_errors",
+)
 
 
 def _num(x: float | None) -> float | None:
@@ -51,7 +69,9 @@ def build_report(ckpts: list, task_cfgs: list, tasks: list, results: list, setti
     out_tasks = {}
     for cfg, task in zip(task_cfgs, tasks):
         outcomes = [r.outcomes[task.name] for r in results]
-        idx = bootstrap_indices(len(task.prompts), settings["bootstrap_resamples"], seed=settings["seed"], task=task.name)
+        idx = bootstrap_indices(
+            len(task.prompts), settings["bootstrap_resamples"], seed=settings["seed"], task=task.name
+        )
         stats = [prompt_stats(o, ks) for o in outcomes]
         metrics = {}
         for ckpt, st, o in zip(ckpts, stats, outcomes):
@@ -84,9 +104,13 @@ def build_report(ckpts: list, task_cfgs: list, tasks: list, results: list, setti
         seqs = sum(t["sequences"] for t in res.timing.values())
         toks = sum(t["tokens"] for t in res.timing.values())
         secs = sum(t["seconds"] for t in res.timing.values())
-        throughput[ckpt.label] = {"sequences": seqs, "tokens": toks, "seconds": secs,
-                                  "samples_per_s": seqs / secs if secs else None,
-                                  "tokens_per_s": toks / secs if secs else None}
+        throughput[ckpt.label] = {
+            "sequences": seqs,
+            "tokens": toks,
+            "seconds": secs,
+            "samples_per_s": seqs / secs if secs else None,
+            "tokens_per_s": toks / secs if secs else None,
+        }
     try:
         pkg_version = version("rlk2")
     except PackageNotFoundError:
@@ -96,8 +120,17 @@ def build_report(ckpts: list, task_cfgs: list, tasks: list, results: list, setti
         "rlk2_version": pkg_version,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,
-        "checkpoints": [{"label": c.label, "spec": c.spec, "path": str(c.path), "kind": c.kind,
-                         "run_dir": str(c.run_dir) if c.run_dir else None, "step": c.step} for c in ckpts],
+        "checkpoints": [
+            {
+                "label": c.label,
+                "spec": c.spec,
+                "path": str(c.path),
+                "kind": c.kind,
+                "run_dir": str(c.run_dir) if c.run_dir else None,
+                "step": c.step,
+            }
+            for c in ckpts
+        ],
         "tasks": out_tasks,
         "throughput": throughput,
         "plots": [],
@@ -139,18 +172,31 @@ def markdown_tables(report: dict) -> str:
 
 def write_markdown(report: dict, path: Path) -> None:
     s = report["settings"]
-    md = ["# Evaluation report", "",
-          f"{s['samples']} samples per prompt at temperature {s['temperature']}"
-          f"{', plus one greedy' if s['greedy'] else ''}; seed {s['seed']}. "
-          f"Brackets: 95 % bootstrap intervals over prompts ({s['bootstrap_resamples']} resamples); "
-          "differences are paired (same prompts, same seeds).", "",
-          "| checkpoint | kind | path |", "|---|---|---|"]
+    md = [
+        "# Evaluation report",
+        "",
+        f"{s['samples']} samples per prompt at temperature {s['temperature']}"
+        f"{', plus one greedy' if s['greedy'] else ''}; seed {s['seed']}. "
+        f"Brackets: 95 % bootstrap intervals over prompts ({s['bootstrap_resamples']} resamples); "
+        "differences are paired (same prompts, same seeds).",
+        "",
+        "| checkpoint | kind | path |",
+        "|---|---|---|",
+    ]
     md += [f"| {c['label']} | {c['kind']} | `{c['path']}` |" for c in report["checkpoints"]]
-    md += ["", markdown_tables(report), "### Throughput", "",
-           "| checkpoint | samples | tokens | seconds | samples/s | tokens/s |", "|---|---:|---:|---:|---:|---:|"]
+    md += [
+        "",
+        markdown_tables(report),
+        "### Throughput",
+        "",
+        "| checkpoint | samples | tokens | seconds | samples/s | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for label, t in report["throughput"].items():
-        md.append(f"| {label} | {t['sequences']} | {t['tokens']} | {t['seconds']:.1f} | "
-                  f"{t['samples_per_s'] or 0:.1f} | {t['tokens_per_s'] or 0:.0f} |")
+        md.append(
+            f"| {label} | {t['sequences']} | {t['tokens']} | {t['seconds']:.1f} | "
+            f"{t['samples_per_s'] or 0:.1f} | {t['tokens_per_s'] or 0:.0f} |"
+        )
     md += [""] + [f"![{p}]({p})" for p in report["plots"]]
     path.write_text("\n".join(md) + "\n")
 
@@ -160,15 +206,20 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
 
 
-def write_outputs(report: dict, ckpts: list, tasks: list, results: list, out: Path,
-                  run_metrics: dict[Path, list[dict]]) -> None:
+def write_outputs(
+    report: dict, ckpts: list, tasks: list, results: list, out: Path, run_metrics: dict[Path, list[dict]]
+) -> None:
     """report.json, report.md, plots and samples/<checkpoint>/<task>.jsonl into `out`; `run_metrics` holds the
     metrics rows of the runs the checkpoints come from (for their training curves)."""
     out.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         name = f"pass_at_k_{_safe(task.name)}.png"
-        plot_pass_at_k(task.name, [(c.label, r.outcomes[task.name]) for c, r in zip(ckpts, results)],
-                       report["tasks"][task.name]["metrics"], out / name)
+        plot_pass_at_k(
+            task.name,
+            [(c.label, r.outcomes[task.name]) for c, r in zip(ckpts, results)],
+            report["tasks"][task.name]["metrics"],
+            out / name,
+        )
         report["plots"].append(name)
     runs: dict[Path, list] = {}
     for c in ckpts:
@@ -203,7 +254,9 @@ def before_after_table(before: dict, after: dict) -> str:
     for k in keys:
         b, a = before.get(k), after.get(k)
         delta = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
-        lines.append(f"| {k} | {_fmt_value(b)} | {_fmt_value(a)} | {_fmt_value(delta) if delta is None else f'{delta:+.3f}'} |")
+        lines.append(
+            f"| {k} | {_fmt_value(b)} | {_fmt_value(a)} | {_fmt_value(delta) if delta is None else f'{delta:+.3f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -214,7 +267,9 @@ def write_run_report(run_dir: str | Path, rows: list[dict], before: dict, after:
     train_rows = [r for r in rows if "reward/mean" in r]
     eval_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
     plots = []
-    reward_keys = ["reward/mean"] + sorted({k for r in train_rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    reward_keys = ["reward/mean"] + sorted(
+        {k for r in train_rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}
+    )
     if plot_series(train_rows, reward_keys, run_dir / "reward.png", "training reward"):
         plots.append("reward.png")
     eval_keys = sorted({k for r in eval_rows for k in r if "pass@" in k})
@@ -224,8 +279,16 @@ def write_run_report(run_dir: str | Path, rows: list[dict], before: dict, after:
         plots.append("loss.png")
     steps = len(train_rows)
     total_time = sum(r.get("time/rollout", 0) + r.get("time/reward", 0) + r.get("time/update", 0) for r in train_rows)
-    md = [f"# Run report: {run_dir.name}", "", f"{steps} RL steps, {total_time:.1f} s of RL step time.", "",
-          "## Held-out evaluation", "", table, ""]
+    md = [
+        f"# Run report: {run_dir.name}",
+        "",
+        f"{steps} RL steps, {total_time:.1f} s of RL step time.",
+        "",
+        "## Held-out evaluation",
+        "",
+        table,
+        "",
+    ]
     md += [f"![{p}]({p})" for p in plots]
     (run_dir / "report.md").write_text("\n".join(md) + "\n")
     return table

@@ -23,11 +23,10 @@ import importlib.util
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from rewards import REWARDS, RewardError
 from rewards.engine import RewardSpec
-from rlk2.config import RewardConfig, read_yaml, load_structured
+from rlk2.config import RewardConfig, load_structured, read_yaml
 from rlk2.data import BUILTIN_TASKS, builtin_split, read_rows
 from rlk2.errors import UserError
 from rlk2.eval.evaluate import EvalTask
@@ -44,7 +43,7 @@ class EvalTaskConfig:
     """`builtin:<task>`, a .jsonl / .jsonl.gz / .parquet file, or `package:<module>/<path>` (a packaged data file)."""
     split: str = "eval"
     """Built-in tasks only: `eval` (the fixed held-out split, never trained on) or `train`."""
-    limit: Optional[int] = None
+    limit: int | None = None
     """Evaluate only the first `limit` rows (None = all). `rlk2 eval --limit` overrides it."""
     prompt_template: str = "{prompt}"
     """Python format string over the row's columns that gives the prompt, e.g. "Solve: {question}"."""
@@ -66,12 +65,20 @@ def _validate(cfg: EvalTaskConfig, where: str) -> None:
     if not cfg.name.strip():
         raise _fail(where, "name", "required (a non-empty string)")
     if not cfg.source.strip():
-        raise _fail(where, "source", "required: builtin:<task>, a .jsonl/.jsonl.gz/.parquet file, or package:<module>/<path>")
+        raise _fail(
+            where, "source", "required: builtin:<task>, a .jsonl/.jsonl.gz/.parquet file, or package:<module>/<path>"
+        )
     if cfg.source.startswith("builtin:"):
-        if cfg.source[len("builtin:"):] not in BUILTIN_TASKS:
-            raise _fail(where, "source", f"unknown built-in task (have: {', '.join('builtin:' + t for t in BUILTIN_TASKS)})")
+        if cfg.source[len("builtin:") :] not in BUILTIN_TASKS:
+            raise _fail(
+                where, "source", f"unknown built-in task (have: {', '.join('builtin:' + t for t in BUILTIN_TASKS)})"
+            )
     elif not cfg.source.startswith("package:") and not cfg.source.endswith((".jsonl", ".jsonl.gz", ".parquet")):
-        raise _fail(where, "source", f"{cfg.source!r}: use .jsonl, .jsonl.gz or .parquet, builtin:<task> or package:<module>/<path>")
+        raise _fail(
+            where,
+            "source",
+            f"{cfg.source!r}: use .jsonl, .jsonl.gz or .parquet, builtin:<task> or package:<module>/<path>",
+        )
     if cfg.split not in ("eval", "train"):
         raise _fail(where, "split", f"'{cfg.split}' is not one of eval, train")
     if cfg.limit is not None and cfg.limit < 1:
@@ -91,7 +98,11 @@ def _validate(cfg: EvalTaskConfig, where: str) -> None:
     for i, r in enumerate(cfg.rewards):
         # Checked by name only: loading `code` would import the sandbox client, which validation must not need.
         if r.name not in REWARDS and ":" not in r.name and not _is_entry_point(r.name):
-            raise _fail(where, f"rewards[{i}].name", f"unknown reward '{r.name}' (have: {', '.join(REWARDS)}, or pkg.module:function)")
+            raise _fail(
+                where,
+                f"rewards[{i}].name",
+                f"unknown reward '{r.name}' (have: {', '.join(REWARDS)}, or pkg.module:function)",
+            )
         if r.timeout_s <= 0:
             raise _fail(where, f"rewards[{i}].timeout_s", "must be > 0")
 
@@ -135,7 +146,7 @@ def _anchor(source: str, folder: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------- rows
 def _package_file(source: str) -> Path:
-    spec = source[len("package:"):]
+    spec = source[len("package:") :]
     module, _, rel = spec.partition("/")
     found = importlib.util.find_spec(module) if module else None
     if found is None or not found.submodule_search_locations:
@@ -149,7 +160,7 @@ def _package_file(source: str) -> Path:
 def read_task_rows(cfg: EvalTaskConfig) -> list[dict]:
     """The task's raw rows (before column mapping), in file order, the first `limit` of them."""
     if cfg.source.startswith("builtin:"):
-        rows = builtin_split(cfg.source[len("builtin:"):], cfg.split)
+        rows = builtin_split(cfg.source[len("builtin:") :], cfg.split)
     else:
         path = _package_file(cfg.source) if cfg.source.startswith("package:") else Path(cfg.source)
         if not path.is_file():
@@ -170,12 +181,16 @@ def build_eval_task(cfg: EvalTaskConfig, engine, *, limit: int | None = None):
         row = dict(raw)
         for column, src in cfg.columns.items():
             if src not in raw:
-                raise UserError(f"task '{cfg.name}' ({cfg.source}): row {i + 1} has no field '{src}' (columns.{column})")
+                raise UserError(
+                    f"task '{cfg.name}' ({cfg.source}): row {i + 1} has no field '{src}' (columns.{column})"
+                )
             row[column] = raw[src]
         try:
             prompts.append(cfg.prompt_template.format(**row))
         except (KeyError, IndexError) as exc:
-            raise UserError(f"task '{cfg.name}' ({cfg.source}): row {i + 1} has no field {exc} used by prompt_template") from None
+            raise UserError(
+                f"task '{cfg.name}' ({cfg.source}): row {i + 1} has no field {exc} used by prompt_template"
+            ) from None
         mapped.append(row)
     names = sorted({k for r in mapped for k in r} - {"prompt", "completion"})
     specs = [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in cfg.rewards]
@@ -189,5 +204,11 @@ def build_eval_task(cfg: EvalTaskConfig, engine, *, limit: int | None = None):
 
 def from_run_task(task) -> EvalTaskConfig:
     """The held-out part of a training task (rlk2.config.TaskConfig): its eval split, the first `eval_size` rows."""
-    return EvalTaskConfig(name=task.name, source=task.source, split="eval", limit=task.eval_size,
-                          rewards=list(task.rewards), max_new_tokens=task.max_new_tokens)
+    return EvalTaskConfig(
+        name=task.name,
+        source=task.source,
+        split="eval",
+        limit=task.eval_size,
+        rewards=list(task.rewards),
+        max_new_tokens=task.max_new_tokens,
+    )

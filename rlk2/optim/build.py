@@ -8,8 +8,9 @@ from torch import nn
 from rlk2.optim.muonclip import MuonClip
 
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float,
-                    qk_clip_tau: float | None) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, model: nn.Module, *, lr: float, weight_decay: float, qk_clip_tau: float | None
+) -> torch.optim.Optimizer:
     """`muonclip` (routes `model`'s parameters itself and hooks its attention for QK-Clip) or `adamw`."""
     if name == "muonclip":
         return MuonClip(model, lr=lr, weight_decay=weight_decay, qk_clip_tau=qk_clip_tau)

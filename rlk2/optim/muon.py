@@ -2,7 +2,8 @@
 
 Newton-Schulz is written here rather than taken from `torch.optim.Muon` because that one is 2-D only and always
 runs in bfloat16; MoE expert weights are 3-D `[E, n, m]` tensors, and CPUs without native bfloat16 run it 10-30x
-slower than float32 (see `ns_dtype`). The iteration itself is the quintic of Keller Jordan's Muon with the coefficients K2 uses.
+slower than float32 (see `ns_dtype`). The iteration itself is the quintic of Keller Jordan's Muon with the coefficients
+K2 uses.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ bfloat16; below it the float32 kernels are as fast or faster (measured: 96 x 96 
 _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_has_native_bf16() -> bool:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
     if cap.upper() in _ISAS_WITHOUT_BF16:
@@ -67,7 +68,9 @@ def ns_dtype(device: torch.device, shape: tuple[int, ...] | torch.Size | None = 
     return torch.float32
 
 
-def newton_schulz(grads: torch.Tensor, steps: int = 5, *, dtype: torch.dtype | None = None, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(
+    grads: torch.Tensor, steps: int = 5, *, dtype: torch.dtype | None = None, eps: float = 1e-7
+) -> torch.Tensor:
     """Approximately orthogonalise each matrix of `grads` ([n, m] or [..., n, m]); returns `grads.dtype`.
 
     Every leading index is its own matrix with its own Frobenius normalisation (an expert tensor [E, n, m] is E
@@ -158,9 +161,7 @@ def route_parameters(model: nn.Module) -> Routing:
             routing.frozen.append(name)
         elif p.ndim < 2:
             routing.adamw_no_decay.append((name, p))
-        elif _is_adapter(name):
-            routing.adamw.append((name, p))
-        elif id(p) in special or p.ndim > 3:
+        elif _is_adapter(name) or id(p) in special or p.ndim > 3:
             routing.adamw.append((name, p))
         else:
             routing.muon.append((name, p))

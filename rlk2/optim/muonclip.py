@@ -1,8 +1,8 @@
 """MuonClip: K2's optimizer (DESIGN.md 4). Muon with RMS matching on hidden matrices, AdamW on the rest, QK-Clip.
 
-    opt = MuonClip(model, lr=2e-4)          # before accelerator.prepare; routes and hooks `model`
-    loss.backward(); opt.step(); opt.zero_grad()
-    log(opt.metrics())                      # {"qk_clip/max_logit": float, "qk_clip/clipped_heads": int}
+opt = MuonClip(model, lr=2e-4)          # before accelerator.prepare; routes and hooks `model`
+loss.backward(); opt.step(); opt.zero_grad()
+log(opt.metrics())                      # {"qk_clip/max_logit": float, "qk_clip/clipped_heads": int}
 """
 
 from __future__ import annotations
@@ -71,8 +71,10 @@ class MuonClip(torch.optim.Optimizer):
 
         sharded = [n for n, p in model.named_parameters() if p.requires_grad and _is_sharded(p)]
         if sharded:
-            raise UserError(f"MuonClip: parameter '{sharded[0]}' is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3) and "
-                            "Newton-Schulz needs whole matrices; supported: a single process or DDP")
+            raise UserError(
+                f"MuonClip: parameter '{sharded[0]}' is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3) and "
+                "Newton-Schulz needs whole matrices; supported: a single process or DDP"
+            )
         routing = route_parameters(model)
         logger.info("MuonClip parameter routing: %s", routing.summary())
         self.routing = routing
@@ -88,8 +90,14 @@ class MuonClip(torch.optim.Optimizer):
         if not groups:
             raise ValueError("MuonClip: the model has no trainable parameters")
         defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-            betas=tuple(adamw_betas), eps=adamw_eps, kind="adamw",
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            betas=tuple(adamw_betas),
+            eps=adamw_eps,
+            kind="adamw",
         )
         super().__init__(groups, defaults)
 
@@ -160,7 +168,7 @@ class MuonClip(torch.optim.Optimizer):
                 p = params[i]
                 count = p.numel() // (shape[0] * shape[1])
                 p.mul_(1 - lr * wd)  # decoupled weight decay: W <- W - lr * (O + wd * W)
-                p.add_(ortho[offset: offset + count].view_as(p), alpha=-lr * scale)
+                p.add_(ortho[offset : offset + count].view_as(p), alpha=-lr * scale)
                 offset += count
 
     def _adamw_step(self, group: dict) -> None:
@@ -182,7 +190,17 @@ class MuonClip(torch.optim.Optimizer):
             return
         beta1, beta2 = group["betas"]
         adamw(  # torch's own AdamW maths (functional form), so the two rules live in one optimizer and one state
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
         )

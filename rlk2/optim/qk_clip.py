@@ -28,7 +28,7 @@ import inspect
 import logging
 import math
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -56,8 +56,11 @@ class AttentionClip:
         # (position_embeddings, attention_mask, KV cache) of the current call
         self._inputs: tuple = (None, None, None)
         params = list(inspect.signature(module.forward).parameters)
-        self._arg_index = {k: params.index(k) for k in ("position_embeddings", "attention_mask", "cache",
-                                                         "past_key_values") if k in params}
+        self._arg_index = {
+            k: params.index(k)
+            for k in ("position_embeddings", "attention_mask", "cache", "past_key_values")
+            if k in params
+        }
         rope_module = sys.modules[type(module).__module__]
         self._rope: Callable = rope_module.apply_rotary_pos_emb
         self.num_heads = 0
@@ -90,8 +93,11 @@ class AttentionClip:
     def _pre_hook(self, _module, args, kwargs):
         if torch.is_grad_enabled():
             cache = self._arg("cache", args, kwargs)
-            self._inputs = (self._arg("position_embeddings", args, kwargs), self._arg("attention_mask", args, kwargs),
-                            cache if cache is not None else self._arg("past_key_values", args, kwargs))
+            self._inputs = (
+                self._arg("position_embeddings", args, kwargs),
+                self._arg("attention_mask", args, kwargs),
+                cache if cache is not None else self._arg("past_key_values", args, kwargs),
+            )
 
     def _arg(self, name: str, args: tuple, kwargs: dict):
         if name in kwargs:
@@ -139,7 +145,9 @@ class AttentionClip:
         """Per-head max logit ([H], model scale, model mask) of `logits_fn(batch_slice)`, the unscaled q k^T
         of a slice of the batch ([b, H, T, S]), without materialising the whole batch at once."""
         step = max(1, _CHUNK_ELEMENTS // max(per_item, 1))
-        maxes = [self._masked_head_max(logits_fn(slice(i, i + step)), slice(i, i + step)) for i in range(0, batch, step)]
+        maxes = [
+            self._masked_head_max(logits_fn(slice(i, i + step)), slice(i, i + step)) for i in range(0, batch, step)
+        ]
         return maxes[0] if len(maxes) == 1 else torch.stack(maxes).amax(dim=0)
 
     def _masked_head_max(self, raw: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -252,8 +260,9 @@ class MLAClip(AttentionClip):
         if getattr(module.config, "rope_interleave", False):
             self._rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_interleave
         # the interleaved rotation as a complex product needs even widths (complex views of the query copy)
-        self._complex_rope = bool(getattr(module.config, "rope_interleave", False)) and self.dn % 2 == 0 \
-            and self.dr % 2 == 0
+        self._complex_rope = (
+            bool(getattr(module.config, "rope_interleave", False)) and self.dn % 2 == 0 and self.dr % 2 == 0
+        )
         self._check_trainable(self.q_linear, module.kv_b_proj)
 
     def sources(self) -> dict[str, nn.Module]:
@@ -282,8 +291,9 @@ class MLAClip(AttentionClip):
             # q and k share the layout, so every dot product is the same (3 ops instead of the function's ~14).
             turn = torch.complex(cos[..., : dr // 2].float(), sin[..., : dr // 2].float()).unsqueeze(1)  # [B,1,T,dr/2]
             torch.view_as_complex(q[..., dn:].unflatten(-1, (dr // 2, 2))).mul_(turn)
-            k[..., dn:] = torch.view_as_real(torch.view_as_complex(k_rot.unflatten(-1, (dr // 2, 2)).contiguous())
-                                             * turn).flatten(-2)
+            k[..., dn:] = torch.view_as_real(
+                torch.view_as_complex(k_rot.unflatten(-1, (dr // 2, 2)).contiguous()) * turn
+            ).flatten(-2)
         else:
             q_rot, k_rot = self._rope(q[..., dn:], k_rot, cos.float(), sin.float())
             q[..., dn:] = q_rot
@@ -311,7 +321,7 @@ def find_attention(model: nn.Module) -> list[AttentionClip]:
         if not cls.endswith("Attention"):
             continue
         rope_module = sys.modules[type(module).__module__]
-        has = lambda *attrs: all(hasattr(module, a) for a in attrs)  # noqa: E731
+        has = lambda *attrs, m=module: all(hasattr(m, a) for a in attrs)  # noqa: E731
         if has("kv_b_proj", "kv_a_proj_with_mqa", "qk_nope_head_dim", "qk_rope_head_dim", "scaling", "num_heads"):
             found.append(MLAClip(name, module))
         elif has("q_proj", "k_proj", "head_dim", "scaling", "num_key_value_groups", "config") and hasattr(
@@ -339,9 +349,17 @@ def qk_clip(attentions: list[AttentionClip], tau: float | None) -> tuple[float, 
     if not recorded:
         return float("nan"), 0
     device = recorded[0].device
-    flat = torch.cat([t if t is not None else torch.full((a.num_heads,), -math.inf, device=device)
-                      for a, t in zip(attentions, taken)])  # [sum of heads]
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    flat = torch.cat(
+        [
+            t if t is not None else torch.full((a.num_heads,), -math.inf, device=device)
+            for a, t in zip(attentions, taken)
+        ]
+    )  # [sum of heads]
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
     values = flat.tolist()  # one host sync per step
     max_logit = max(values)
@@ -349,7 +367,7 @@ def qk_clip(attentions: list[AttentionClip], tau: float | None) -> tuple[float, 
     if tau is not None and math.isfinite(tau):
         offset = 0
         for attn in attentions:
-            heads = [(h, tau / s) for h, s in enumerate(values[offset: offset + attn.num_heads]) if s > tau]
+            heads = [(h, tau / s) for h, s in enumerate(values[offset : offset + attn.num_heads]) if s > tau]
             offset += attn.num_heads
             if heads and attn.clippable:
                 attn.clip(heads)

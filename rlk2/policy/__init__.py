@@ -10,5 +10,11 @@ from rlk2.config import TinyMoEShape
 from rlk2.policy.demo import DEMO_CHAT_TEMPLATE, build_demo_policy, build_tokenizer, tiny_deepseek_v3_config
 from rlk2.policy.load import load_policy
 
-__all__ = ["DEMO_CHAT_TEMPLATE", "TinyMoEShape", "build_demo_policy", "build_tokenizer", "load_policy",
-           "tiny_deepseek_v3_config"]
+__all__ = [
+    "DEMO_CHAT_TEMPLATE",
+    "TinyMoEShape",
+    "build_demo_policy",
+    "build_tokenizer",
+    "load_policy",
+    "tiny_deepseek_v3_config",
+]

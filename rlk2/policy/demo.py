@@ -9,8 +9,8 @@ arithmetic is not hidden inside multi-digit merges. Both are saved as a normal H
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -19,6 +19,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedToke
 from rlk2.config import TinyMoEShape
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+DEMO_SHAPE = TinyMoEShape()  # the default shape (frozen, so one shared instance is safe as a default argument)
 
 # A minimal chat template so the demo goes through the same `apply_chat_template` path as real chat models.
 DEMO_CHAT_TEMPLATE = (
@@ -50,7 +51,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 160) -> PreTrainedT
     return fast
 
 
-def tiny_deepseek_v3_config(vocab_size: int, shape: TinyMoEShape = TinyMoEShape(), **special_ids: int) -> DeepseekV3Config:
+def tiny_deepseek_v3_config(vocab_size: int, shape: TinyMoEShape = DEMO_SHAPE, **special_ids: int) -> DeepseekV3Config:
     """A DeepSeek-V3 config at toy scale (MLA, shared expert, first layer dense, sigmoid top-k router)."""
     return DeepseekV3Config(
         vocab_size=vocab_size,
@@ -80,7 +81,9 @@ def tiny_deepseek_v3_config(vocab_size: int, shape: TinyMoEShape = TinyMoEShape(
     )
 
 
-def build_demo_policy(out_dir: str | Path, corpus: Iterable[str], *, seed: int, shape: TinyMoEShape = TinyMoEShape()) -> Path:
+def build_demo_policy(
+    out_dir: str | Path, corpus: Iterable[str], *, seed: int, shape: TinyMoEShape = DEMO_SHAPE
+) -> Path:
     """Build the tiny MoE and its tokenizer from scratch and save them as a Hugging Face checkpoint."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(corpus)

@@ -60,9 +60,7 @@ def run_sft(
     shutil.rmtree(tmp, ignore_errors=True)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    data = Dataset.from_list(
-        [{"prompt": prompt_texts[i], "completion": rows[i]["completion"]} for i in order]
-    )
+    data = Dataset.from_list([{"prompt": prompt_texts[i], "completion": rows[i]["completion"]} for i in order])
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
@@ -103,28 +101,47 @@ def run_sft(
 
 
 # ================================================================================================ the start
-def prepare_policy(*, path: str | None, dtype: str, attn_implementation: str, chat_template: bool,
-                   shape: TinyMoEShape, warm: WarmStartConfig, sources: list[str], task_rows: dict[str, list[Row]],
-                   extra_rows: list[Row],
-                   extra_key: object, seed: int, accelerator) -> tuple:
+def prepare_policy(
+    *,
+    path: str | None,
+    dtype: str,
+    attn_implementation: str,
+    chat_template: bool,
+    shape: TinyMoEShape,
+    warm: WarmStartConfig,
+    sources: list[str],
+    task_rows: dict[str, list[Row]],
+    extra_rows: list[Row],
+    extra_key: object,
+    seed: int,
+    accelerator,
+) -> tuple:
     """The starting policy: `path` loaded as it is, else the demo MoE built on the tasks' text and warm-started on
     their gold completions (plus `extra_rows`, e.g. the critic's reply format; `extra_key` is their part of the
-    cache key, `sources` the tasks' data sources), cached under `warm.cache_dir`. Returns (model, tokenizer, where it was loaded from)."""
+    cache key, `sources` the tasks' data sources), cached under `warm.cache_dir`. Returns (model, tokenizer, where it
+    was loaded from)."""
     if path:
         model, tok = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)
         return model, tok, path
-    key = cache_key(**({"critic": extra_key} if extra_rows else {}),  # earlier caches keep their key
-                    shape=shape, tasks=sorted(sources),
-                    ws=[warm.steps, warm.batch_size, warm.lr, warm.examples], enabled=warm.enabled, seed=seed,
-                    version=1)
+    key = cache_key(
+        **({"critic": extra_key} if extra_rows else {}),  # earlier caches keep their key
+        shape=shape,
+        tasks=sorted(sources),
+        ws=[warm.steps, warm.batch_size, warm.lr, warm.examples],
+        enabled=warm.enabled,
+        seed=seed,
+        version=1,
+    )
     out = Path(warm.cache_dir) / key
     if (out / "config.json").exists():
         accelerator.print(f"warm start: reusing {out}")
     elif accelerator.is_main_process:
         rows = _interleave([[r for r in rs if "completion" in r] for rs in task_rows.values()])[: warm.examples]
         if warm.enabled and not rows:
-            raise UserError("warm_start: no task row has a gold `completion` to fine-tune the demo model on; give "
-                            "policy.path (a pretrained checkpoint) or set warm_start.enabled=false")
+            raise UserError(
+                "warm_start: no task row has a gold `completion` to fine-tune the demo model on; give "
+                "policy.path (a pretrained checkpoint) or set warm_start.enabled=false"
+            )
         base = Path(warm.cache_dir) / f"{key}-base.tmp{os.getpid()}"
         try:
             build_demo_policy(base, _demo_corpus(task_rows, extra_rows), seed=seed, shape=shape)
@@ -132,15 +149,28 @@ def prepare_policy(*, path: str | None, dtype: str, attn_implementation: str, ch
                 accelerator.print(f"warm start: SFT {warm.steps} steps on built-in tasks (cached in {out})")
                 _, tok = load_policy(base)
                 rows += extra_rows
-                texts = [tok.decode(ids) for ids in encode_prompts(tok, [r["prompt"] for r in rows],
-                                                                   chat_template=chat_template)]
-                run_alone(accelerator.num_processes, run_sft, base, out, rows, prompt_texts=texts, steps=warm.steps,
-                          batch_size=warm.batch_size, lr=warm.lr, seed=seed)
+                texts = [
+                    tok.decode(ids)
+                    for ids in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=chat_template)
+                ]
+                run_alone(
+                    accelerator.num_processes,
+                    run_sft,
+                    base,
+                    out,
+                    rows,
+                    prompt_texts=texts,
+                    steps=warm.steps,
+                    batch_size=warm.batch_size,
+                    lr=warm.lr,
+                    seed=seed,
+                )
             else:
                 os.replace(base, out)
         finally:
             shutil.rmtree(base, ignore_errors=True)
-    accelerator.wait_for_everyone()  # on every rank, whichever branch it took (ranks may see the cache at different times)
+    # on every rank, whichever branch it took (ranks may see the cache at different times)
+    accelerator.wait_for_everyone()
     model, tok = load_policy(out, dtype=dtype, attn_implementation=attn_implementation)
     return model, tok, str(out)
 

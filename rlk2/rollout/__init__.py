@@ -17,5 +17,16 @@ from rlk2.rollout.generate import context_limit, generate_replies, generate_roll
 from rlk2.rollout.logprobs import policy_logprobs
 from rlk2.rollout.text import encode_messages, encode_prompts, eos_ids
 
-__all__ = ["Rollout", "SharedPrompts", "concat_rollouts", "context_limit", "encode_messages", "encode_prompts",
-           "eos_ids", "generate_replies", "generate_rollouts", "left_pad", "policy_logprobs"]
+__all__ = [
+    "Rollout",
+    "SharedPrompts",
+    "concat_rollouts",
+    "context_limit",
+    "encode_messages",
+    "encode_prompts",
+    "eos_ids",
+    "generate_replies",
+    "generate_rollouts",
+    "left_pad",
+    "policy_logprobs",
+]

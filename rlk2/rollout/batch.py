@@ -33,7 +33,7 @@ class Rollout:
     def num_tokens(self) -> torch.Tensor:  # [B]
         return self.completion_mask.sum(dim=1)
 
-    def to(self, device: torch.device) -> "Rollout":
+    def to(self, device: torch.device) -> Rollout:
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp", "truncated"):
             setattr(self, name, getattr(self, name).to(device))
         for name in ("routed_experts", "entropy"):
@@ -41,7 +41,7 @@ class Rollout:
                 setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def select(self, rows: torch.Tensor) -> "Rollout":
+    def select(self, rows: torch.Tensor) -> Rollout:
         """The rollout of sequences `rows` only, without the columns that are padding in every one of them (the
         prompts' common left padding, the completions' common right padding): a training forward over a few
         sequences then costs what those sequences need. Texts are not carried."""
@@ -52,13 +52,17 @@ class Rollout:
         t1 = int(used_t[-1]) + 1 if len(used_t) else 0
         P = self.prompt_ids.shape[1]
         return Rollout(
-            self.prompt_ids[rows, p0:], prompt_mask[:, p0:], self.completion_ids[rows, :t1], completion_mask[:, :t1],
-            self.old_logp[rows, :t1], self.truncated[rows],
+            self.prompt_ids[rows, p0:],
+            prompt_mask[:, p0:],
+            self.completion_ids[rows, :t1],
+            completion_mask[:, :t1],
+            self.old_logp[rows, :t1],
+            self.truncated[rows],
             routed_experts=None if self.routed_experts is None else self.routed_experts[:, rows, p0 : P + t1],
             entropy=None if self.entropy is None else self.entropy[rows, :t1],
         )
 
-    def pad_prompts(self, width: int, pad_id: int) -> "Rollout":
+    def pad_prompts(self, width: int, pad_id: int) -> Rollout:
         """The same rollout with its prompts left-padded to `width` columns (more padding, nothing else: the
         position ids count real tokens only, and router records get -1, "no record", on the new columns)."""
         B, P = self.prompt_ids.shape
@@ -69,9 +73,11 @@ class Rollout:
         if routes is not None:
             routes = torch.cat([routes.new_full((routes.shape[0], B, extra, routes.shape[3]), -1), routes], dim=2)
         return replace(
-            self, prompt_ids=torch.cat([self.prompt_ids.new_full((B, extra), pad_id), self.prompt_ids], dim=1),
+            self,
+            prompt_ids=torch.cat([self.prompt_ids.new_full((B, extra), pad_id), self.prompt_ids], dim=1),
             prompt_mask=torch.cat([self.prompt_mask.new_zeros((B, extra)), self.prompt_mask], dim=1),
-            routed_experts=routes)
+            routed_experts=routes,
+        )
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +85,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids, mask
-
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -102,7 +107,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
         routed_experts=_concat_routes(parts, P, T),
-        entropy=None if any(r.entropy is None for r in parts)
+        entropy=None
+        if any(r.entropy is None for r in parts)
         else torch.cat([pad(r.entropy, T, 0.0, False) for r in parts]),
     )
 
@@ -137,7 +143,7 @@ class SharedPrompts:
     row_of: torch.Tensor
 
     @staticmethod
-    def of(rollout: Rollout) -> "SharedPrompts | None":
+    def of(rollout: Rollout) -> SharedPrompts | None:
         """The sharing in `rollout`, or None when no prompt repeats (nothing to gain) or nothing was generated."""
         B, P = rollout.prompt_ids.shape
         if B < 2 or P == 0 or rollout.completion_ids.shape[1] == 0:
@@ -166,5 +172,3 @@ class SharedPrompts:
         B = len(self.row_of)
         prompts = prompts.unflatten(0, (-1, prompt_len))[self.row_of]  # [B, P, ...]
         return torch.cat([prompts, completions.unflatten(0, (B, -1))], dim=1).flatten(0, 1)
-
-

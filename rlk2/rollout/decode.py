@@ -92,8 +92,11 @@ def _absorbed_forward(self, hidden_states: torch.Tensor, position_embeddings, at
     q_latent = (q_nope.reshape(bsz, h, dn).transpose(0, 1) @ w[:, :dn]).transpose(0, 1)  # [B, H, r]
     scores = torch.baddbmm(q_latent @ c.mT, q_rot.reshape(bsz, h, dr), k_rot.mT) * self.scaling  # [B, H, S]
     if attention_mask is not None:
-        keep = attention_mask[:, -scores.shape[-1]:] if attention_mask.ndim == 2 \
-            else attention_mask[:, 0, -1:, -scores.shape[-1]:]  # [B, S] (flash) or [B, 1, S]
+        keep = (
+            attention_mask[:, -scores.shape[-1] :]
+            if attention_mask.ndim == 2
+            else attention_mask[:, 0, -1:, -scores.shape[-1] :]
+        )  # [B, S] (flash) or [B, 1, S]
         if keep.ndim == 2:
             keep = keep.bool().unsqueeze(1)
         scores = scores.masked_fill(~keep, float("-inf")) if keep.dtype == torch.bool else scores + keep
@@ -120,8 +123,14 @@ class LatentDecoder:
     LoRA, no quantised layers), float weights, interleaved or plain RoPE, with or without a query LoRA rank.
     """
 
-    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                 record_routing: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_new_tokens: int,
+        record_routing: bool = False,
+    ) -> None:
         """Prefill `prompt_ids` [U, P] (left padded, `prompt_mask` 1 on real tokens): `logits` [U, V] then predict
         each prompt's first completion token. `reorder` expands or drops rows; `step` feeds one token per row."""
         self.model, self.inner = model, model.model
@@ -167,7 +176,8 @@ class LatentDecoder:
         for layer in inner.layers:
             attn = layer.self_attn
             linears = [attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj] + (
-                [attn.q_proj] if attn.q_lora_rank is None else [attn.q_a_proj, attn.q_b_proj])
+                [attn.q_proj] if attn.q_lora_rank is None else [attn.q_a_proj, attn.q_b_proj]
+            )
             mlp = layer.mlp
             if hasattr(mlp, "experts"):
                 linears += [mlp.shared_experts.gate_proj, mlp.shared_experts.up_proj, mlp.shared_experts.down_proj]
@@ -175,8 +185,11 @@ class LatentDecoder:
                     return False
             else:
                 linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            if any(type(m) is not nn.Linear for m in linears) or attn.o_proj.bias is not None \
-                    or attn.kv_b_proj.bias is not None:
+            if (
+                any(type(m) is not nn.Linear for m in linears)
+                or attn.o_proj.bias is not None
+                or attn.kv_b_proj.bias is not None
+            ):
                 return False
             if model.config.hidden_act != "silu":
                 return False
@@ -219,16 +232,25 @@ class LatentDecoder:
             x = x + (self._moe(layer.mlp, h) if hasattr(layer.mlp, "experts") else _mlp(layer.mlp, h))
         return self.model.lm_head(_rms(self.inner.norm, x[:, -1]))
 
-    def _attention(self, attn, x: torch.Tensor, turn: torch.Tensor, bias: torch.Tensor, i: int, col: int,
-                   s: int) -> torch.Tensor:
+    def _attention(
+        self, attn, x: torch.Tensor, turn: torch.Tensor, bias: torch.Tensor, i: int, col: int, s: int
+    ) -> torch.Tensor:
         n, t = x.shape[:2]
-        h, dn, dr, dv, r = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim, \
-            attn.kv_lora_rank
+        h, dn, dr, dv, r = (
+            attn.num_heads,
+            attn.qk_nope_head_dim,
+            attn.qk_rope_head_dim,
+            attn.v_head_dim,
+            attn.kv_lora_rank,
+        )
         if attn.q_lora_rank is None:
             q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
         else:
-            q = F.linear(_rms(attn.q_a_layernorm, F.linear(x, attn.q_a_proj.weight, attn.q_a_proj.bias)),
-                         attn.q_b_proj.weight, attn.q_b_proj.bias)
+            q = F.linear(
+                _rms(attn.q_a_layernorm, F.linear(x, attn.q_a_proj.weight, attn.q_a_proj.bias)),
+                attn.q_b_proj.weight,
+                attn.q_b_proj.bias,
+            )
         q = q.view(n, t, h, dn + dr)
         kv = F.linear(x, attn.kv_a_proj_with_mqa.weight, attn.kv_a_proj_with_mqa.bias)  # [n, t, r + dr]
         self.latent[i][:, col : col + t] = _rms(attn.kv_a_layernorm, kv[..., :r])
@@ -276,8 +298,11 @@ def _experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: to
     if n > 2 or type(experts).__name__ != "DeepseekV3Experts":
         return experts(x, idx, weights)
     flat = idx.reshape(-1)
-    gate, up = torch.bmm(experts.gate_up_proj.index_select(0, flat), x.repeat_interleave(k, 0).unsqueeze(-1)) \
-        .squeeze(-1).chunk(2, dim=-1)  # [n*k, I] each
+    gate, up = (
+        torch.bmm(experts.gate_up_proj.index_select(0, flat), x.repeat_interleave(k, 0).unsqueeze(-1))
+        .squeeze(-1)
+        .chunk(2, dim=-1)
+    )  # [n*k, I] each
     y = torch.bmm(experts.down_proj.index_select(0, flat), (experts.act_fn(gate) * up).unsqueeze(-1))  # [n*k, H, 1]
     return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
@@ -289,8 +314,12 @@ def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)) *
-                    F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight, mlp.down_proj.bias)
+    return F.linear(
+        F.silu(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
+        * F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias),
+        mlp.down_proj.weight,
+        mlp.down_proj.bias,
+    )
 
 
 def _rotate(x: torch.Tensor, turn: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -310,16 +339,27 @@ class ForwardDecoder:
     routing is read by hooks on the routers (`rlk2.moe.RouterProbe`). Use as a context manager (the hooks and the
     absorbed forwards are removed on exit)."""
 
-    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                 record_routing: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_new_tokens: int,
+        record_routing: bool = False,
+    ) -> None:
         self.model = model
         self.probe = RouterProbe(find_routers(model) if record_routing else [])
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self.probe)
         self._stack.enter_context(absorbed_mla_decode(model))
         try:
-            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
-                        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0))
+            out = model(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                use_cache=True,
+                logits_to_keep=1,
+                position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+            )
         except BaseException:
             self._stack.close()
             raise
@@ -341,12 +381,24 @@ class ForwardDecoder:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.attn = torch.cat([self.attn, self.attn.new_ones((self.attn.shape[0], 1))], dim=1)
-        return self.model(input_ids=tokens.unsqueeze(1), attention_mask=self.attn, position_ids=positions.unsqueeze(1),
-                          cache=self.cache, use_cache=True).logits[:, -1]
+        return self.model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=self.attn,
+            position_ids=positions.unsqueeze(1),
+            cache=self.cache,
+            use_cache=True,
+        ).logits[:, -1]
 
 
-def open_decoder(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, *,
-                 record_routing: bool = False, fast: bool = True):
+def open_decoder(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    record_routing: bool = False,
+    fast: bool = True,
+):
     """The decoder for `model`, prefilled with `prompt_ids` [U, P] (left padded): a plain-function decoder where the
     architecture allows and `fast`, else the model's forward. A context manager."""
     if fast and LatentDecoder.supports(model):

@@ -66,8 +66,16 @@ def generate_rollouts(
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)  # [B, P]
     ids, mask = ids.to(device), mask.to(device)
     draw = _Draw(len(prompt_ids), device, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed, seeds=seeds)
-    out = _Record(model, ids.shape[0], ids.shape[1], max_new_tokens, device, tokenizer.pad_token_id,
-                  logprobs=record_logprobs, routing=record_routing)
+    out = _Record(
+        model,
+        ids.shape[0],
+        ids.shape[1],
+        max_new_tokens,
+        device,
+        tokenizer.pad_token_id,
+        logprobs=record_logprobs,
+        routing=record_routing,
+    )
     eos = torch.tensor(eos_ids(model, tokenizer), device=device)
     was_training = model.training
     model.eval()
@@ -75,8 +83,9 @@ def generate_rollouts(
         # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
         distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
         P = ids.shape[1]
-        with open_decoder(model, distinct[:, :P], distinct[:, P:], max_new_tokens, record_routing=out.routing,
-                          fast=use_latent_decoder) as decoder:
+        with open_decoder(
+            model, distinct[:, :P], distinct[:, P:], max_new_tokens, record_routing=out.routing, fast=use_latent_decoder
+        ) as decoder:
             decoder.reorder(row_of)
             out.prompt_routes(decoder, row_of, mask)
             logits = decoder.logits[row_of]  # [B, V]
@@ -105,8 +114,17 @@ def generate_rollouts(
 class _Draw:
     """The sampling rule of one generation: temperature, top-p or greedy, and its noise (module docstring)."""
 
-    def __init__(self, batch: int, device: torch.device, *, temperature: float, top_p: float, greedy: bool,
-                 seed: int | None, seeds: list[int] | None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        device: torch.device,
+        *,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        seed: int | None,
+        seeds: list[int] | None,
+    ) -> None:
         self.temperature, self.top_p, self.greedy = temperature, top_p, greedy
         self.rng = self.keys = None
         if seeds is not None:
@@ -121,16 +139,29 @@ class _Draw:
         logprobs = sampling_logprobs(logits, temperature=self.temperature, top_p=self.top_p, greedy=self.greedy)
         if self.greedy:
             return logprobs.argmax(dim=-1), logprobs
-        race = torch.empty_like(logprobs).exponential_(generator=self.rng) if self.keys is None \
+        race = (
+            torch.empty_like(logprobs).exponential_(generator=self.rng)
+            if self.keys is None
             else sequence_exponentials(self.keys[active], t, logprobs.shape[1])
+        )
         return (logprobs - race.log()).argmax(dim=-1), logprobs  # [n]
 
 
 class _Record:
     """What generation records: tokens, their log-probs and entropies, and (router replay) the experts used."""
 
-    def __init__(self, model, batch: int, prompt_len: int, max_new_tokens: int, device: torch.device, pad_id: int,
-                 *, logprobs: bool, routing: bool) -> None:
+    def __init__(
+        self,
+        model,
+        batch: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        device: torch.device,
+        pad_id: int,
+        *,
+        logprobs: bool,
+        routing: bool,
+    ) -> None:
         self.P, self.pad_id, self.steps = prompt_len, pad_id, 0
         self.tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T_max]
         self.old_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
@@ -139,8 +170,12 @@ class _Record:
         self.routing = bool(routers)
         self.routes = None
         if routers:  # [L, B, P + T_max, k]; experts fit int16 (the largest MoEs have a few hundred)
-            self.routes = torch.full((len(routers), batch, prompt_len + max_new_tokens, routers[0][1].top_k), -1,
-                                     dtype=torch.int16, device=device)
+            self.routes = torch.full(
+                (len(routers), batch, prompt_len + max_new_tokens, routers[0][1].top_k),
+                -1,
+                dtype=torch.int16,
+                device=device,
+            )
 
     def put(self, active: torch.Tensor, t: int, nxt: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
         self.tokens[active, t] = nxt
@@ -175,8 +210,11 @@ class _Record:
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
         routes = None if self.routes is None else self.routes[:, :, : self.P + steps]
         with torch.inference_mode(False):  # ordinary tensors for the caller: inference tensors cannot enter autograd
-            return Rollout(*(t.clone() for t in (ids, mask, completion, cmask, old_logp, truncated)), texts,
-                           *(None if t is None else t.clone() for t in (routes, entropy)))
+            return Rollout(
+                *(t.clone() for t in (ids, mask, completion, cmask, old_logp, truncated)),
+                texts,
+                *(None if t is None else t.clone() for t in (routes, entropy)),
+            )
 
 
 def context_limit(model) -> int | None:
@@ -184,8 +222,17 @@ def context_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def generate_replies(model, tokenizer, encoded: list[list[int]], *, max_new_tokens: int, temperature: float,
-                     seed: int, top_p: float = 1.0, batch_size: int = 64) -> list[tuple[list[int], bool]]:
+def generate_replies(
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+) -> list[tuple[list[int], bool]]:
     """(reply token ids without EOS, whether it ended with EOS) per encoded prompt; `temperature <= 0` is greedy.
 
     The same generation as the training loop's (`generate_rollouts`, no log-probs kept), in chunks of
@@ -195,9 +242,17 @@ def generate_replies(model, tokenizer, encoded: list[list[int]], *, max_new_toke
     out: list[tuple[list[int], bool]] = []
     greedy = temperature <= 0
     for start in range(0, len(encoded), batch_size):
-        ro = generate_rollouts(model, tokenizer, encoded[start : start + batch_size], max_new_tokens=max_new_tokens,
-                               temperature=1.0 if greedy else temperature, top_p=top_p, greedy=greedy,
-                               seed=seed + start, record_logprobs=False)
+        ro = generate_rollouts(
+            model,
+            tokenizer,
+            encoded[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if greedy else temperature,
+            top_p=top_p,
+            greedy=greedy,
+            seed=seed + start,
+            record_logprobs=False,
+        )
         lengths = ro.num_tokens.tolist()
         for row, n, cut in zip(ro.completion_ids.tolist(), lengths, ro.truncated.tolist()):
             out.append((row[:n], False) if cut else (row[: n - 1], True))  # n counts the EOS when it ended

@@ -23,16 +23,28 @@ def policy_logprobs(
     P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
     if shared is None:
         ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, P+T]
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1,
-                       use_cache=False).logits[:, :-1]  # [B, T, V]: position t predicts completion token t
+        logits = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False
+        ).logits[:, :-1]  # [B, T, V]: position t predicts completion token t
     else:
         first = shared.first
-        head = model(input_ids=rollout.prompt_ids[first], attention_mask=rollout.prompt_mask[first],
-                     position_ids=pos[first, :P], use_cache=True, logits_to_keep=1)
+        head = model(
+            input_ids=rollout.prompt_ids[first],
+            attention_mask=rollout.prompt_mask[first],
+            position_ids=pos[first, :P],
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = head.cache
         cache.reorder_cache(shared.row_of)  # [U, ...] -> [B, ...]
-        tail = model(input_ids=rollout.completion_ids, attention_mask=attn, position_ids=pos[:, P:], cache=cache,
-                     use_cache=True, logits_to_keep=T).logits  # [B, T, V]
+        tail = model(
+            input_ids=rollout.completion_ids,
+            attention_mask=attn,
+            position_ids=pos[:, P:],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=T,
+        ).logits  # [B, T, V]
         logits = torch.cat([head.logits[shared.row_of], tail[:, :-1]], dim=1)
     logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
     logp = torch.gather(logprobs, 2, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -41,5 +53,3 @@ def policy_logprobs(
         with torch.no_grad():
             entropy = -(logprobs.exp() * logprobs).sum(-1)
     return logp, entropy
-
-

@@ -61,5 +61,3 @@ def sampling_logprobs(logits: torch.Tensor, *, temperature: float, top_p: float,
         drop_sorted[:, -1] = False
         scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return F.log_softmax(scores, dim=-1)
-
-
