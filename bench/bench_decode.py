@@ -1,4 +1,4 @@
-"""One-token decode steps: rlk2's (`rlk2.decode`) vs transformers' own DeepseekV3 forward.
+"""One-token decode steps: rlk2's (`rlk2.rollout.decode`) vs transformers' own DeepseekV3 forward.
 
 The same model, the same prompt and the same tokens, decoded three ways, alternating repetition by repetition:
 transformers' forward with its KV cache (the baseline), the same forward with `absorbed_mla_decode`, and

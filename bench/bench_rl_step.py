@@ -2,7 +2,7 @@
 
 Matched settings (both sides, CPU, float32, no vLLM):
 - policy: the demo DeepSeek-V3 MoE (`rlk2.policy.build_demo_policy`, default `TinyMoEShape`, tokenizer trained on
-  the `max` task text), warm-started by a short SFT (`rlk2.warmstart.run_sft`, `WARM_START` below) so that it
+  the `max` task text), warm-started by a short SFT (`rlk2.policy.warmstart.run_sft`, `WARM_START` below) so that it
   emits the answer format and is right part of the time; built once and cached under `.cache/rlk2/bench_rl_step/`.
   Both sides load the same checkpoint directory.
 - prompts: the built-in `max` task, 8 prompts per step in the order rlk2's `PromptSampler` draws them for the
@@ -35,7 +35,7 @@ repetition; the
 row reports the median of the per-repetition ratios and spread = (max - min) / 2 of them.
 
 Learning equivalence (`--learning`, long): 3 seeds x both frameworks x `LEARN_STEPS` steps from the same
-checkpoint; every final policy (and the start) is evaluated by the same evaluator (`rlk2.evaluate`, sampled at
+checkpoint; every final policy (and the start) is evaluated by the same evaluator (`rlk2.eval.evaluate`, sampled at
 temperature 1.0, 4 samples on each of 200 held-out prompts, mean math reward). Equal learning means the two
 frameworks' mean final rewards differ by less than twice the standard error of that difference over seeds.
 

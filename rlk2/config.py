@@ -432,6 +432,12 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("critic.warm_start_examples", cr.warm_start_examples >= 0, "must be >= 0"),
         ("critic.warm_start_verdicts", cr.warm_start_verdicts in ("both", "gold"), "must be both or gold"),
     ]
+    return rules + _shape_rules(sh) + _task_rules(c.tasks)
+
+
+def _shape_rules(sh: TinyMoEShape) -> list[tuple[str, bool, str]]:
+    """The demo model's shape (policy.demo): sizes that transformers would otherwise reject with a traceback."""
+    rules: list[tuple[str, bool, str]] = []
     shape = [
         (k, getattr(sh, k))
         for k in (
@@ -465,7 +471,12 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ),
         ("policy.demo.q_lora_rank", sh.q_lora_rank is None or sh.q_lora_rank >= 1, "must be >= 1 (or null)"),
     ]
-    for i, t in enumerate(c.tasks):
+    return rules
+
+
+def _task_rules(tasks: list[TaskConfig]) -> list[tuple[str, bool, str]]:
+    rules: list[tuple[str, bool, str]] = []
+    for i, t in enumerate(tasks):
         rules += [
             (f"tasks[{i}].rewards", bool(t.rewards), f"task '{t.name}' has no reward"),
             (f"tasks[{i}].name", bool(t.name.strip()), "must be a non-empty name"),

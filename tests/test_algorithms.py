@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlk2.algorithms import LOSSES, dapo_loss, group_advantages, grpo_loss, gspo_loss, k2_loss
+from rlk2.algorithms import LOSSES, SCALE_ADVANTAGES, dapo_loss, group_advantages, grpo_loss, gspo_loss, k2_loss
 
 
 def test_group_advantages_mean_baseline_and_unscorable_left_out():
@@ -101,3 +101,10 @@ def test_every_loss_is_registered_and_finite():
         loss, metrics = fn(logp, logp - 0.01, torch.randn(4), torch.ones(4, 5), tau=0.1, clip_low=0.2, clip_high=0.2)
         assert torch.isfinite(loss), name
         assert "kl/approx" in metrics
+
+
+def test_every_loss_is_named_in_the_config_and_says_how_it_scales_and_averages():
+    from rlk2.config import LOSS_NAMES
+    from rlk2.distributed import LOSS_UNIT
+
+    assert set(LOSS_NAMES) == set(LOSSES) == set(SCALE_ADVANTAGES) == set(LOSS_UNIT)

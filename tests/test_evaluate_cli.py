@@ -1,6 +1,6 @@
 """`rlk2 eval` end to end on tiny checkpoints: an HF directory, a PEFT adapter and an rlk2 run directory.
 
-The run directory is laid out by the real checkpoint writer (rlk2.checkpoint.save_checkpoint) with the same
+The run directory is laid out by the real checkpoint writer (rlk2.run_dir.save_checkpoint) with the same
 weights as the HF checkpoint, so "a checkpoint against itself" is checked through the whole command.
 """
 

@@ -155,3 +155,27 @@ def test_resume_with_every_control_on_matches_an_uninterrupted_run(tmp_path):
     assert states[0]["sampler"]["success"] == states[1]["sampler"]["success"]  # 4 steps of counts in both
     assert sum(n for _, n in states[1]["sampler"]["success"]["max"].values()) == 4 * 4 * 4
     assert states[0]["ptx_sampler"] == states[1]["ptx_sampler"]
+
+
+@pytest.mark.parametrize("scale", [None, True, False])
+def test_scale_rewards_decides_whether_advantages_are_std_scaled(tmp_path, scale):
+    """grpo scales by the group's reward std by default; `algo.scale_rewards=false` turns it off (and true turns it
+    on for k2): the advantages written in the rollouts file are r - mean(r), divided by std(r) + 1e-6 or not."""
+    loss = "k2" if scale else "grpo"
+    extra = [] if scale is None else [f"algo.scale_rewards={str(scale).lower()}"]
+    parity = f'[{{name: "{DATA / "critic_rewards.py"}:even_length"}}]'  # mixed outcomes from any policy
+    proc = rlk2("train", *tiny(tmp_path, "run", steps=1), f"algo.loss={loss}", f"tasks.0.rewards={parity}", *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "rollouts" / "step-1.jsonl").read_text().splitlines()]
+    scaled = scale is not False  # grpo's default, or forced on
+    checked = 0
+    for g in range(0, len(recs), 4):
+        rewards = torch.tensor([r["reward"] for r in recs[g : g + 4]])
+        if rewards.std() == 0:
+            continue
+        centred = rewards - rewards.mean()
+        expect = centred / (rewards.std(unbiased=False) + 1e-6) if scaled else centred
+        got = torch.tensor([r["advantage"] for r in recs[g : g + 4]])
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked > 0  # some group had a reward spread
