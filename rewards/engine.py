@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.pool import _call_kwargs, _CallState, _failed, _Job, _normalise, _Pool, _reason
-from rewards.registry import required_columns, resolve_reward
+from rewards.registry import check_signature, required_columns, resolve_reward
 from rewards.traits import RewardError, RewardTraits, reward_traits, traits_of
 
 __all__ = [
@@ -143,6 +143,7 @@ class RewardEngine:
             seen.add(spec.name)
             try:
                 fn = self.resolve(spec.name)
+                check_signature(fn, spec.name)
             except RewardError as exc:
                 raise RewardError(f"{where}: {exc}") from None
             params = inspect.signature(fn).parameters

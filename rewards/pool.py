@@ -81,10 +81,12 @@ def _normalise(result: Any, n: int) -> tuple[list[float | None], list[str | None
             values.append(None)
             continue
         try:
+            if isinstance(v, (str, bytes)):  # float("1.0") would pass: a reward returns numbers, not text
+                raise TypeError
             f = float(v)
         except (TypeError, ValueError):
             f = math.nan
-            errors[i] = errors[i] or f"returned {type(v).__name__}, not a number"
+            errors[i] = errors[i] or f"returned {type(v).__name__} {v!r:.40}, not a number"
         if not math.isfinite(f):
             errors[i] = errors[i] or f"returned {v!r}"
             values.append(None)
@@ -305,6 +307,10 @@ class _Job:
         )
 
 
+class _Closed(Exception):
+    """The pool was closed while a slot was running a job (an interrupt, the end of a run)."""
+
+
 class _Pool:
     """Worker slots fed from one priority queue: a slot thread per worker, which owns the deadline."""
 
@@ -315,6 +321,7 @@ class _Pool:
         self.queue: queue.PriorityQueue = queue.PriorityQueue()
         self.seq = itertools.count()
         self.kills = 0
+        self.closed = False
         # Every worker is started from this one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
         # started a process exits, so starting from whichever thread built the engine could kill the pool.
         self.spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards-spawner")
@@ -332,6 +339,7 @@ class _Pool:
         self.queue.put((0 if urgent else 1, next(self.seq), job))
 
     def close(self) -> None:
+        self.closed = True
         for _ in self.threads:
             self.queue.put((2, next(self.seq), None))
         for t in self.threads:
@@ -348,8 +356,13 @@ class _Pool:
             job = self.queue.get()[2]
             if job is None:
                 return
+            if self.closed:  # closing (an interrupt): fail what is left quietly, start nothing new
+                self._fail(job, 0, "reward engine closed")
+                continue
             try:
                 self._run(k, job)
+            except _Closed:
+                self._fail(job, 0, "reward engine closed")
             except Exception as exc:  # a bug here must not hang the caller: fail the job loudly
                 logger.exception("rewards: slot %d failed on %s", k, job.name)
                 self._fail(job, 0, f"engine error: {_reason(exc)}")
@@ -363,6 +376,9 @@ class _Pool:
         worker = self.workers[k]
         if worker is not None:
             worker.kill()
+        if self.closed:  # the pool is closing and killed this slot's worker: no replacement
+            self.workers[k] = None
+            raise _Closed
         self.kills += 1
         self.workers[k] = self._spawn()  # Popen returns at once: the new worker imports while the slot moves on
 

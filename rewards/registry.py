@@ -130,6 +130,32 @@ def resolve_reward(name: str) -> Callable:
     raise RewardError(f"unknown reward {name!r} (not in REWARDS, not 'module:function', no entry point){hint}")
 
 
+def check_signature(fn: Callable, name: str) -> None:
+    """A reward is called as `fn(completions, prompts=..., <columns>=...)`: one positional argument for the
+    completions is required. Raises RewardError naming the reward otherwise (a builtin we cannot inspect passes).
+
+    >>> check_signature(lambda completions, **columns: [], "ok")
+    >>> try:
+    ...     check_signature(lambda: [], "bad")
+    ... except RewardError as exc:
+    ...     print(exc)
+    reward 'bad' cannot take the completions: expected def bad(completions, *, prompts, **columns)
+    """
+    if isinstance(fn, _LazyReward):
+        fn = fn.load()
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    extra = [p for p in positional[1:] if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]
+    if not positional or extra:
+        raise RewardError(
+            f"reward {name!r} cannot take the completions: expected def {name.rsplit(':', 1)[-1]}"
+            "(completions, *, prompts, **columns)"
+        )
+
+
 def required_columns(fn: Callable) -> list[str]:
     """Dataset columns a reward needs: its keyword parameters without a default, other than `prompts`.
 

@@ -463,6 +463,13 @@ def _shape_rules(sh: TinyMoEShape) -> list[tuple[str, bool, str]]:
             f"must be <= policy.demo.n_routed_experts ({sh.n_routed_experts})",
         ),
         ("policy.demo.qk_rope_head_dim", sh.qk_rope_head_dim % 2 == 0, "must be even (rotary pairs)"),
+        # torch's grouped expert product needs 16-byte strides: multiples of 8 cover float32 and bfloat16 alike
+        ("policy.demo.hidden_size", sh.hidden_size % 8 == 0, "must be a multiple of 8 (the experts' kernel)"),
+        (
+            "policy.demo.moe_intermediate_size",
+            sh.moe_intermediate_size % 8 == 0,
+            "must be a multiple of 8 (the experts' kernel)",
+        ),
         ("policy.demo.n_shared_experts", sh.n_shared_experts >= 0, "must be >= 0"),
         (
             "policy.demo.first_k_dense_replace",
@@ -535,7 +542,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    return load_structured(Config, read_yaml(path), where=path.name, overrides=overrides)
+    return load_structured(Config, _upgrade(read_yaml(path), path), where=path.name, overrides=overrides)
+
+
+def _upgrade(data: DictConfig, path: Path) -> DictConfig:
+    """A config.yaml written before critic.template / critic.rubrics were retired (they were the rubric reward's
+    options twice): drop them when they hold the old defaults, else say where they went. Such a file is a full
+    dump of that version's config, whose algo.scale_rewards (then `true`) was read nowhere: it becomes null, the
+    behaviour that run trained with."""
+    critic = data.get("critic")
+    if not isinstance(critic, DictConfig) or "template" not in critic:
+        return data
+    for key, old_default in (("template", None), ("rubrics", ["core", "prescriptive"])):
+        if key in critic:
+            value = OmegaConf.to_container(critic)[key]
+            if value != old_default:
+                raise UserError(
+                    f"{path}: critic.{key} is no longer a key: the refined critic uses the rubric "
+                    f"reward's `{key}` option (tasks[i].rewards[j].kwargs.{key})"
+                )
+            del critic[key]
+    algo = data.get("algo")
+    if isinstance(algo, DictConfig) and algo.get("scale_rewards") is True:
+        algo["scale_rewards"] = None
+    return data
 
 
 def read_yaml(path: Path) -> DictConfig:

@@ -103,25 +103,36 @@ def builtin_split(name: str, split: str) -> list[Row]:
 # ----------------------------------------------------------------------------------------------- files
 def read_jsonl(path: str | Path) -> list[Row]:
     """The rows of a .jsonl / .jsonl.gz file (`sandboxes.jsonl`: blank lines skipped, errors name the line)."""
-    try:
-        return [row for _, row in jsonl.read_jsonl(path)]
-    except jsonl.JsonlError as exc:
-        raise UserError(str(exc)) from None
+    return [row for _, row in read_numbered(path)]
 
 
-def read_rows(path: str | Path) -> list[Row]:
+def read_numbered(path: str | Path) -> list[tuple[str, Row]]:
+    """(where, row) for every row of a .jsonl / .jsonl.gz / .parquet file; `where` is `file:line` (JSONL) or
+    `file row N` (Parquet), for error messages that point at the file, not at a split of it."""
     path = Path(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        return read_jsonl(path)
+        try:
+            return [(f"{path}:{lineno}", row) for lineno, row in jsonl.read_jsonl(path)]
+        except jsonl.JsonlError as exc:
+            raise UserError(str(exc)) from None
     if path.suffix == ".parquet":
         if not path.is_file():
             raise UserError(f"{path}: file not found")
-        return Dataset.from_parquet(str(path)).to_list()
+        try:
+            rows = Dataset.from_parquet(str(path)).to_list()
+        except Exception as exc:  # noqa: BLE001 - pyarrow's own error for a damaged file, in one line
+            raise UserError(f"{path}: cannot read ({type(exc).__name__})") from None
+        return [(f"{path} row {i + 1}", row) for i, row in enumerate(rows)]
     raise UserError(f"{path}: unsupported dataset format (use .jsonl or .parquet)")
 
 
+def read_rows(path: str | Path) -> list[Row]:
+    return [row for _, row in read_numbered(path)]
+
+
 def load_task_rows(source: str, split: str, *, eval_size: int) -> list[Row]:
-    """Rows of a task for `split` ('train' or 'eval'). Files: the first `eval_size` rows are held out."""
+    """Rows of a task for `split` ('train' or 'eval'). Files: the first `eval_size` rows are held out, and a file
+    with no row left to train on is an error (never a "held-out" split that training also sees)."""
     if source.startswith("builtin:"):
         rows = builtin_split(source.split(":", 1)[1], split)
         return rows[:eval_size] if split == "eval" else rows
@@ -130,16 +141,49 @@ def load_task_rows(source: str, split: str, *, eval_size: int) -> list[Row]:
         raise UserError(f"{source}: dataset is empty")
     if split == "eval":
         return rows[:eval_size]
-    train = rows[eval_size:] if len(rows) > eval_size else rows
-    return train
+    if len(rows) <= eval_size:
+        raise UserError(
+            f"{source}: {len(rows)} rows and eval_size {eval_size}: every row is held out for evaluation "
+            "and none is left to train on; lower the task's eval_size or add rows"
+        )
+    return rows[eval_size:]
 
 
-def check_columns(rows: list[Row], columns: list[str], *, source: str) -> None:
-    """Every row has `prompt` and each required column; else a one-line error naming the row."""
+def check_columns(rows: list[Row], columns: list[str], *, source: str, where: list[str] | None = None) -> None:
+    """Every row has `prompt` and each required column, not null; else a one-line error naming the row (`where[i]`
+    when given, e.g. `file:line`, else `source: row i`)."""
     for i, row in enumerate(rows):
         for col in ["prompt", *columns]:
             if col not in row or row[col] is None:
-                raise UserError(f"{source}: row {i + 1} has no '{col}' column")
+                name = where[i] if where is not None else f"{source}: row {i + 1}"
+                raise UserError(f"{name} has no '{col}' column")
+            if col == "prompt" and not isinstance(row[col], str):
+                name = where[i] if where is not None else f"{source}: row {i + 1}"
+                raise UserError(f"{name}: 'prompt' must be a string, got {type(row[col]).__name__}")
+
+
+def load_task_split(source: str, *, eval_size: int, needed: list[str]) -> tuple[list[Row], list[Row]]:
+    """(training rows, held-out rows) of a task, every row checked for `prompt` and the `needed` columns (a bad
+    file row is named by its line). Built-in tasks have fixed disjoint splits; files hold out their first
+    `eval_size` rows (`load_task_rows`)."""
+    if source.startswith("builtin:"):
+        train, held = (load_task_rows(source, split, eval_size=eval_size) for split in ("train", "eval"))
+        check_columns(train + held, needed, source=source)
+        return train, held
+    numbered = read_numbered(source)
+    check_columns([r for _, r in numbered], needed, source=source, where=[w for w, _ in numbered])
+    rows = [r for _, r in numbered]
+    if not rows:
+        raise UserError(f"{source}: dataset is empty")
+    if len(rows) <= eval_size:
+        load_task_rows(source, "train", eval_size=eval_size)  # raises the one-line error
+    return rows[eval_size:], rows[:eval_size]
+
+
+def split_overlap(train: list[Row], held: list[Row]) -> int:
+    """How many held-out prompts also occur, word for word, among the training prompts (duplicate rows in a file)."""
+    seen = {r["prompt"] for r in train}
+    return sum(r["prompt"] in seen for r in held)
 
 
 # ----------------------------------------------------------------------------------------------- sampling

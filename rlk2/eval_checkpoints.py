@@ -155,6 +155,22 @@ def _task_configs(arg: str | None, ckpts: list[Checkpoint]):
     return cfgs
 
 
+def _output_dir(out: Path) -> Path:
+    """--out, checked and created before any evaluation: a file there, or an earlier report whose samples and plots
+    would mix with the new ones, is refused now rather than after an hour of generation."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(
+            f"--out {out}: is not empty (it would mix an earlier report with this one); give a new directory"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    return out
+
+
 def _device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     _unique_labels(ckpts)
     task_cfgs = _task_configs(args.tasks, ckpts)
     device = _device(args.device)
-    out = Path(args.out) if args.out else Path("evals") / time.strftime("%Y%m%d-%H%M%S")
+    out = _output_dir(Path(args.out) if args.out else Path("evals") / time.strftime("%Y%m%d-%H%M%S"))
     settings = {
         "ks": ks,
         "samples": samples,

@@ -32,11 +32,26 @@ import numpy as np
 import torch
 import transformers
 import trl
+import yaml
 
+from rlk2.config import Config, to_dict
 from rlk2.errors import UserError
 from rlk2.eval.report import write_run_report
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Every entry `rlk2 train` writes in a run directory (what run.overwrite=true may remove).
+RUN_ENTRIES = (
+    "config.yaml",
+    "env.json",
+    "metrics.jsonl",
+    "rollouts",
+    "checkpoints",
+    "critic_heldout.jsonl",
+    "report.md",
+    "reward.png",
+    "eval.png",
+    "loss.png",
+)
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
@@ -59,16 +74,64 @@ class RunDir:
         return (self.path / "config.yaml").is_file() and self.metrics_path.exists()
 
     # -------------------------------------------------------------------------------------------- start
-    def start(self, *, config_yaml: str | None, env: dict | None) -> None:
-        """Create the directory (and rollouts/); a new run also writes config.yaml and env.json."""
+    def check_new(self, *, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+        """Before anything is written: may a new run start here? An empty or absent directory, or (with
+        `run.overwrite=true`) an rlk2 run directory, whose entries `start` then removes. `keep`: more entry names
+        rlk2 writes there (a tracker's folder)."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise UserError(f"run.dir {p} exists and is not a directory")
+        if not p.exists() or not any(p.iterdir()):
+            return
+        if not overwrite:
+            hint = ""
+            if self.is_run() and not list_checkpoints(p):
+                hint = " (it holds a run that stopped before its first checkpoint; run.overwrite=true starts it again)"
+            raise UserError(
+                f"run.dir {p} exists and is not empty{hint}: continue it with --resume {p}, start "
+                "afresh with run.overwrite=true, or choose another run.dir"
+            )
+        foreign = sorted(e.name for e in p.iterdir() if e.name not in RUN_ENTRIES + keep)
+        if foreign:
+            raise UserError(
+                f"run.dir {p}: run.overwrite=true empties an rlk2 run directory, and '{foreign[0]}' is "
+                "not something rlk2 wrote there; choose another run.dir"
+            )
+
+    def start(self, *, config_yaml: str, env: dict | None, overwrite: bool = False, keep: tuple[str, ...] = ()) -> None:
+        """Create the directory (and rollouts/) and write config.yaml (and env.json for a new run). With
+        `overwrite`, an earlier run's entries are removed first. A new run's `discard` undoes this."""
         if not self.main:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "rollouts").mkdir(exist_ok=True)
-        if config_yaml is not None:
-            (self.path / "config.yaml").write_text(config_yaml)
-        if env is not None:
-            (self.path / "env.json").write_text(json.dumps(env, indent=2))
+        try:
+            if env is not None:  # a new run
+                self._made_dir = not self.path.exists()
+                if overwrite and self.path.is_dir():
+                    for entry in self.path.iterdir():
+                        if entry.name in RUN_ENTRIES + keep:
+                            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "rollouts").mkdir(exist_ok=True)
+            _write_atomically(self.path / "config.yaml", config_yaml)
+            if env is not None:
+                _write_atomically(self.path / "env.json", json.dumps(env, indent=2))
+        except OSError as exc:
+            raise UserError(f"run.dir {self.path}: cannot write there ({exc.strerror or exc})") from None
+        self._started = env is not None
+
+    def discard(self) -> None:
+        """Undo a new run's start that failed before its first step finished: a retry then starts cleanly."""
+        if not (self.main and getattr(self, "_started", False)):
+            return
+        if self._made_dir:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for name in RUN_ENTRIES:
+            entry = self.path / name
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.exists():
+                entry.unlink()
 
     # -------------------------------------------------------------------------------------------- metrics
     def append_metrics(self, row: dict) -> None:
@@ -129,11 +192,30 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
 
+    def latest_step(self) -> int | None:
+        found = list_checkpoints(self.path)
+        return found[-1][0] if found else None
+
+    def open_checkpoint(self, load_model) -> tuple[Path, dict, object, object, list[str]]:
+        """The newest intact checkpoint: (its path, its trainer state, model, tokenizer, notes about damaged newer
+        ones). `load_model(path)` loads the weights; a checkpoint whose state or weights do not load is skipped,
+        and saying so is the caller's (the notes)."""
+        notes = []
+        for step, path in reversed(list_checkpoints(self.path)):
+            try:
+                state = torch.load(path / "trainer_state.pt", weights_only=False)
+                model, tokenizer = load_model(path)
+            except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file raises whatever its reader raises
+                notes.append(f"checkpoint step-{step} is damaged ({_one_line(exc)})")
+                continue
+            return path, state, model, tokenizer, notes
+        why = f": {'; '.join(notes)}" if notes else ""
+        raise UserError(f"--resume {self.path}: no intact checkpoint to resume from{why}")
+
     @staticmethod
-    def restore(checkpoint: Path, *, optimizer, scheduler, samplers: dict) -> int:
-        """Load trainer_state.pt of `checkpoint` into the optimizer, scheduler, samplers and RNGs; returns its step.
+    def restore(state: dict, *, optimizer, scheduler, samplers: dict) -> int:
+        """Load a checkpoint's trainer state into the optimizer, scheduler, samplers and RNGs; returns its step.
         (The weights were loaded from the checkpoint itself.) A sampler absent from the state keeps its start."""
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for name, sampler in samplers.items():
@@ -146,6 +228,100 @@ class RunDir:
     def write_report(self, before: dict, after: dict) -> str:
         """report.md and plots at the end of a run; returns the before/after table."""
         return write_run_report(self.path, self.read_metrics(), before, after)
+
+
+# ================================================================================================ resume
+class AlreadyFinished(Exception):
+    """`--resume` of a run that already reached its `trainer.steps`: nothing to do (not an error)."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        super().__init__(
+            f"{path}: the run already finished at step {step}; nothing to do (give trainer.steps=N "
+            f"with N > {step} to train it further)"
+        )
+        self.step = step
+
+
+# What a run's weights were made from: a resume may change how it trains, never these (the checkpoint holds the
+# weights of *that* model, tokenizer and data). policy.dtype and policy.attn_implementation may change: they are
+# how the same weights are computed.
+FROZEN = ("run.seed", "policy.path", "policy.chat_template", "policy.demo", "policy.lora", "warm_start")
+FROZEN_PER_TASK = ("name", "source", "eval_size")
+
+
+def check_resume(cfg: Config, state: dict, path: Path) -> None:
+    """Refuse, in one line, a resume whose config (the saved one plus this resume's overrides) changes the model,
+    tokenizer or data the checkpoint was trained on, or stops before the checkpoint's step; raise AlreadyFinished
+    when there is nothing left to train."""
+    saved = yaml.safe_load(state.get("config") or "{}") or {}
+    now = to_dict(cfg)
+    for key in FROZEN:
+        before, after = _dotted(saved, key), _dotted(now, key)
+        if before is _MISSING:
+            continue
+        where, before, after = _first_difference(key, before, after)
+        if where is not None:
+            raise UserError(
+                f"--resume {path}: {where} differs from the run's ({_short(before)} -> {_short(after)}); the "
+                "checkpoint holds the weights of the other one. Start a new run (another run.dir) to change the "
+                "model, tokenizer or data"
+            )
+    old_tasks = [{k: t.get(k) for k in FROZEN_PER_TASK} for t in saved.get("tasks", [])]
+    new_tasks = [{k: t[k] for k in FROZEN_PER_TASK} for t in now["tasks"]]
+    if old_tasks and old_tasks != new_tasks:
+        raise UserError(
+            f"--resume {path}: the tasks' names, sources or eval sizes differ from the run's "
+            f"({_short(old_tasks)} -> {_short(new_tasks)}); start a new run to change the data"
+        )
+    step = int(state["step"])
+    if step > cfg.trainer.steps:
+        raise UserError(
+            f"--resume {path}: trainer.steps={cfg.trainer.steps} is behind the checkpoint (step {step}); "
+            f"give trainer.steps >= {step}"
+        )
+    if step == cfg.trainer.steps:
+        raise AlreadyFinished(path, step)
+
+
+_MISSING = object()
+
+
+def _first_difference(key: str, before, after) -> tuple[str | None, object, object]:
+    """(the dotted key of the first difference, its two values), or (None, ...) when equal. Keys added to a section
+    since the run began (present in `after` only) keep their defaults and are not a difference."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for k in before:
+            found = _first_difference(f"{key}.{k}", before[k], after.get(k))
+            if found[0] is not None:
+                return found
+        return None, before, after
+    return (None, before, after) if before == after else (key, before, after)
+
+
+def _dotted(tree: dict, key: str):
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a file through a temporary beside it: a crash never leaves half a config.yaml for --resume to read."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -88,7 +89,8 @@ def run_score(args: argparse.Namespace) -> int:
             if col not in row:
                 raise UserError(f"{source}:{lineno}: reward {spec.name!r} needs column {col!r}")
     keys = sorted({k for row in rows for k in row} - {"completion", "prompt"})
-    out = sys.stdout
+    out, failed = sys.stdout, []
+    logging.getLogger("rewards").setLevel(logging.ERROR)  # each row's error is in its own output line already
     with RewardEngine(num_workers=args.workers) as engine:
         try:
             engine.check_columns([spec], set(keys) | set(needed), where=source)
@@ -105,6 +107,7 @@ def run_score(args: argparse.Namespace) -> int:
                 raise UserError(str(exc)) from None
             values, errors = result.rewards[spec.name], result.sample_errors[spec.name]
             prefix = f"{spec.name}/"
+            failed += [e for e in errors if e is not None]
             for i, (value, error) in enumerate(zip(values, errors)):
                 line: dict[str, Any] = {"reward": value, "error": error}
                 extras = {k[len(prefix) :]: v[i] for k, v in result.extras.items() if k.startswith(prefix)}
@@ -112,6 +115,8 @@ def run_score(args: argparse.Namespace) -> int:
                     line["extras"] = extras
                 out.write(json.dumps(line, default=repr) + "\n")
             out.flush()
+    if rows and len(failed) == len(rows):  # the reward itself is broken, not the rows: say so, exit non-zero
+        raise UserError(f"reward {spec.name!r} failed on every one of the {len(rows)} rows (first: {failed[0]})")
     return 0
 
 

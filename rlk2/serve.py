@@ -35,6 +35,7 @@ from rlk2.policy import load_policy
 from rlk2.rollout import context_limit, encode_messages, generate_replies
 
 _MAX_BODY = 8 * 2**20
+_READ_TIMEOUT_S = 30.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,6 +184,10 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
             raise _BadRequest(400, f"messages[{k}].role must be system, user or assistant")
         if not isinstance(m.get("content"), str):
             raise _BadRequest(400, f"messages[{k}].content must be a string")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadRequest(400, f"messages[{k}].content holds a lone surrogate (invalid \\u escape)") from None
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     asked = body.get(max_key) is not None
     max_new = _number(body, max_key, default_max_tokens, 1, 1 << 20, integer=True)
@@ -205,13 +210,22 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
 
 
 def make_server(
-    engine: Generator, model_name: str, host: str, port: int, *, default_max_tokens: int = 256
+    engine: Generator,
+    model_name: str,
+    host: str,
+    port: int,
+    *,
+    default_max_tokens: int = 256,
+    read_timeout_s: float = _READ_TIMEOUT_S,
 ) -> ThreadingHTTPServer:
+    """The HTTP server over `engine`; a client that sends less than its Content-Length gets 408 after
+    `read_timeout_s` seconds instead of holding a thread forever."""
     limit = context_limit(engine.model)
     created = int(time.time())
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = read_timeout_s  # socket timeout for reading a request (headers and body)
 
         def log_message(self, *args: Any) -> None:  # keep stdout/stderr for the URL line and real problems
             pass
@@ -246,12 +260,20 @@ def make_server(
                 self._error(404, f"no route POST {self.path}", "not_found_error")
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    raise _BadRequest(400, "Content-Length is not a number") from None
                 if not 0 < length <= _MAX_BODY:
                     raise _BadRequest(400 if length <= 0 else 413, "request body missing or too large")
                 try:
-                    body = json.loads(self.rfile.read(length))
-                except ValueError:
+                    raw = self.rfile.read(length)
+                except TimeoutError:  # a body shorter than its Content-Length: don't hold the thread forever
+                    self.close_connection = True
+                    raise _BadRequest(408, f"request body not received within {self.timeout:g} s") from None
+                try:
+                    body = json.loads(raw)
+                except (ValueError, RecursionError):
                     raise _BadRequest(400, "request body is not valid JSON") from None
                 req = parse_request(
                     body,

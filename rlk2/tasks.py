@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from rewards import RewardEngine, RewardSpec, required_columns, resolve_reward
 from rewards.code import code as code_reward
 from rlk2.config import TaskConfig
-from rlk2.data import check_columns, load_task_rows
+from rlk2.data import load_task_split, split_overlap
 from rlk2.errors import UserError
 from rlk2.eval.evaluate import EvalTask
 from rlk2.eval.tasks import build_eval_task, from_run_task
+from rlk2.rollout.text import encode_prompts
 from sandboxes import SandboxError, choose_backend, probe
 
 
@@ -63,21 +64,41 @@ def load_tasks(tasks: list[TaskConfig], engine: RewardEngine, *, note=print) -> 
                     f"tasks[{i}] ({task.name}): the code reward needs a sandbox and none works here "
                     f"({sandbox}); see `rlk2 sandbox doctor`"
                 )
-        rows = load_task_rows(task.source, "train", eval_size=task.eval_size)
-        held = load_task_rows(task.source, "eval", eval_size=task.eval_size)
-        if not rows:
-            raise UserError(f"tasks[{i}] ({task.source}): no training rows")
+        needed = sorted({c for s in specs for c in required_columns(resolve_reward(s.name))})
+        rows, held = load_task_split(task.source, eval_size=task.eval_size, needed=needed)
         columns = sorted({k for r in rows[:1] for k in r} - {"prompt", "completion"})
         engine.check_columns(specs, columns, where=f"task '{task.name}' ({task.source})")
-        needed = sorted({c for s in specs for c in required_columns(resolve_reward(s.name))})
-        check_columns(rows, needed, source=task.source)
-        check_columns(held, needed, source=task.source)
+        if repeated := split_overlap(rows, held):
+            note(
+                f"warning: task '{task.name}': {repeated} of its {len(held)} held-out prompts also occur among its "
+                f"training prompts ({task.source} repeats them), so eval/{task.name}/* is not fully held out"
+            )
         evaluation = build_eval_task(from_run_task(task), engine)
         overlap = engine.runs_apart(specs)
         out.append(Task(task, specs, rows, evaluation, overlap, overlap and engine.elementwise(specs)))
     if not out:
         raise UserError("tasks: no task left to train (every task needs a sandbox, and none works here)")
     return out
+
+
+def check_prompt_lengths(tasks: list[Task], tokenizer, limit: int | None, *, chat_template: bool) -> None:
+    """Every prompt of every task (training and held-out) plus the task's token budget fits the model's context,
+    or a one-line error names the task and the prompt (instead of a run that trains on cut-off sequences)."""
+    if not limit:
+        return
+    for task in tasks:
+        prompts = [r["prompt"] for r in task.rows] + list(task.eval.prompts)
+        # All prompts' raw lengths in one batched call, then the exact chat-template encoding of the longest few
+        # (the template adds the same tokens to every prompt, up to merges at its seams).
+        raw = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        for i in sorted(range(len(prompts)), key=lambda i: -len(raw[i]))[:16]:
+            n = len(encode_prompts(tokenizer, [prompts[i]], chat_template=chat_template)[0])
+            if n + task.cfg.max_new_tokens > limit:
+                raise UserError(
+                    f"task '{task.name}': a prompt of {n} tokens plus max_new_tokens={task.cfg.max_new_tokens} "
+                    f"exceeds the model's context of {limit} tokens ({prompts[i][:60]!r}...); shorten the prompt "
+                    "or lower max_new_tokens"
+                )
 
 
 def bind_critic(tasks: list[Task], critic) -> None:

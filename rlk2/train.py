@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, LoggerType, gather_object, set_seed
 from datasets.utils.logging import disable_progress_bar as datasets_no_progress_bar
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
@@ -70,10 +72,18 @@ from rlk2.moe import RouterControl
 from rlk2.optim import build_optimizer
 from rlk2.policy import load_policy
 from rlk2.policy.warmstart import prepare_policy
-from rlk2.rollout import Rollout, SharedPrompts, concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
-from rlk2.run_dir import RunDir, env_info
+from rlk2.rollout import (
+    Rollout,
+    SharedPrompts,
+    concat_rollouts,
+    context_limit,
+    encode_prompts,
+    generate_rollouts,
+    policy_logprobs,
+)
+from rlk2.run_dir import AlreadyFinished, RunDir, check_resume, env_info
 from rlk2.signals import GracefulStop
-from rlk2.tasks import Task, bind_critic, load_tasks, metric_name, reward_inputs
+from rlk2.tasks import Task, bind_critic, check_prompt_lengths, load_tasks, metric_name, reward_inputs
 
 
 # ================================================================================================ CLI
@@ -119,6 +129,9 @@ class Run:
     then after each step with its metrics row. A plain seam for timing and tests."""
     stop: GracefulStop | None = None
     bar: tqdm | None = None
+    done_step: int | None = 0
+    """The last step whose update and log finished (the weights are that step's); None while an update runs."""
+    step_start: _Snapshot | None = None
     bad_in_a_row: int = 0
     bad_total: int = 0
     eval_records: dict[int, dict] = field(default_factory=dict)
@@ -171,19 +184,32 @@ class Batch:
 # ================================================================================================ the loop
 def train(cfg: Config, *, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run `cfg` (or continue the run in `cfg.run_dir` with `resume`); returns the before/after evaluation."""
-    run = setup(cfg, resume=resume, on_step=on_step)
+    try:
+        run = setup(cfg, resume=resume, on_step=on_step)
+    except AlreadyFinished as done:
+        print(done)
+        return {"before": {}, "after": {}, "run_dir": str(cfg.run_dir), "finished_at": done.step}
     try:
         before = start(run)
         for step in range(run.start_step + 1, cfg.trainer.steps + 1):
+            run.step_start = _Snapshot.take(run, step)  # what a Ctrl-C in this step rolls back to
             batch = generate(run, step)
             score(run, batch)
             refine_critic(run, batch)
             advantages(run, batch)
             update(run, batch)
             log(run, batch)
+            run.done_step = step
             if periodic(run, step):
                 return {"before": before, "after": {}, "run_dir": str(run.run_dir.path), "stopped_at": step}
         return finish(run, before)
+    except KeyboardInterrupt:
+        _interrupted(run)
+        raise
+    except BaseException:
+        if not resume and run.done_step == 0:  # a start that failed leaves nothing: a retry starts cleanly
+            run.run_dir.discard()
+        raise
     finally:
         if run.stop is not None:
             run.stop.restore()
@@ -192,21 +218,70 @@ def train(cfg: Config, *, resume: bool = False, on_step: Callable[[int, dict], N
         run.engine.close()
 
 
+@dataclass
+class _Snapshot:
+    """What a step changes before its update (the prompt samplers' positions and success counts), taken at the
+    step's start: a step interrupted before its update rolls back to it and checkpoints the step before."""
+
+    step: int
+    samplers: dict
+
+    @staticmethod
+    def take(run: Run, step: int) -> _Snapshot:
+        states = {k: copy.deepcopy(s.state_dict()) for k, s in _samplers(run.sampler, run.ptx_sampler).items()}
+        return _Snapshot(step, states)
+
+    def restore(self, run: Run) -> None:
+        for name, sampler in _samplers(run.sampler, run.ptx_sampler).items():
+            sampler.load_state_dict(self.samplers[name])
+
+
+def _interrupted(run: Run) -> None:
+    """A second Ctrl-C (or one outside the steps): stop now. The weights are those of the last finished step unless
+    the interrupt hit an update; then a checkpoint of that step is written so `--resume` loses nothing."""
+    print(file=sys.stderr)
+    if run.done_step is None:
+        print(
+            f"interrupted during an update: the weights are half-updated, so no checkpoint was written; resume "
+            f"from the last one with: rlk2 train --resume {run.run_dir.path}",
+            file=sys.stderr,
+        )
+        return
+    if run.done_step == 0 and run.start_step == 0:
+        run.run_dir.discard()  # nothing trained yet: as if the run had not started
+        print("interrupted before the first step finished: nothing was kept", file=sys.stderr)
+        return
+    if run.done_step > run.start_step and run.run_dir.latest_step() != run.done_step:
+        if run.step_start is not None and run.step_start.step == run.done_step + 1:  # stopped inside the next step
+            run.step_start.restore(run)
+        checkpoint(run, run.done_step)
+    print(
+        f"interrupted: step {run.done_step} is checkpointed; resume with: rlk2 train --resume {run.run_dir.path}",
+        file=sys.stderr,
+    )
+
+
 # ================================================================================================ setup
 def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | None = None) -> Run:
     """Everything a run needs, checked before anything is written to the run directory."""
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets_no_progress_bar()
-    run_path = cfg.run_dir
-    if not resume and run_path.exists() and any(run_path.iterdir()) and not cfg.run.overwrite:
-        raise UserError(f"run.dir {run_path} exists and is not empty (use --resume {run_path}, or run.overwrite=true)")
+    run_dir = RunDir(cfg.run_dir)
+    if not resume:
+        run_dir.check_new(overwrite=cfg.run.overwrite, keep=(cfg.run.name,))
+    unknown = [t for t in cfg.trainer.trackers if t not in LoggerType.list()]
+    if unknown:
+        raise UserError(
+            f"trainer.trackers: '{unknown[0]}' is not a tracker Accelerate knows ({', '.join(LoggerType.list())})"
+        )
     accelerator = Accelerator(
         log_with=list(cfg.trainer.trackers) or None,
-        project_dir=str(run_path),
+        project_dir=str(run_dir.path),
         kwargs_handlers=ddp_kwargs(),
         cpu=cpu_only_launch(),
     )
+    run_dir.main = accelerator.is_main_process
     check_launch(
         distributed_type=accelerator.distributed_type,
         num_processes=accelerator.num_processes,
@@ -223,42 +298,31 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
     set_seed(cfg.run.seed)
     engine = RewardEngine(num_workers=cfg.trainer.reward_workers)
     try:
-        return _build(cfg, resume, accelerator, engine, critic, on_step)
+        return _build(cfg, resume, accelerator, engine, critic, run_dir, on_step)
     except BaseException:
         engine.close()
         raise
 
 
 def _build(
-    cfg: Config, resume: bool, accelerator: Accelerator, engine: RewardEngine, critic: ClosedLoop | None, on_step
+    cfg: Config,
+    resume: bool,
+    accelerator: Accelerator,
+    engine: RewardEngine,
+    critic: ClosedLoop | None,
+    run_dir: RunDir,
+    on_step,
 ) -> Run:
     tasks = load_tasks(cfg.tasks, engine, note=accelerator.print)
     ptx_rows = load_ptx_rows(cfg.algo.ptx.source) if cfg.algo.ptx.weight > 0 else None
-    run_dir = RunDir(cfg.run_dir, main=accelerator.is_main_process)
-    ckpt = run_dir.latest_checkpoint() if resume else None
-    if resume and ckpt is None:
-        raise UserError(f"--resume {run_dir.path}: no complete checkpoint to resume from")
+    model, tokenizer, policy_source, state = _starting_policy(cfg, resume, run_dir, tasks, critic, accelerator)
     p = cfg.policy
-    if ckpt is not None:
-        model, tokenizer = load_policy(ckpt, dtype=p.dtype, attn_implementation=p.attn_implementation)
-        policy_source = str(ckpt)
-    else:
-        task_rows = {t.name: t.rows for t in tasks}
-        extra = critic.warm_start_rows(task_rows, seed=cfg.run.seed) if critic else []
-        model, tokenizer, policy_source = prepare_policy(
-            path=p.path,
-            dtype=p.dtype,
-            attn_implementation=p.attn_implementation,
-            chat_template=p.chat_template,
-            shape=p.demo,
-            warm=cfg.warm_start,
-            sources=[t.source for t in cfg.tasks],
-            task_rows=task_rows,
-            extra_rows=extra,
-            extra_key=critic.warm_start_key() if critic else None,
-            seed=cfg.run.seed,
-            accelerator=accelerator,
+    if p.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"policy.chat_template=true but the tokenizer of {policy_source} has no chat template; set "
+            "policy.chat_template=false to use prompts as plain text, or add one to its tokenizer_config.json"
         )
+    check_prompt_lengths(tasks, tokenizer, context_limit(model), chat_template=p.chat_template)
     # MoE router health and replay (rlk2.moe); every call below is a no-op for a dense policy.
     moe = RouterControl(
         model,
@@ -267,46 +331,53 @@ def _build(
         aux_loss_coef=cfg.moe.aux_loss_coef,
         reduce=lambda t: accelerator.reduce(t, "sum"),
     )
-    if p.chat_template and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            f"policy.chat_template=true but the tokenizer of {policy_source} has no chat template; set "
-            "policy.chat_template=false to use prompts as plain text, or add one to its tokenizer_config.json"
+    # Everything checked: write config.yaml (a resume saves its overrides for the next one) and, new, env.json.
+    env = None if resume else {**env_info(), "policy_source": policy_source, "processes": accelerator.num_processes}
+    run_dir.start(config_yaml=to_yaml(cfg), env=env, overwrite=cfg.run.overwrite, keep=(cfg.run.name,))
+    try:
+        if p.lora.enabled and state is None:
+            lora = PeftLoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, target_modules=list(p.lora.target_modules))
+            model = get_peft_model(model, lora)
+        model.train()
+        optimizer = build_optimizer(
+            cfg.optim.name,
+            model,
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            qk_clip_tau=cfg.optim.qk_clip_tau,
         )
-    run_dir.start(
-        config_yaml=None if resume else to_yaml(cfg),
-        env=None if resume else {**env_info(), "policy_source": policy_source, "processes": accelerator.num_processes},
-    )
-    if p.lora.enabled and ckpt is None:
-        model = get_peft_model(
-            model, PeftLoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, target_modules=list(p.lora.target_modules))
+        warmup = cfg.optim.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-    model.train()
-    optimizer = build_optimizer(
-        cfg.optim.name, model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, qk_clip_tau=cfg.optim.qk_clip_tau
-    )
-    warmup = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    sampler = PromptSampler(
-        {t.name: t.rows for t in tasks},
-        {t.name: t.cfg.weight for t in tasks},
-        seed=cfg.run.seed,
-        sampling=cfg.rollout.sampling,
-        priority_floor=cfg.rollout.priority_floor,
-    )
-    ptx_sampler = PromptSampler({"ptx": ptx_rows}, {"ptx": 1.0}, seed=cfg.run.seed + 1) if ptx_rows else None
-    # The rubric reward's `self` critic is the live policy: the unwrapped module is the very object the optimizer
-    # updates in place, so the critic always judges with the current weights.
-    bind_critic(tasks, PolicyCritic(accelerator.unwrap_model(model), tokenizer, chat_template=p.chat_template))
-    start_step = 0
-    if ckpt is not None:  # the weights came from the checkpoint itself; restore the rest of the trainer's state
-        start_step = run_dir.restore(
-            ckpt, optimizer=optimizer, scheduler=scheduler, samplers=_samplers(sampler, ptx_sampler)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        sampler = PromptSampler(
+            {t.name: t.rows for t in tasks},
+            {t.name: t.cfg.weight for t in tasks},
+            seed=cfg.run.seed,
+            sampling=cfg.rollout.sampling,
+            priority_floor=cfg.rollout.priority_floor,
         )
-        run_dir.truncate_metrics_after(start_step)
-        accelerator.print(f"resumed from {ckpt} at step {start_step}")
-    if cfg.trainer.trackers:
-        accelerator.init_trackers(cfg.run.name, config={"run": cfg.run.name})
+        ptx_sampler = PromptSampler({"ptx": ptx_rows}, {"ptx": 1.0}, seed=cfg.run.seed + 1) if ptx_rows else None
+        # The rubric reward's `self` critic is the live policy: the unwrapped module is the very object the
+        # optimizer updates in place, so the critic always judges with the current weights.
+        bind_critic(tasks, PolicyCritic(accelerator.unwrap_model(model), tokenizer, chat_template=p.chat_template))
+        start_step = 0
+        if state is not None:  # the weights came from the checkpoint itself; restore the rest of the trainer's state
+            start_step = run_dir.restore(
+                state, optimizer=optimizer, scheduler=scheduler, samplers=_samplers(sampler, ptx_sampler)
+            )
+            run_dir.truncate_metrics_after(start_step)
+            accelerator.print(f"resumed from {policy_source} at step {start_step}")
+        if cfg.trainer.trackers:
+            try:
+                accelerator.init_trackers(cfg.run.name, config={"run": cfg.run.name})
+            except (ImportError, ModuleNotFoundError) as exc:  # a known tracker whose package is not installed
+                raise UserError(f"trainer.trackers: {exc}") from None
+    except BaseException:
+        if not resume:
+            run_dir.discard()
+        raise
     return Run(
         cfg,
         accelerator,
@@ -323,7 +394,43 @@ def _build(
         critic,
         start_step,
         on_step,
+        done_step=start_step,
     )
+
+
+def _starting_policy(
+    cfg: Config, resume: bool, run_dir: RunDir, tasks: list[Task], critic: ClosedLoop | None, accelerator
+) -> tuple:
+    """(model, tokenizer, where it came from, the checkpoint's trainer state or None for a new run). A resume opens
+    the newest intact checkpoint, and refuses a config that changes what it trained."""
+    p = cfg.policy
+    if resume:
+
+        def load(path: Path):
+            return load_policy(path, dtype=p.dtype, attn_implementation=p.attn_implementation, what="checkpoint")
+
+        ckpt, state, model, tokenizer, notes = run_dir.open_checkpoint(load)
+        for note in notes:
+            accelerator.print(f"warning: {note}; resuming from {ckpt.name}, the newest intact one")
+        check_resume(cfg, state, run_dir.path)
+        return model, tokenizer, str(ckpt), state
+    task_rows = {t.name: t.rows for t in tasks}
+    extra = critic.warm_start_rows(task_rows, seed=cfg.run.seed) if critic else []
+    model, tokenizer, source = prepare_policy(
+        path=p.path,
+        dtype=p.dtype,
+        attn_implementation=p.attn_implementation,
+        chat_template=p.chat_template,
+        shape=p.demo,
+        warm=cfg.warm_start,
+        sources=[t.source for t in cfg.tasks],
+        task_rows=task_rows,
+        extra_rows=extra,
+        extra_key=critic.warm_start_key() if critic else None,
+        seed=cfg.run.seed,
+        accelerator=accelerator,
+    )
+    return model, tokenizer, source, None
 
 
 def _samplers(sampler: PromptSampler, ptx_sampler: PromptSampler | None) -> dict[str, PromptSampler]:
@@ -568,8 +675,11 @@ def update(run: Run, batch: Batch) -> None:
         DistributedType.MULTI_GPU,
     )  # whole, unscaled, all-reduced
     skipped = 0
+    inner_steps = cfg.algo.inner_steps if has_rl or ptx is not None else 0
+    if inner_steps:
+        run.done_step = None  # from here until the step is logged the weights belong to no finished step
     # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
-    for _ in range(cfg.algo.inner_steps if has_rl or ptx is not None else 0):
+    for _ in range(inner_steps):
         with run.moe.training_forward(sub, whole=whole, shared=shared) as routed:  # replays the recorded experts
             logp, _ = policy_logprobs(run.model, sub, temperature=batch.temperature, shared=shared)
         if rows is not None:  # [B, T]: computed rows in place, the old log-probs elsewhere
@@ -861,7 +971,7 @@ def checkpoint(run: Run, step: int) -> None:
 def finish(run: Run, before: dict) -> dict:
     """The last evaluation and checkpoint, then report.md with the before/after table."""
     run.stop.restore()
-    after = evaluate(run, run.cfg.trainer.steps)
+    after = before if run.cfg.trainer.steps == 0 else evaluate(run, run.cfg.trainer.steps)  # one step-0 row only
     checkpoint(run, run.cfg.trainer.steps)
     if run.cfg.trainer.trackers:
         run.accelerator.end_training()

@@ -105,6 +105,126 @@ def test_overrides_without_an_equals_sign_or_key(items):
         assert "\n" not in str(exc)
 
 
+# Every numeric config value: the fuzzer draws the value, the config accepts it (and then it is in range and
+# finite) or names the key in one line.
+def _numeric_fields():
+    import dataclasses
+    import typing
+
+    from rlk2.config import Config
+
+    out = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint, key = hints[f.name], f"{prefix}{f.name}"
+            args = typing.get_args(hint)
+            if dataclasses.is_dataclass(hint):
+                walk(hint, key + ".")
+            elif typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+                walk(args[0], key + ".0.")  # the first task, its first reward
+            elif hint in (int, float) or set(args) in ({int, type(None)}, {float, type(None)}):
+                out.append(key)
+
+    walk(Config, "")
+    return out
+
+
+NUMERIC_KEYS = _numeric_fields()
+NUMBERS = (
+    st.sampled_from(["0", "-1", "1", "-0.5", "1e300", "-1e300", ".nan", ".inf", "-.inf", "2", "1000000"])
+    | (st.floats(allow_nan=True, allow_infinity=True).map(repr))
+    | st.integers(-(10**12), 10**12).map(str)
+)
+
+
+def test_the_value_fuzzer_reaches_every_section():
+    assert {k.split(".")[0] for k in NUMERIC_KEYS} >= {
+        "run",
+        "policy",
+        "warm_start",
+        "tasks",
+        "rollout",
+        "algo",
+        "optim",
+        "trainer",
+        "eval",
+        "moe",
+        "critic",
+    }
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(NUMERIC_KEYS), NUMBERS), min_size=1, max_size=3))
+def test_config_values_are_in_range_and_finite_or_refused_in_one_line(pairs):
+    import dataclasses
+    import math
+
+    from rlk2.config import load_config
+
+    try:
+        cfg = load_config(None, [f"{k}={v}" for k, v in pairs])
+    except UserError as exc:
+        assert "\n" not in str(exc) and any(k.split(".")[-1] in str(exc) or "task" in str(exc) for k, _ in pairs)
+        return
+
+    def finite(node):
+        if dataclasses.is_dataclass(node):
+            return all(finite(getattr(node, f.name)) for f in dataclasses.fields(node))
+        if isinstance(node, list):
+            return all(finite(x) for x in node)
+        return not isinstance(node, float) or math.isfinite(node)
+
+    assert finite(cfg)
+    assert cfg.optim.lr > 0 and cfg.rollout.temperature > 0 and cfg.eval.temperature > 0 and cfg.trainer.steps >= 0
+
+
+# `rlk2 score` options, before any row is scored (no rows on stdin: the engine never starts).
+@FUZZ
+@given(
+    st.sampled_from(["math", "format", "length", "nope", "rewards.format:format_reward", "x:y", "a.py:f"]),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**6)),
+    st.integers(-(10**6), 10**6),
+    st.lists(st.text(max_size=12), max_size=3),
+)
+def test_score_options_are_accepted_or_refused_in_one_line(reward, timeout, workers, options):
+    import argparse
+
+    from rlk2.score import run_score
+
+    args = argparse.Namespace(reward=reward, input=None, option=options, timeout=float(timeout), workers=workers)
+    sys_stdin = sys.stdin
+    sys.stdin = io.StringIO("")
+    try:
+        assert run_score(args) == 0
+    except UserError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    finally:
+        sys.stdin = sys_stdin
+
+
+# `rlk2 eval --out`: whatever is at the path, refused in one line or made, before any evaluation.
+@FUZZ
+@given(st.sampled_from(["new", "new/deeper", "file", "file/sub", "empty", "full", "full/"]))
+def test_eval_out_is_accepted_or_refused_in_one_line(kind):
+    from rlk2.eval_checkpoints import _output_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "file").write_text("x")
+        (root / "empty").mkdir()
+        (root / "full").mkdir()
+        (root / "full" / "report.md").write_text("old")
+        try:
+            out = _output_dir(root / kind)
+        except UserError as exc:
+            assert "\n" not in str(exc) and "--out" in str(exc)
+            assert kind.startswith(("file", "full"))
+            return
+        assert out.is_dir() and not any(out.iterdir())
+
+
 def _jsonl_lines():
     objects = st.dictionaries(
         st.sampled_from(["prompt", "completion", "answer", "tests", "x"]),

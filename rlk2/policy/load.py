@@ -14,45 +14,49 @@ from rlk2.errors import UserError
 
 
 def load_policy(
-    path: str | Path, *, dtype: str = "float32", attn_implementation: str | None = "eager"
+    path: str | Path, *, dtype: str = "float32", attn_implementation: str | None = "eager", what: str = "policy.path"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a local causal-LM checkpoint (or a PEFT adapter directory) with one-line errors for bad paths."""
+    """Load a local causal-LM checkpoint (or a PEFT adapter directory) with one-line errors for bad paths; `what`
+    names the source in them (the config key, or "checkpoint" for a run's own)."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"policy.path: {path} is not a directory")
+        raise UserError(f"{what}: {path} is not a directory")
     if (path / "adapter_config.json").exists():
-        return _load_adapter(path, dtype=dtype, attn_implementation=attn_implementation)
+        return _load_adapter(path, dtype=dtype, attn_implementation=attn_implementation, what=what)
     if not (path / "config.json").exists():
-        raise UserError(f"policy.path: {path} has no config.json; not a Hugging Face checkpoint")
+        raise UserError(f"{what}: {path} has no config.json; not a Hugging Face checkpoint")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - surface the library's reason in one line
-        raise UserError(f"policy.path: cannot read {path}/config.json: {_one_line(exc)}") from exc
+        raise UserError(f"{what}: cannot read {path}/config.json: {_one_line(exc)}") from exc
     archs = config.architectures or []
     causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (archs and not causal_arch):
         what = archs[0] if archs else config.model_type
-        raise UserError(f"policy.path: {path} holds a '{what}' checkpoint, not a causal language model")
+        raise UserError(f"{what}: {path} holds a '{what}' checkpoint, not a causal language model")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
         )
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"policy.path: cannot load {path}: {_one_line(exc)}") from exc
+        raise UserError(f"{what}: cannot load {path}: {_one_line(exc)}") from exc
     _prepare_tokenizer(tokenizer)
     return model, tokenizer
 
 
-def _load_adapter(path: Path, *, dtype: str, attn_implementation: str | None):
+def _load_adapter(path: Path, *, dtype: str, attn_implementation: str | None, what: str):
     base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_path or not Path(base_path).is_dir():
-        raise UserError(f"policy.path: adapter {path} names base model {base_path!r}, which is not a local directory")
-    base, tokenizer = load_policy(base_path, dtype=dtype, attn_implementation=attn_implementation)
+        raise UserError(f"{what}: adapter {path} names base model {base_path!r}, which is not a local directory")
+    base, tokenizer = load_policy(base_path, dtype=dtype, attn_implementation=attn_implementation, what=what)
     if (path / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(path)
         _prepare_tokenizer(tokenizer)
-    return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
+    try:
+        return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
+    except Exception as exc:  # noqa: BLE001 - a damaged adapter: the library's reason in one line
+        raise UserError(f"{what}: cannot load the adapter in {path}: {_one_line(exc)}") from exc
 
 
 def _prepare_tokenizer(tokenizer) -> None:

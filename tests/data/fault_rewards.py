@@ -32,3 +32,16 @@ def spins_forever(completions, *, prompts, **_):
 async def async_length(completions, *, prompts, **_):
     await asyncio.sleep(0.01)
     return [float(len(c)) for c in completions]
+
+
+def always_raises(completions, *, prompts, **_):
+    raise RuntimeError("this reward is broken")
+
+
+def no_arguments():
+    return []
+
+
+def returns_text(completions, *, prompts, **_):
+    """'1.0' as text for the completion "x" (not a number: an error), 1.0 for the others."""
+    return ["1.0" if c == "x" else 1.0 for c in completions]
