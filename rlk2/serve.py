@@ -200,6 +200,8 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise _BadRequest(400, "'stop' must be a string or a list of non-empty strings")
     ids = encode_messages(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+    if not ids:
+        raise _BadRequest(400, "the messages render to an empty prompt (this chat template drops their roles)")
     if limit and not asked:  # no max_tokens given: up to the default, within the context
         max_new = max(1, min(max_new, limit - len(ids)))
     if limit and len(ids) + max_new > limit:

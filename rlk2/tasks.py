@@ -84,13 +84,19 @@ def load_tasks(tasks: list[TaskConfig], engine: RewardEngine, *, note=print) -> 
 def check_prompt_lengths(tasks: list[Task], tokenizer, limit: int | None, *, chat_template: bool) -> None:
     """Every prompt of every task (training and held-out) plus the task's token budget fits the model's context,
     or a one-line error names the task and the prompt (instead of a run that trains on cut-off sequences)."""
-    if not limit:
-        return
     for task in tasks:
         prompts = [r["prompt"] for r in task.rows] + list(task.eval.prompts)
         # All prompts' raw lengths in one batched call, then the exact chat-template encoding of the longest few
-        # (the template adds the same tokens to every prompt, up to merges at its seams).
+        # (the template adds the same tokens to every prompt, up to merges at its seams) and of the shortest.
         raw = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        shortest = min(range(len(prompts)), key=lambda i: len(raw[i]))
+        if not encode_prompts(tokenizer, [prompts[shortest]], chat_template=chat_template)[0]:
+            raise UserError(
+                f"task '{task.name}': the prompt {prompts[shortest]!r} encodes to no token at all; "
+                "give it text (or use the chat template)"
+            )
+        if not limit:
+            continue
         for i in sorted(range(len(prompts)), key=lambda i: -len(raw[i]))[:16]:
             n = len(encode_prompts(tokenizer, [prompts[i]], chat_template=chat_template)[0])
             if n + task.cfg.max_new_tokens > limit:

@@ -197,9 +197,10 @@ def train(cfg: Config, *, resume: bool = False, on_step: Callable[[int, dict], N
             score(run, batch)
             refine_critic(run, batch)
             advantages(run, batch)
-            update(run, batch)
-            log(run, batch)
-            run.done_step = step
+            with run.stop.critical():  # a second Ctrl-C waits for these, so the step can be checkpointed
+                update(run, batch)
+                log(run, batch)
+                run.done_step = step
             if periodic(run, step):
                 return {"before": before, "after": {}, "run_dir": str(run.run_dir.path), "stopped_at": step}
         return finish(run, before)

@@ -156,7 +156,7 @@ def test_dataset_row_missing_answer_column(tmp_path):
     data.write_text('{"prompt": "1+1=?", "answer": "2"}\n' * 12 + '{"prompt": "2+2=?"}\n')
     proc = rlk2("train", *tiny_overrides(tmp_path, "bad"), f"tasks.0.source={data}", "tasks.0.eval_size=2")
     assert proc.returncode == 2
-    assert "row 11" in proc.stderr and "answer" in proc.stderr, proc.stderr
+    assert f"{data}:13 has no 'answer'" in proc.stderr, proc.stderr  # the file's line, not the row in its split
     assert not (tmp_path / "bad").exists()
 
 

@@ -379,14 +379,20 @@ def test_two_quick_interrupts_stop_cleanly_with_a_checkpoint(cache, tmp_path):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    err = err.decode()
-    assert proc.returncode == 130, err[-2000:]
+    out, err = proc.communicate(timeout=120)
+    out, err = out.decode(), err.decode()
+    # The second signal lands inside a step (its update undone: the step before is checkpointed) or after the first
+    # one's graceful stop has already checkpointed (then it only cuts the exit short): either way no traceback,
+    # and the newest checkpoint is the last step that was logged.
+    assert proc.returncode in (0, 130), err[-2000:]
     assert "Traceback" not in err and "cannot schedule" not in err, err[-3000:]
     last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
-    assert last >= 5 and f"step {last} is checkpointed" in err
+    logged = max(r["step"] for r in rows(run) if "loss" in r)
+    assert last == logged >= 5
+    assert f"step {last} is checkpointed" in err or f"stopped by SIGINT after step {last}" in out
     resumed = rlk2("train", "--resume", str(run), f"trainer.steps={last + 1}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["step"] for r in rows(run) if "loss" in r][-2:] == [last, last + 1]
 
 
 def test_interrupting_the_warm_start_leaves_no_temporaries(tmp_path):

@@ -62,6 +62,8 @@ def generate_rollouts(
     and nothing else from the checkpoint's generation_config. Stops when every sequence has emitted EOS or
     `max_new_tokens` tokens, so T is the longest completion, as with `generate`.
     """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate_rollouts: every prompt needs at least one token")
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)  # [B, P]
     ids, mask = ids.to(device), mask.to(device)
