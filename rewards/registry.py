@@ -48,6 +48,7 @@ REWARDS: dict[str, Callable] = {
     "budget": budget,
     "code": _LazyReward("rewards.code", "code"),
     "rubric": _LazyReward("rewards.rubric", "rubric"),
+    "ifeval": _LazyReward("rewards.ifeval", "ifeval"),
 }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from datasets import Dataset
 
 from rlk2.errors import UserError
+from rlk2.synthetic import constraint_rows, word_problem_rows
 from sandboxes import jsonl
 
 Row = dict
@@ -85,7 +86,13 @@ def _pyfunc_rows() -> list[Row]:
     return rows
 
 
-BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {"arith": _arith_rows, "max": _max_rows, "pyfunc": _pyfunc_rows}
+BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {
+    "arith": _arith_rows,
+    "max": _max_rows,
+    "pyfunc": _pyfunc_rows,
+    "word_problems": word_problem_rows,  # for pretrained instruct models (rlk2.synthetic): no gold completions
+    "constraints": constraint_rows,
+}
 
 
 def builtin_split(name: str, split: str) -> list[Row]:

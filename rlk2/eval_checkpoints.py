@@ -30,6 +30,8 @@ from rlk2.eval.evaluate import evaluate_policy
 from rlk2.eval.report import build_report, markdown_tables, write_outputs
 from rlk2.eval.tasks import build_eval_task, find_task_file, from_run_task, load_task_config
 from rlk2.policy import load_policy
+from rlk2.policy.sources import KNOWN
+from rlk2.policy.sources import resolve_checkpoint as resolve_checkpoint_dir
 from rlk2.run_dir import list_checkpoints, read_metrics
 
 
@@ -61,6 +63,9 @@ def _run_settings(run_dir: Path) -> tuple[str, bool]:
 def resolve_checkpoint(spec: str) -> Checkpoint:
     """Turn one CKPT argument into the directory to load, with a one-line error for anything else."""
     path, selector = Path(spec), None
+    if spec in KNOWN or (path.is_file() and path.suffix == ".gguf"):  # converted once into the cache
+        path = resolve_checkpoint_dir(spec, what=f"checkpoint {spec}")
+        return _leaf(spec, path, run_dir=None, step=None, dtype="float32", chat=True)
     if not path.exists() and ":" in spec:
         head, _, selector = spec.rpartition(":")
         path = Path(head)

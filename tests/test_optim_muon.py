@@ -130,22 +130,23 @@ def test_matches_torch_muon_with_rms_matching_when_run_in_bfloat16(monkeypatch):
 
 
 def test_newton_schulz_precision_is_chosen_per_device(monkeypatch):
+    import rlk2.hardware as hardware
     import rlk2.optim.muon as muon
 
     monkeypatch.delenv("RLK2_NS_DTYPE", raising=False)
     assert ns_dtype(torch.device("cuda")) == torch.bfloat16
     assert ns_dtype(torch.device("cpu"), (96, 96)) == torch.float32  # small: float32 on every CPU
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(muon, "_cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(muon, "cpu_has_native_bf16", lambda native=native: native)
         assert ns_dtype(torch.device("cpu"), (8, 512, 1408)) == expected
     monkeypatch.undo()
     monkeypatch.delenv("RLK2_NS_DTYPE", raising=False)
-    muon._cpu_has_native_bf16.cache_clear()
+    hardware.cpu_has_native_bf16.cache_clear()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below bfloat16 instructions: emulated
     try:
         assert ns_dtype(torch.device("cpu"), (8, 512, 1408)) == torch.float32
     finally:
-        muon._cpu_has_native_bf16.cache_clear()
+        hardware.cpu_has_native_bf16.cache_clear()
     monkeypatch.setenv("RLK2_NS_DTYPE", "float32")
     assert ns_dtype(torch.device("cuda")) == torch.float32
     assert newton_schulz(torch.randn(4, 8, dtype=torch.float64)).dtype == torch.float64  # returned in input dtype

@@ -115,17 +115,34 @@ def test_counter_noise_is_splitmix64():
     assert [g % 2**64 for g in got] == [reference(w) for w in words]
 
 
-def test_counter_noise_is_exponential():
-    from rlk2.rollout.sampling import mix64 as _mix64
-    from rlk2.rollout.sampling import sequence_exponentials as _sequence_exponentials
+def test_counter_noise_is_uniform():
+    from rlk2.rollout.sampling import mix64, sequence_uniforms
 
-    e = _sequence_exponentials(_mix64(torch.arange(64)), 3, 4096)  # [64, 4096]
-    # Exp(1): mean 1, P(E > 1) = e^-1 = 0.368; 262k draws put both within ~0.01 of their value.
-    assert abs(e.mean().item() - 1.0) < 0.01
-    assert abs((e > 1).double().mean().item() - 0.3679) < 0.01
-    # rows (keys) and positions (t) get different draws
-    assert not torch.equal(e[0], e[1])
-    assert not torch.equal(e, _sequence_exponentials(_mix64(torch.arange(64)), 4, 4096))
+    keys = mix64(torch.arange(4096))
+    u = torch.stack([sequence_uniforms(keys, t) for t in range(64)])  # [64 positions, 4096 keys]
+    # U(0, 1): mean 1/2, and each decile holds a tenth: 262k draws put both within ~0.005 of their value
+    assert u.min() > 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+    deciles = torch.bincount((u * 10).long().flatten(), minlength=10).double() / u.numel()
+    assert (deciles - 0.1).abs().max() < 0.005
+    assert not torch.equal(u[0], u[1])  # positions differ; keys (rows) differ
+    assert len(set(u[0].tolist())) == 4096
+
+
+def test_inverse_cdf_draws_from_the_distribution():
+    """200k draws from one distribution over 1,000 tokens (two-level blocks of 64): a chi-square statistic that an
+    exact sampler keeps near its 999 degrees of freedom (mean 999, sd 45), and a nucleus is never left."""
+    from rlk2.rollout.sampling import inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1000, generator=g) * 2
+    logits[0, 500:] = float("-inf")  # half the vocabulary outside the nucleus
+    lp = torch.log_softmax(logits, -1).expand(200_000, -1)
+    tok = inverse_cdf(lp, torch.rand(200_000, generator=g, dtype=torch.float64), block=64)
+    assert tok.max() < 500
+    p = lp[0, :500].exp().double()
+    counts = torch.bincount(tok, minlength=500).double()
+    chi2 = ((counts - 200_000 * p) ** 2 / (200_000 * p)).sum().item()
+    assert chi2 < 499 + 5 * (2 * 499) ** 0.5, chi2
 
 
 def test_per_sequence_seeds_do_not_depend_on_the_batch(tiny_policy):

@@ -8,7 +8,6 @@ K2 uses.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from rlk2.hardware import cpu_has_native_bf16
 
 logger = logging.getLogger("rlk2.optim")
 
@@ -27,23 +28,6 @@ BF16_MIN_DIM = 256
 """On CPUs with native bfloat16 dot products, matrices whose smaller side is at least this run Newton-Schulz in
 bfloat16; below it the float32 kernels are as fast or faster (measured: 96 x 96 1.4 ms float32 vs 1.8 ms bfloat16;
 512 x 1408 286 ms vs 136 ms)."""
-
-
-# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) that leave out the
-# bfloat16 dot-product instructions: under them torch's CPU bfloat16 matmuls are emulated, as on a CPU without them
-# (measured: 512 x 1408 Newton-Schulz matmuls 20x slower than float32 under AVX2, 2.5x faster without a cap).
-_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-
-
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    if cap.upper() in _ISAS_WITHOUT_BF16:
-        return False
-    try:  # private torch helpers, stable since 2.3; without them assume emulated bfloat16
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
 
 
 def ns_dtype(device: torch.device, shape: tuple[int, ...] | torch.Size | None = None) -> torch.dtype:
@@ -63,7 +47,7 @@ def ns_dtype(device: torch.device, shape: tuple[int, ...] | torch.Size | None = 
         return getattr(torch, forced)
     if torch.device(device).type == "cuda":
         return torch.bfloat16
-    if shape is not None and min(shape[-2:]) >= BF16_MIN_DIM and _cpu_has_native_bf16():
+    if shape is not None and min(shape[-2:]) >= BF16_MIN_DIM and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 

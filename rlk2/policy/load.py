@@ -11,14 +11,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from rlk2.errors import UserError
+from rlk2.policy.sources import resolve_checkpoint
 
 
 def load_policy(
     path: str | Path, *, dtype: str = "float32", attn_implementation: str | None = "eager", what: str = "policy.path"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a local causal-LM checkpoint (or a PEFT adapter directory) with one-line errors for bad paths; `what`
-    names the source in them (the config key, or "checkpoint" for a run's own)."""
-    path = Path(path)
+    names the source in them (the config key, or "checkpoint" for a run's own). `path` may also be a GGUF file, a
+    directory holding one, or a known name such as `smollm2-135m-instruct` (`rlk2.policy.sources`)."""
+    path = resolve_checkpoint(path, what=what)
     if not path.is_dir():
         raise UserError(f"{what}: {path} is not a directory")
     if (path / "adapter_config.json").exists():

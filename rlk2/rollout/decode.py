@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlk2.hardware import fast_dtype
 from rlk2.moe import RouterProbe, find_routers
+from rlk2.rollout.dense import DenseDecoder
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -400,7 +402,14 @@ def open_decoder(
     fast: bool = True,
 ):
     """The decoder for `model`, prefilled with `prompt_ids` [U, P] (left padded): a plain-function decoder where the
-    architecture allows and `fast`, else the model's forward. A context manager."""
+    architecture allows and `fast` (`LatentDecoder` for DeepSeek-V3, `DenseDecoder` for Llama / Mistral / Qwen2 /
+    Qwen3 and their MoE kin, in bfloat16 where the hardware multiplies it natively), else the model's forward.
+    A context manager."""
     if fast and LatentDecoder.supports(model):
         return LatentDecoder(model, prompt_ids, prompt_mask, max_new_tokens, record_routing=record_routing)
+    if fast and DenseDecoder.supports(model):
+        dtype = fast_dtype(prompt_ids.device, model.dtype)
+        return DenseDecoder(
+            model, prompt_ids, prompt_mask, max_new_tokens, record_routing=record_routing, compute_dtype=dtype
+        )
     return ForwardDecoder(model, prompt_ids, prompt_mask, max_new_tokens, record_routing=record_routing)

