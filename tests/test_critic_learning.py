@@ -56,6 +56,7 @@ def test_refinement_lifts_agreement_on_a_learnable_judgement(tmp_path):
 
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
     sampler, rng = PromptSampler({"max": train}, {"max": 1.0}, seed=0), random.Random(0)
+    trained = 0
     for step in range(1, 121):
         rows = [r for _, r in sampler.sample(8, step)]
         pids = encode_prompts(tok, [r["prompt"] for r in rows], chat_template=True)
@@ -74,6 +75,9 @@ def test_refinement_lifts_agreement_on_a_learnable_judgement(tmp_path):
             temperature=1.0,
             seed=10_000 + step,
         )
+        if cs is None:  # no group held both a boxed and an unboxed reply: nothing to judge this step
+            continue
+        trained += 1
         rewards = torch.tensor([r for r in cs.rewards]).view(-1, K)  # unparsable replies score 0.0
         adv, _ = group_advantages(rewards, torch.ones_like(rewards, dtype=torch.bool), scale=False)
         logp, _ = policy_logprobs(model, cs.rollout, temperature=1.0)
@@ -91,6 +95,7 @@ def test_refinement_lifts_agreement_on_a_learnable_judgement(tmp_path):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    assert trained >= 60, trained
     end = refiner.agreement(model, tok, heldout)
     assert end["critic/agreement"] >= 0.8 and end["critic/agreement"] - start >= 0.25, (start, end)
     assert end["critic/position_consistency"] >= 0.7  # it judges the replies, not their order
