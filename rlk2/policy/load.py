@@ -43,7 +43,7 @@ def load_policy(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{what}: cannot load {path}: {_one_line(exc)}") from exc
-    _prepare_tokenizer(tokenizer)
+    _prepare_tokenizer(tokenizer, path=path, what=what)
     return model, tokenizer
 
 
@@ -54,16 +54,19 @@ def _load_adapter(path: Path, *, dtype: str, attn_implementation: str | None, wh
     base, tokenizer = load_policy(base_path, dtype=dtype, attn_implementation=attn_implementation, what=what)
     if (path / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(path)
-        _prepare_tokenizer(tokenizer)
+        _prepare_tokenizer(tokenizer, path=path, what=what)
     try:
         return PeftModel.from_pretrained(base, path, is_trainable=True), tokenizer
     except Exception as exc:  # noqa: BLE001 - a damaged adapter: the library's reason in one line
         raise UserError(f"{what}: cannot load the adapter in {path}: {_one_line(exc)}") from exc
 
 
-def _prepare_tokenizer(tokenizer) -> None:
+def _prepare_tokenizer(tokenizer, *, path: Path, what: str) -> None:
     # Rollouts batch prompts of different lengths: left padding keeps every prompt's last token at the end.
     tokenizer.padding_side = "left"
+    if tokenizer.eos_token is None:
+        # Without an end-of-sequence token no reply can finish: every rollout would run to the budget.
+        raise UserError(f"{what}: the tokenizer in {path} has no EOS token (eos_token), so no reply could end")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
