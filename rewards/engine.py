@@ -124,7 +124,9 @@ class RewardEngine:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="rewards-loop", daemon=True)
         self._loop_thread.start()
         self._closed = False
-        self._finalizer = weakref.finalize(self, RewardEngine._shutdown, self._pool, self._loop, self._threads)
+        self._finalizer = weakref.finalize(
+            self, RewardEngine._shutdown, self._pool, self._loop, self._loop_thread, self._threads
+        )
 
     # -- set-up checks ---------------------------------------------------------------------------------
 
@@ -305,10 +307,24 @@ class RewardEngine:
         self._finalizer()
 
     @staticmethod
-    def _shutdown(pool: _Pool, loop: asyncio.AbstractEventLoop, threads: concurrent.futures.Executor) -> None:
+    def _shutdown(
+        pool: _Pool,
+        loop: asyncio.AbstractEventLoop,
+        loop_thread: threading.Thread,
+        threads: concurrent.futures.Executor,
+    ) -> None:
         pool.close()
         threads.shutdown(wait=False, cancel_futures=True)
+        if loop.is_closed():
+            return
         loop.call_soon_threadsafe(loop.stop)
+        # Close the loop once its thread has left run_forever: a loop left open is closed by the garbage collector
+        # at interpreter exit, after its self-pipe may already be gone, which prints a traceback ("Invalid file
+        # descriptor: -1") under an error message that must stay one line.
+        if threading.current_thread() is not loop_thread:
+            loop_thread.join(timeout=5.0)
+            if not loop_thread.is_alive():
+                loop.close()
 
     def __enter__(self) -> RewardEngine:
         return self
