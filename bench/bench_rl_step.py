@@ -81,7 +81,7 @@ THREADS = 1
 # configs/smollm2.yaml's rollouts (4 prompts x 8 samples, 96 new tokens) and a fine-tuning learning rate.
 MODELS = {
     "demo": {},
-    "smollm2": {"TASK": "word_problems", "PROMPTS_PER_STEP": 4, "MAX_NEW_TOKENS": 96, "LR": 2e-5, "STEPS": 4},
+    "smollm2": {"TASK": "word_problems", "PROMPTS_PER_STEP": 4, "MAX_NEW_TOKENS": 96, "LR": 2e-5, "STEPS": 3},
 }
 MODEL = "demo"
 

@@ -256,6 +256,11 @@ class TrainerConfig:
     cache; same log-probs and gradient) when that saves at least this many prompt tokens; below, the extra forward
     call costs more than the tokens it saves (measured on the demo model, CPU). 0 = always, -1 = never. One process
     only (DDP expects one forward per backward)."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input during the training forward and recompute the rest in the backward
+    (transformers' gradient checkpointing): activation memory falls from all layers' to about one layer's, for about
+    one extra forward of compute. For real models whose training batch does not fit otherwise; dense policies only
+    (a recomputed MoE forward would re-run router hooks), and the training forward then runs without shared prompts."""
     reward_workers: int = 2
     """Worker processes of the reward engine (rewards that run apart from training: math, code, user rewards)."""
 

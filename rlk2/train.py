@@ -339,6 +339,13 @@ def _build(
         if p.lora.enabled and state is None:
             lora = PeftLoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, target_modules=list(p.lora.target_modules))
             model = get_peft_model(model, lora)
+        if cfg.trainer.gradient_checkpointing:
+            if moe.routers:
+                raise UserError("trainer.gradient_checkpointing: supported for dense policies only (this one is an MoE)")
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name for it
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         optimizer = build_optimizer(
             cfg.optim.name,
@@ -758,9 +765,10 @@ def _training_rows(run: Run, batch: Batch) -> tuple:
     # (rlk2.rollout.SharedPrompts; same log-probs and gradient) when that saves enough tokens. Two forward calls per
     # backward: one process only, since DDP expects one forward per backward.
     shared = None
-    if run.accelerator.num_processes == 1 and run.cfg.trainer.shared_prompt_tokens >= 0:
+    tr = run.cfg.trainer
+    if run.accelerator.num_processes == 1 and tr.shared_prompt_tokens >= 0 and not tr.gradient_checkpointing:
         shared = SharedPrompts.of(sub)
-        if shared is not None and shared.saved_tokens(sub) < run.cfg.trainer.shared_prompt_tokens:
+        if shared is not None and shared.saved_tokens(sub) < tr.shared_prompt_tokens:
             shared = None
     return rows, sub, whole, shared
 
