@@ -134,3 +134,51 @@ def test_smollm2_one_rl_step_then_its_checkpoint_loads_and_evaluates(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["tasks"]) == {"word_problems", "constraints"}
+
+
+def test_a_run_on_a_gguf_policy_resumes_exactly(tmp_path, gguf):
+    """Killed after step 2 of 3 and resumed: the same training metrics as the uninterrupted run (gradient
+    checkpointing on, as configs/smollm2.yaml has it)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def rlk2(*args: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rlk2.cli", "train", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=root,
+            env={**os.environ, "RLK2_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def common(run: str, steps: int) -> list[str]:
+        return [
+            f"run.dir={tmp_path / run}",
+            f"policy.path={gguf}",
+            "warm_start.enabled=false",
+            TASK,
+            "rollout.group_size=4",
+            "rollout.prompts_per_step=2",
+            f"trainer.steps={steps}",
+            "trainer.save_every=1",
+            "trainer.gradient_checkpointing=true",
+            "optim.lr=1e-2",
+            "eval.samples=1",
+            "eval.greedy=false",
+        ]
+
+    def train_rows(run: str) -> dict[int, dict]:
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        volatile = ("time/", "throughput/")
+        return {r["step"]: {k: v for k, v in r.items() if not k.startswith(volatile)} for r in rows if "loss" in r}
+
+    rlk2(*common("full", 3))
+    rlk2(*common("part", 2))
+    rlk2("--resume", str(tmp_path / "part"), "trainer.steps=3")
+    full, part = train_rows("full"), train_rows("part")
+    assert sorted(part) == [1, 2, 3] and full == part
