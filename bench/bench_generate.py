@@ -92,7 +92,7 @@ def _gemm_gflops() -> float:
     return flops / (time.perf_counter() - start) / 1e9
 
 
-def run(reps: int, gflops: float | None) -> dict:
+def measure(reps: int, gflops: float | None) -> dict:
     from rlk2.hardware import cpu_has_native_bf16, fast_dtype
     from rlk2.policy import load_policy
 
@@ -136,6 +136,23 @@ def run(reps: int, gflops: float | None) -> dict:
     }
 
 
+def run(quick: bool) -> list[dict]:
+    """`bench/run_all.py`'s entry: one row, rlk2's tokens/s against transformers' best."""
+    res = measure(1 if quick else 3, None)
+    return [
+        {
+            "name": f"generate/tokens_per_s/smollm2_{BATCH}x{NEW_TOKENS}tok",
+            "value": res["tokens_per_s"]["rlk2"],
+            "unit": "tokens/s",
+            "baseline": f"transformers generate ({res['baseline']})",
+            "baseline_value": res["tokens_per_s"][res["baseline"]],
+            "ratio": res["ratio_vs_best_hf"],
+            "spread": 0.0,
+            "reps": res["reps"],
+        }
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -143,7 +160,7 @@ def main() -> None:
     parser.add_argument("--gflops", type=float, help="GEMM rate for the limit (default: measured here)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "generate.json"))
     args = parser.parse_args()
-    res = run(1 if args.quick else args.reps, args.gflops)
+    res = measure(1 if args.quick else args.reps, args.gflops)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(
