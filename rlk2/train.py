@@ -341,7 +341,7 @@ def _build(
             model = get_peft_model(model, lora)
         if cfg.trainer.gradient_checkpointing:
             if moe.routers:
-                raise UserError("trainer.gradient_checkpointing: supported for dense policies only (this one is an MoE)")
+                raise UserError("trainer.gradient_checkpointing: dense policies only (this one is an MoE)")
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name for it
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:

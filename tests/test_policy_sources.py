@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_train_on_a_corrupt_gguf_exits_2_in_one_line_and_writes_no_run(tmp_path)
         text=True,
         timeout=300,
         cwd=ROOT,
-        env={**__import__("os").environ, "RLK2_CACHE_DIR": str(tmp_path / "c")},
+        env={**os.environ, "RLK2_CACHE_DIR": str(tmp_path / "c")},
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

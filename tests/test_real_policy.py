@@ -86,7 +86,7 @@ def test_gradient_checkpointing_is_refused_for_an_moe_policy(tmp_path):
     )
     from rlk2.train import train
 
-    with pytest.raises(UserError, match="trainer.gradient_checkpointing: supported for dense policies only"):
+    with pytest.raises(UserError, match="trainer.gradient_checkpointing: dense policies only"):
         train(cfg)
     assert not (tmp_path / "r").exists()
 
