@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port}: must be 0..65535")
     if args.max_batch < 1:
         raise UserError("--max-batch: must be >= 1")
-    model, tokenizer = load_policy(args.checkpoint, dtype=args.dtype)
+    model, tokenizer = load_policy(args.checkpoint, dtype=args.dtype, what="checkpoint")
     if not getattr(tokenizer, "chat_template", None) and not args.plain_prompts:
         raise UserError(
             f"{args.checkpoint}: the tokenizer has no chat template, which chat completions need "

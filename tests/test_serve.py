@@ -150,4 +150,4 @@ def test_serve_bad_checkpoint_is_one_line_exit_2(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith("rlk2 serve: error: policy.path:")
+    assert out.stderr.strip().splitlines()[-1].startswith("rlk2 serve: error: checkpoint:")
