@@ -10,8 +10,8 @@ medians and the ratio of medians.
 
 The limit: a decode step of batch 32 multiplies the 106 M non-embedding weights and the 28 M-row tied LM head by
 32 tokens (2 x 135 M x 32 = 8.6 GFLOP) after a prefill of 32 prompts x ~72 tokens (2 x 106 M x 2.3k = 0.49 TFLOP);
-128 steps are ~1.6 TFLOP. `limit_tokens_per_s` is what this machine's measured float32 GEMM rate (`--gflops`, else
-measured here on the decode shapes with a hot cache) allows if nothing but those products ran.
+128 steps are ~1.6 TFLOP. `limit_tokens_per_s` is what this machine's GEMM rate in rlk2's decode dtype (`--gflops`,
+else measured here on the decode shapes with a hot cache) allows if nothing but those products ran.
 
     python bench/bench_generate.py [--quick] [--reps N]
 """
@@ -77,11 +77,12 @@ def _rlk2(model, tok, ids, seed: int) -> tuple[int, float]:
     return int(ro.completion_mask.sum()), time.perf_counter() - start
 
 
-def _gemm_gflops() -> float:
-    """float32 GEMM rate on SmolLM2's decode shapes (weights @ 32 activations), hot cache: an upper bound."""
+def _gemm_gflops(dtype: torch.dtype) -> float:
+    """GEMM rate in `dtype` (the one rlk2 decodes in) on SmolLM2's decode shapes (weights @ 32 activations), hot
+    cache: an upper bound."""
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
-    x = {k: torch.randn(k, BATCH) for _, k in shapes}
-    ws = [torch.randn(n, k) for n, k in shapes]
+    x = {k: torch.randn(k, BATCH, dtype=dtype) for _, k in shapes}
+    ws = [torch.randn(n, k, dtype=dtype) for n, k in shapes]
     for w in ws:
         w @ x[w.shape[1]]
     start, reps = time.perf_counter(), 50
@@ -116,7 +117,7 @@ def measure(reps: int, gflops: float | None) -> dict:
             )
     speed = {name: statistics.median(t / s for t, s in runs) for name, runs in results.items()}
     baseline = max((k for k in speed if k != "rlk2"), key=speed.get)
-    rate = gflops or _gemm_gflops()
+    rate = gflops or _gemm_gflops(fast_dtype("cpu", torch.float32))
     prompt_tokens = sum(map(len, ids))
     flop = 2 * 106e6 * prompt_tokens + 2 * 135e6 * statistics.median(t for t, _ in results["rlk2"])
     limit = statistics.median(t for t, _ in results["rlk2"]) / (flop / (rate * 1e9))
