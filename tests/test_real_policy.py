@@ -20,29 +20,28 @@ TASK = (
 )
 
 
+def _overrides(run: Path, gguf: Path, *extra: str) -> list[str]:
+    """A tiny run on the GGUF Llama; `extra` overrides come last."""
+    return [
+        f"run.dir={run}",
+        f"policy.path={gguf}",
+        "warm_start.enabled=false",
+        TASK,
+        "rollout.group_size=4",
+        "rollout.prompts_per_step=2",
+        "optim.lr=1e-2",
+        "eval.samples=1",
+        "eval.greedy=false",
+        *extra,
+    ]
+
+
 def _run(tmp_path: Path, name: str, gguf: Path, *extra: str) -> Path:
     from rlk2.train import train
 
     run = tmp_path / name
-    cfg = load_config(
-        None,
-        [
-            f"run.dir={run}",
-            f"policy.path={gguf}",
-            "warm_start.enabled=false",
-            TASK,
-            "rollout.group_size=4",
-            "rollout.prompts_per_step=2",
-            "trainer.steps=2",
-            "trainer.save_every=2",
-            "optim.name=adamw",
-            "optim.lr=1e-2",
-            "eval.samples=1",
-            "eval.greedy=false",
-            *extra,
-        ],
-    )
-    train(cfg)
+    extra = ("trainer.steps=2", "trainer.save_every=2", "optim.name=adamw", *extra)
+    train(load_config(None, _overrides(run, gguf, *extra)))
     return run
 
 
@@ -157,20 +156,8 @@ def test_a_run_on_a_gguf_policy_resumes_exactly(tmp_path, gguf):
         assert proc.returncode == 0, proc.stderr[-2000:]
 
     def common(run: str, steps: int) -> list[str]:
-        return [
-            f"run.dir={tmp_path / run}",
-            f"policy.path={gguf}",
-            "warm_start.enabled=false",
-            TASK,
-            "rollout.group_size=4",
-            "rollout.prompts_per_step=2",
-            f"trainer.steps={steps}",
-            "trainer.save_every=1",
-            "trainer.gradient_checkpointing=true",
-            "optim.lr=1e-2",
-            "eval.samples=1",
-            "eval.greedy=false",
-        ]
+        extra = (f"trainer.steps={steps}", "trainer.save_every=1", "trainer.gradient_checkpointing=true")
+        return _overrides(tmp_path / run, gguf, *extra)
 
     def train_rows(run: str) -> dict[int, dict]:
         rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
