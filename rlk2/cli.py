@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from rewards.engine import RewardError
 from rlk2.errors import UserError
+from rlk2.signals import exit_at_once_from_now
 from sandboxes.cli import add_arguments as _sandbox_arguments
 
 
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlk2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the process ends with the command: a signal during shutdown exits without a traceback
+            exit_at_once_from_now()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,36 @@
 """Stopping a run cleanly: the first SIGINT/SIGTERM finishes the step, writes a checkpoint and exits 0; a second
-stops at once, but never in the middle of a weight update; a third aborts wherever the run is."""
+stops at once, but never in the middle of a weight update; a third aborts wherever the run is.
+
+Python raises a handler's exception wherever the main thread happens to be, and when that is a finalizer (a
+`__del__` run by the garbage collector, e.g. a progress bar's) the exception is printed and swallowed: the stop
+would be lost. So a signal that lands in one is held, and `interruption_point()`, which the long loops call (every
+decode step, between the phases of a training step), raises it a moment later.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
+
+_active: GracefulStop | None = None
+
+
+def interruption_point() -> None:
+    """Raise a KeyboardInterrupt held back by the installed `GracefulStop` (see the module docstring); cheap."""
+    if _active is not None and _active._held and not _active._critical:
+        _active._held = False
+        raise KeyboardInterrupt
+
+
+def _in_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 class GracefulStop:
@@ -21,15 +45,18 @@ class GracefulStop:
     def __init__(self) -> None:
         self.requested: str | None = None
         self.signals = 0
-        self._critical = self._pending = False
+        self._critical = self._pending = self._held = False
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
                 pass
+        if self._previous:
+            global _active
+            _active = self
 
-    def _handle(self, signum, _frame) -> None:
+    def _handle(self, signum, frame) -> None:
         self.signals += 1
         if self.signals == 1:
             self.requested = signal.Signals(signum).name
@@ -42,6 +69,9 @@ class GracefulStop:
                 flush=True,
             )
             return
+        if self.signals == 2 and _in_finalizer(frame):  # raised here it would be swallowed: raise it a moment later
+            self._held = True
+            return
         raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -52,11 +82,36 @@ class GracefulStop:
             yield
         finally:
             self._critical = False
-        if self._pending:
-            self._pending = False
+        if self._pending or self._held:
+            self._pending = self._held = False
             raise KeyboardInterrupt
 
     def restore(self) -> None:
+        """Put the old handlers back; after a stop was asked for, a further signal ends the process at once
+        instead (the run is over by then, and Python's own handler would raise into whatever cleanup runs)."""
+        global _active
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, exit_at_once if self.signals else handler)
         self._previous = {}
+        if _active is self:
+            _active = None
+
+
+def exit_at_once(signum, _frame) -> None:
+    """A signal handler for a process whose work is done: flush and exit with 128 + signum, without raising into
+    the interpreter's shutdown (an exception raised in an atexit callback or a finalizer prints a traceback)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(128 + signum)
+
+
+def exit_at_once_from_now() -> None:
+    """Make SIGINT and SIGTERM end the process at once from here on (`exit_at_once`); main thread only."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, exit_at_once)
+        except ValueError:
+            pass
