@@ -17,6 +17,7 @@ from rlk2.rollout.batch import Rollout, left_pad
 from rlk2.rollout.decode import open_decoder
 from rlk2.rollout.sampling import entropy_of, inverse_cdf, mix64, sampling_logprobs, sequence_uniforms, to_int64
 from rlk2.rollout.text import eos_ids
+from rlk2.signals import interruption_point
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (not even version counters): ~10 % off small-model decoding
@@ -94,6 +95,7 @@ def generate_rollouts(
             active = torch.arange(len(ids), device=device)  # batch rows still generating, in cache order
             pos = mask.sum(dim=1)  # [n] position id of the token about to be sampled (same rule as policy_logprobs)
             for t in range(max_new_tokens):
+                interruption_point()
                 nxt = out.put(active, t, *draw(logits, active, t))
                 going = ~torch.isin(nxt, eos)
                 if t == max_new_tokens - 1 or not going.any():
