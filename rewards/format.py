@@ -119,3 +119,13 @@ def budget(
     else:
         budgets = 2**62  # no budget: only truncation is penalised
     return budget_penalty(num_tokens, truncated, budget=budgets, penalty=penalty)
+
+
+@reward_traits(run_in="caller", elementwise=True)
+def env_reward(completions: list[str], *, prompts: list[str], env_reward: list[float | None], **_: Any) -> list:
+    """An environment's own reward (`reward(messages, **row)`, DESIGN.md 2.6), computed by the episode loop when
+    each episode ended; the column `env_reward` carries it here, so it is weighted, logged and counted like any
+    other reward. None (the environment raised, or said the episode cannot be scored) stays None."""
+    if len(env_reward) != len(completions):
+        raise RewardError(f"env: {len(env_reward)} env_reward values for {len(completions)} completions")
+    return [None if v is None else float(v) for v in env_reward]

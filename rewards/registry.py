@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from rewards.format import budget, format_reward, length_reward
+from rewards.format import budget, env_reward, format_reward, length_reward
 from rewards.math import math as _math  # aliased: binding `math` here would shadow the submodule rewards.math
 from rewards.traits import RewardError
 
@@ -46,6 +46,7 @@ REWARDS: dict[str, Callable] = {
     "format": format_reward,
     "length": length_reward,
     "budget": budget,
+    "env": env_reward,
     "code": _LazyReward("rewards.code", "code"),
     "rubric": _LazyReward("rewards.rubric", "rubric"),
     "ifeval": _LazyReward("rewards.ifeval", "ifeval"),

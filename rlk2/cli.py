@@ -76,6 +76,19 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="reward worker processes, 1..64 (default 2)")
 
 
+def _episode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--env", required=True, metavar="SPEC", help="pkg.module:Class, path/file.py:Class or an entry point"
+    )
+    parser.add_argument("--input", metavar="FILE", help='JSONL of {"row": {...}, "assistant": [...]} (default: stdin)')
+    parser.add_argument("--tools", help="built-in tools to add, comma-separated (calculator, python)")
+    parser.add_argument("--tool-parser", default="hermes", help="how tool calls are read from a turn (default hermes)")
+    parser.add_argument("--tool-timeout", type=float, default=10.0, metavar="S", help="deadline per tool call (10)")
+    parser.add_argument(
+        "--reward", action="append", default=[], metavar="NAME", help="also score the last assistant message"
+    )
+
+
 def _rewards_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help="also describe these rewards (e.g. dotted paths)")
     parser.add_argument("--config", metavar="CONFIG", help="also describe the rewards that this training config names")
@@ -106,6 +119,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] 
         _score_arguments,
         "rlk2.score:run_score",
         "score JSONL rows offline with a reward: one JSON result line per input row",
+    ),
+    "episode": (
+        _episode_arguments,
+        "rlk2.replay:run",
+        "replay scripted assistant turns through an environment: messages and reward per input line",
     ),
     "rewards": (
         _rewards_arguments,

@@ -147,6 +147,22 @@ class TaskConfig:
     """Budget control: give responses truncated at the budget no loss at all (DAPO's overlong filtering)."""
     eval_size: int = 200
     """Held-out prompts for evaluation (taken from the eval split of builtin tasks, or the file's first rows)."""
+    env: Optional[str] = None
+    """Multi-turn episodes (DESIGN.md 2.6): an environment class, `pkg.module:Class`, `path/file.py:Class` or an entry
+    point in group rlk2.envs; its reset(**row) gives the first message, its public methods are tools. The reward
+    named `env` is the class's own reward(messages, **row); other rewards score the last assistant message."""
+    tools: list[str] = field(default_factory=list)
+    """Built-in tools the episodes may call besides the environment's methods: calculator, python (sandboxed)."""
+    max_turns: int = 4
+    """Assistant turns per episode; `max_new_tokens` is the budget of each turn."""
+    tool_timeout_s: float = 10.0
+    """Deadline of one tool call (and of reward(), close()); past it the model gets an error observation."""
+    tool_parser: str = "hermes"
+    """How tool calls are read from a turn: hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`)."""
+    describe_tools: str = "auto"
+    """How the tools reach the model: template (the chat template's tools=), system (a system message listing their
+    schemas), none (the policy knows them, e.g. from a warm start) or auto (template if it renders them, else
+    system)."""
 
 
 @dataclass(frozen=True)
@@ -495,6 +511,23 @@ def _task_rules(tasks: list[TaskConfig]) -> list[tuple[str, bool, str]]:
             (f"tasks[{i}].weight", t.weight > 0, "must be > 0 (the task's share of each batch)"),
             (f"tasks[{i}].max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
             (f"tasks[{i}].eval_size", t.eval_size >= 1, "must be >= 1 (held-out prompts for evaluation)"),
+            (f"tasks[{i}].max_turns", t.max_turns >= 1, "must be >= 1"),
+            (f"tasks[{i}].tool_timeout_s", t.tool_timeout_s > 0, "must be > 0"),
+            (
+                f"tasks[{i}].describe_tools",
+                t.describe_tools in ("auto", "template", "system", "none"),
+                f"'{t.describe_tools}' is not one of auto, template, system, none",
+            ),
+            (
+                f"tasks[{i}].tools",
+                t.env is not None or not t.tools,
+                "tools need an environment (set env:, e.g. rlk2.envs.builtin:Question)",
+            ),
+            (
+                f"tasks[{i}].rewards",
+                t.env is not None or all(r.name != "env" for r in t.rewards),
+                "the reward 'env' is an environment's own reward; this task has no env",
+            ),
         ]
         rules += [
             (f"tasks[{i}].rewards[{j}].timeout_s", r.timeout_s > 0, "must be > 0") for j, r in enumerate(t.rewards)

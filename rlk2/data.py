@@ -1,7 +1,8 @@
 """Prompt datasets: the built-in synthetic tasks and local JSONL / Parquet files.
 
 A dataset is a list of rows (dicts) with a `prompt` column plus whatever columns its rewards need (e.g. `answer`
-for `math`). Built-in tasks also carry `completion`, the gold response used by the supervised warm start.
+for `math`). Built-in tasks also carry `completion`, the gold response used by the supervised warm start (for a
+multi-turn task, the list of messages that follow the prompt).
 Built-in tasks have fixed, disjoint train / eval splits (independent of the run seed) so held-out numbers are
 comparable across runs.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
+from rlk2.envs.tools import format_hermes
 from rlk2.errors import UserError
 from rlk2.synthetic import constraint_rows, word_problem_rows
 from sandboxes import jsonl
@@ -86,12 +88,47 @@ def _pyfunc_rows() -> list[Row]:
     return rows
 
 
+def _mul_rows() -> list[Row]:
+    """Products of two 3-digit numbers, answer in \\boxed{}: 'What is 417*382?' -> '\\boxed{159294}'. 20,000 seeded
+    problems, for the agent demo (`configs/demo_agent.yaml`): a model as small as the demo's cannot multiply, but
+    it can call the `calculator` tool and copy its answer.
+
+    The gold `completion` (the warm start's conversations) calls the tool in a quarter of the problems and answers
+    directly (right, but a guess the model cannot learn to make) in the rest, so the warm-started policy knows the
+    call format without knowing that it should always call: what RL then learns. Every problem also shows a call
+    that is trained only after its opening `<tool_call>` (so how to write a call is learnt everywhere, when to make
+    one only from the quarter), then the tool's answer and the final turn: copying numbers is a skill this small a
+    model picks up only after ~1,000-1,500 SFT steps on every problem, and RL could not teach it in minutes.
+    """
+    rng = random.Random(_SPLIT_SEED + 3)
+    rows, seen = [], set()
+    while len(rows) < 20_000:
+        a, b = rng.randrange(100, 1000), rng.randrange(100, 1000)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        answer = f"\\boxed{{{a * b}}}"
+        episode = [
+            {"role": "assistant", "content": format_hermes("calculator", {"expression": f"{a}*{b}"})},
+            {"role": "tool", "content": str(a * b)},
+            {"role": "assistant", "content": answer},
+        ]
+        if rng.random() < 0.25:
+            completion: list = episode
+        else:  # answer directly; and still learn to write a call once one is begun, and to use a tool's answer
+            begun = {**episode[0], "given": "<tool_call>"}
+            completion = [[{"role": "assistant", "content": answer}], [begun, *episode[1:]]]
+        rows.append({"prompt": f"What is {a}*{b}?", "answer": str(a * b), "completion": completion})
+    return rows
+
+
 BUILTIN_TASKS: dict[str, Callable[[], list[Row]]] = {
     "arith": _arith_rows,
     "max": _max_rows,
     "pyfunc": _pyfunc_rows,
     "word_problems": word_problem_rows,  # for pretrained instruct models (rlk2.synthetic): no gold completions
     "constraints": constraint_rows,
+    "mul": _mul_rows,
 }
 
 

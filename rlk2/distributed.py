@@ -134,6 +134,8 @@ def pad_to_global_width(accelerator, ro: Rollout, pad_id: int) -> Rollout:
         ro.old_logp = F.pad(ro.old_logp, (0, extra), value=0.0)
         if ro.entropy is not None:
             ro.entropy = F.pad(ro.entropy, (0, extra), value=0.0)
+        if ro.loss_mask is not None:
+            ro.loss_mask = F.pad(ro.loss_mask, (0, extra), value=0)
         if ro.routed_experts is not None:  # [L, B, P+T, k]: padding positions have no recorded routing (-1)
             ro.routed_experts = F.pad(ro.routed_experts, (0, 0, 0, extra), value=-1)
     return ro
@@ -204,6 +206,7 @@ def gather_step(
         cat(ro.old_logp),
         trunc,
         gather_object(list(ro.texts)),
+        loss_mask=cat(ro.policy_mask),
     )
     # Rank slices may hold different tasks, hence different reward names: align them as one process does.
     parts = gather_object([(per_reward, len(totals), errors)])

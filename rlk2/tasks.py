@@ -13,6 +13,7 @@ from rewards import RewardEngine, RewardSpec, required_columns, resolve_reward
 from rewards.code import code as code_reward
 from rlk2.config import TaskConfig
 from rlk2.data import load_task_split, split_overlap
+from rlk2.envs import EnvSpec, load_env
 from rlk2.errors import UserError
 from rlk2.eval.evaluate import EvalTask
 from rlk2.eval.tasks import build_eval_task, from_run_task
@@ -33,6 +34,8 @@ class Task:
     """Every reward runs in the worker processes: the task is scored while the next task generates."""
     streamed: bool
     """... and each reward scores samples one by one: each response is scored as soon as it ends."""
+    env: EnvSpec | None = None
+    """Multi-turn episodes in this environment (rlk2.envs) instead of single-turn completions."""
 
     @property
     def name(self) -> str:
@@ -64,9 +67,15 @@ def load_tasks(tasks: list[TaskConfig], engine: RewardEngine, *, note=print) -> 
                     f"tasks[{i}] ({task.name}): the code reward needs a sandbox and none works here "
                     f"({sandbox}); see `rlk2 sandbox doctor`"
                 )
-        needed = sorted({c for s in specs for c in required_columns(resolve_reward(s.name))})
+        env = None
+        if task.env:
+            env = load_env(task.env, tools=list(task.tools), parser=task.tool_parser, where=f"tasks[{i}].env")
+            if any(s.name == "env" for s in specs) and not env.has_reward:
+                raise UserError(f"tasks[{i}].rewards: reward 'env' but {task.env} has no reward(messages, **row)")
+        made = {"env_reward"} if env else set()  # columns the episode loop adds
+        needed = sorted({c for s in specs for c in required_columns(resolve_reward(s.name))} - made)
         rows, held = load_task_split(task.source, eval_size=task.eval_size, needed=needed)
-        columns = sorted({k for r in rows[:1] for k in r} - {"prompt", "completion"})
+        columns = sorted(({k for r in rows[:1] for k in r} - {"prompt", "completion"}) | made)
         engine.check_columns(specs, columns, where=f"task '{task.name}' ({task.source})")
         if repeated := split_overlap(rows, held):
             note(
@@ -74,8 +83,8 @@ def load_tasks(tasks: list[TaskConfig], engine: RewardEngine, *, note=print) -> 
                 f"training prompts ({task.source} repeats them), so eval/{task.name}/* is not fully held out"
             )
         evaluation = build_eval_task(from_run_task(task), engine)
-        overlap = engine.runs_apart(specs)
-        out.append(Task(task, specs, rows, evaluation, overlap, overlap and engine.elementwise(specs)))
+        overlap = engine.runs_apart(specs) and env is None  # episodes are scored once they have all ended
+        out.append(Task(task, specs, rows, evaluation, overlap, overlap and engine.elementwise(specs), env))
     if not out:
         raise UserError("tasks: no task left to train (every task needs a sandbox, and none works here)")
     return out

@@ -66,6 +66,7 @@ from rlk2.distributed import (
     pad_to_global_width,
     sequence_seeds,
 )
+from rlk2.envs import Episode, SampledTurns, ToolRunner, episode_stats, run_episodes, unscorable
 from rlk2.errors import UserError
 from rlk2.eval.evaluate import evaluate_policy
 from rlk2.moe import RouterControl
@@ -82,7 +83,7 @@ from rlk2.rollout import (
     policy_logprobs,
 )
 from rlk2.run_dir import AlreadyFinished, RunDir, check_resume, env_info
-from rlk2.signals import GracefulStop
+from rlk2.signals import GracefulStop, interruption_point
 from rlk2.tasks import Task, bind_critic, check_prompt_lengths, load_tasks, metric_name, reward_inputs
 
 
@@ -136,6 +137,13 @@ class Run:
     bad_total: int = 0
     eval_records: dict[int, dict] = field(default_factory=dict)
     """step -> per-task evaluation sample records (the critic's held-out pairs come from step 0)."""
+    tool_runners: dict[str, ToolRunner] = field(default_factory=dict)
+    """task -> the runner of its episodes' tool calls (environment tasks), made on first use."""
+
+    def tool_runner(self, task: Task) -> ToolRunner:
+        if task.name not in self.tool_runners:
+            self.tool_runners[task.name] = ToolRunner(task.cfg.tool_timeout_s)
+        return self.tool_runners[task.name]
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -166,6 +174,9 @@ class Batch:
     extras: list[dict] = field(default_factory=list)
     """Per sample: reward extras, e.g. the rubric critic's judgments and reasons."""
     rubric_stats: list[dict] = field(default_factory=list)
+    episodes: dict[int, Episode] = field(default_factory=dict)
+    """Sample index -> its episode, for environment tasks (rlk2.envs)."""
+    env_errors: int = 0
     n_policy: int = 0
     critic: CriticSamples | None = None
     adv: torch.Tensor | None = None  # [B]
@@ -194,8 +205,10 @@ def train(cfg: Config, *, resume: bool = False, on_step: Callable[[int, dict], N
         for step in range(run.start_step + 1, cfg.trainer.steps + 1):
             run.step_start = _Snapshot.take(run, step)  # what a Ctrl-C in this step rolls back to
             batch = generate(run, step)
+            interruption_point()
             score(run, batch)
             refine_critic(run, batch)
+            interruption_point()
             advantages(run, batch)
             with run.stop.critical():  # a second Ctrl-C waits for these, so the step can be checkpointed
                 update(run, batch)
@@ -216,6 +229,8 @@ def train(cfg: Config, *, resume: bool = False, on_step: Callable[[int, dict], N
             run.stop.restore()
         if run.bar is not None:
             run.bar.close()
+        for runner in run.tool_runners.values():
+            runner.close()
         run.engine.close()
 
 
@@ -500,6 +515,11 @@ def generate(run: Run, step: int) -> Batch:
         group_rows = [row for t, row in picked if t == task.name]
         if not group_rows:
             continue
+        if task.env is not None:  # multi-turn episodes, scored once they have all ended
+            parts.append(_play_episodes(run, task, batch, group_rows, first, temperature))
+            batch.rows += group_rows
+            batch.task_of_group += [task.name] * len(group_rows)
+            continue
         ids = encode_prompts(run.tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
         stream = run.engine.stream(task.specs, *reward_inputs(group_rows, k)) if task.streamed else None
         parts.append(
@@ -525,6 +545,43 @@ def generate(run: Run, step: int) -> Batch:
     batch.ro = pad_to_global_width(run.accelerator, ro, run.tokenizer.pad_token_id)
     batch.times["rollout"] = time.perf_counter() - t0
     return batch
+
+
+def _play_episodes(run: Run, task: Task, batch: Batch, group_rows: list[dict], first: int, temperature: float):
+    """K episodes per row in the task's environment (rlk2.envs); their scoring starts at once."""
+    cfg, k = run.cfg, run.k
+    env_rows = [{c: v for c, v in r.items() if c != "completion"} for r in group_rows for _ in range(k)]
+    turns = SampledTurns(
+        run.policy,
+        run.tokenizer,
+        len(env_rows),
+        max_new_tokens=task.cfg.max_new_tokens,
+        temperature=temperature,
+        top_p=cfg.rollout.top_p,
+        seeds=sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k),
+        record_routing=run.moe.enabled,
+    )
+    ro, episodes = run_episodes(
+        turns,
+        run.tokenizer,
+        task.env,
+        env_rows,
+        max_turns=task.cfg.max_turns,
+        runner=run.tool_runner(task),
+        chat_template=cfg.policy.chat_template,
+        describe_tools=task.cfg.describe_tools,
+    )
+    prompts, columns = reward_inputs(group_rows, k)
+    columns["env_reward"] = [e.reward for e in episodes]
+    batch.scoring[task.name] = run.engine.score_later(task.specs, ro.texts, prompts, columns)
+    offset = len(batch.rows) * k
+    for j, e in enumerate(episodes):
+        batch.episodes[offset + j] = e
+        for problem in (e.error, e.reward_error):
+            if problem and batch.env_errors < 3:
+                run.accelerator.print(f"step {batch.step}: task '{task.name}': episode unscorable: {problem}")
+        batch.env_errors += bool(e.error or e.reward_error)
+    return ro
 
 
 def _scorer_of_finished(stream, tokenizer):
@@ -559,8 +616,12 @@ def score(run: Run, batch: Batch) -> None:
             rubric_time += time.perf_counter() - t_task
         ntok = ro.num_tokens[offset : offset + n].tolist()
         trunc = ro.truncated[offset : offset + n].tolist()
-        penalty = budget_penalty(ntok, trunc, budget=task.cfg.max_new_tokens, penalty=task.cfg.overlong_penalty)
-        batch.totals += [None if r is None else r + p for r, p in zip(scored.total, penalty)]
+        budget = task.cfg.max_new_tokens * (task.cfg.max_turns if task.env is not None else 1)  # episodes: per turn
+        penalty = budget_penalty(ntok, trunc, budget=budget, penalty=task.cfg.overlong_penalty)
+        failed = [False] * n
+        if task.env is not None:  # an environment that raised makes its episode unscorable, never 0.0
+            failed = unscorable([batch.episodes[offset + j] for j in range(n)])
+        batch.totals += [None if r is None or bad else r + p for r, p, bad in zip(scored.total, penalty, failed)]
         for rname, vals in scored.rewards.items():
             # A reward another task lacks is None (not scored) on that task's rows: lists stay aligned.
             batch.per_reward.setdefault(metric_name(rname), [None] * offset).extend(vals)
@@ -644,7 +705,7 @@ def advantages(run: Run, batch: Batch) -> None:
         adv[c0:], zero_std[c0:] = pair_advantages(rewards[c0:], valid[c0:], scale=scale)
     batch.adv, batch.zero_std = adv.view(-1).to(run.accelerator.device), zero_std
     # Unscorable responses (reward None) carry no loss at all: nothing is learned from a sandbox outage.
-    mask = ro.completion_mask.float() * valid.view(-1, 1).to(ro.completion_mask.device)
+    mask = ro.policy_mask.float() * valid.view(-1, 1).to(ro.completion_mask.device)
     masked_tasks = {t.name for t in run.tasks if t.cfg.mask_truncated}
     if masked_tasks:  # [B]: truncated responses of those tasks carry no loss
         drop = torch.tensor(
@@ -825,9 +886,11 @@ def log(run: Run, batch: Batch) -> dict:
         "time/reward": t["reward"],
         "time/update": t["update"],
         "throughput/samples_per_s": n_samples / step_time,
-        "throughput/tokens_per_s": int(ro.completion_mask.sum()) / step_time,
+        "throughput/tokens_per_s": int(ro.policy_mask.sum()) / step_time,
     }
     row.update(_critic_metrics(run, batch, zero_std, n_samples, step_time))
+    if any(t.env is not None for t in run.tasks):
+        row.update(_episode_metrics(run, batch))
     for rname, vals in per_reward.items():
         vs = [v for v in vals if v is not None]
         mean = sum(vs) / len(vs) if vs else float("nan")
@@ -852,6 +915,28 @@ def log(run: Run, batch: Batch) -> dict:
     if run.on_step is not None:
         run.on_step(batch.step, row)
     return row
+
+
+def _episode_metrics(run: Run, batch: Batch) -> dict:
+    """episodes/* over the step's episodes (all processes): per-episode means of turns, tool calls, tool errors and
+    truncations (DESIGN.md 2.5)."""
+    stats = episode_stats(list(batch.episodes.values()))
+    sums = torch.tensor(
+        [stats.episodes, stats.turns, stats.tool_calls, stats.tool_errors, stats.truncated, stats.env_errors],
+        dtype=torch.float64,
+        device=run.accelerator.device,
+    )
+    if run.accelerator.num_processes > 1:
+        sums = run.accelerator.reduce(sums, "sum")
+    n, turns, calls, errors, truncated, env_errors = sums.tolist()
+    n = max(n, 1.0)
+    return {
+        "episodes/turns": turns / n,
+        "episodes/tool_calls": calls / n,
+        "episodes/tool_errors": errors / n,
+        "episodes/truncated": truncated / n,
+        "episodes/env_errors": env_errors,
+    }
 
 
 def _critic_metrics(run: Run, batch: Batch, zero_std: torch.Tensor, n_samples: int, step_time: float) -> dict:
@@ -914,6 +999,8 @@ def _rollout_records(
         }
         if run.accelerator.num_processes == 1 and batch.extras[j]:  # e.g. rubric verdicts and reasons
             rec["extras"] = batch.extras[j]
+        if run.accelerator.num_processes == 1 and j in batch.episodes:  # the whole conversation of an episode
+            rec["messages"] = batch.episodes[j].messages
         records.append(rec)
     return records
 

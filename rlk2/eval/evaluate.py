@@ -14,11 +14,24 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlk2.envs import SampledTurns, ToolRunner, run_episodes, unscorable
 from rlk2.eval.metrics import TaskOutcome, extract_answer, task_metrics
 from rlk2.rollout import encode_prompts, generate_rollouts
 
 
 # ================================================================================================ data types
+@dataclass
+class EpisodeSettings:
+    """How an environment task plays its episodes (rlk2.envs): the checked class, the rows `reset` takes, and the
+    limits."""
+
+    env: object  # rlk2.envs.EnvSpec
+    rows: list[dict]
+    max_turns: int
+    tool_timeout_s: float
+    describe_tools: str
+
+
 @dataclass
 class EvalTask:
     """A held-out task: prompts, the columns its rewards need, the rewards, and its token budget."""
@@ -30,6 +43,8 @@ class EvalTask:
     max_new_tokens: int
     vote: str = "auto"
     """maj@n answers: "boxed" (last \\boxed{}), "none" (no maj@n), "auto" (boxed when the primary reward is math)."""
+    episodes: EpisodeSettings | None = None
+    """Set for an environment task: each sample is a multi-turn episode; None for single-turn prompts."""
 
     @property
     def vote_kind(self) -> str:
@@ -98,10 +113,14 @@ def evaluate_policy(
                 batch_size=batch_size,
                 seed=seed,
                 bar=bar,
+                chat_template=chat_template,
             )
         outcome = _outcome(task, outs)
         result.outcomes[task.name] = outcome
         result.metrics.update({f"eval/{task.name}/{key}": value for key, value in task_metrics(outcome, ks).items()})
+        if task.episodes is not None:  # sampled episodes: how many turns and tool calls they took
+            result.metrics[f"eval/{task.name}/turns"] = float(np.mean(outs["sample"]["turns"]))
+            result.metrics[f"eval/{task.name}/tool_calls"] = float(np.mean(outs["sample"]["tool_calls"]))
         elapsed = time.perf_counter() - t_task
         sequences = len(task.prompts) * (samples + int(greedy))
         tokens = sum(sum(o["ntok"]) for o in outs.values())
@@ -131,39 +150,64 @@ def _generate_and_score(
     batch_size: int,
     seed: int,
     bar,
+    chat_template: bool = True,
 ) -> dict:
-    """`reps` completions of every prompt of `task`, scored; everything in prompt order."""
+    """`reps` completions (episodes, for an environment task) of every prompt of `task`, scored; everything in
+    prompt order."""
     n = len(task.prompts)
     # Longest prompts first so each batch holds prompts of similar length (less left padding); the results are put
     # back in prompt order below.
     by_length = sorted(range(n), key=lambda i: -len(ids[i]))
     order = [i for i in by_length for _ in range(reps)]  # prompt index of each sequence
     texts, ntok, trunc, pending, t_gen = [], [], [], [], 0.0
+    turns, calls, failed = [], [], []  # per episode (environment tasks)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         t0 = time.perf_counter()
-        ro = generate_rollouts(
-            model,
-            tokenizer,
-            [ids[i] for i in chunk],
-            max_new_tokens=task.max_new_tokens,
-            temperature=temperature,
-            greedy=greedy,
-            seed=seed + start,
-            record_logprobs=False,
-        )
-        t_gen += time.perf_counter() - t0
         cols = {k: [v[i] for i in chunk] for k, v in task.columns.items()}
+        if task.episodes is None:
+            ro = generate_rollouts(
+                model,
+                tokenizer,
+                [ids[i] for i in chunk],
+                max_new_tokens=task.max_new_tokens,
+                temperature=temperature,
+                greedy=greedy,
+                seed=seed + start,
+                record_logprobs=False,
+            )
+        else:
+            ro, episodes = _play(
+                model,
+                tokenizer,
+                task,
+                chunk,
+                greedy=greedy,
+                temperature=temperature,
+                seed=seed + start,
+                chat=chat_template,
+            )
+            cols["env_reward"] = [e.reward for e in episodes]
+            failed += unscorable(episodes)
+            turns += [e.turns for e in episodes]
+            calls += [e.tool_calls for e in episodes]
+        t_gen += time.perf_counter() - t0
         pending.append(engine.score_later(list(task.specs), ro.texts, [task.prompts[i] for i in chunk], cols))
         texts += ro.texts
         ntok += ro.num_tokens.tolist()
         trunc += ro.truncated.tolist()
         bar.update(len(chunk))
     rewards, errors = _merge_scores([f.result() for f in pending])
+    if any(failed):  # an environment that raised: the episode is unscorable under every reward, never 0.0
+        rewards = {name: [None if bad else v for v, bad in zip(vals, failed)] for name, vals in rewards.items()}
     back = sorted(range(len(order)), key=lambda j: order[j])  # stable: samples keep their order
     order, texts, ntok, trunc = ([xs[j] for j in back] for xs in (order, texts, ntok, trunc))
     rewards = {name: [vals[j] for j in back] for name, vals in rewards.items()}
+    if turns:
+        turns, calls = [turns[j] for j in back], [calls[j] for j in back]
     return {
+        "turns": turns,
+        "tool_calls": calls,
         "order": order,
         "texts": texts,
         "ntok": ntok,
@@ -173,6 +217,37 @@ def _generate_and_score(
         "reps": reps,
         "generate_s": t_gen,
     }
+
+
+def _play(
+    model, tokenizer, task: EvalTask, chunk: list[int], *, greedy: bool, temperature: float, seed: int, chat: bool
+):
+    """One episode per sequence of `chunk` (prompt indices) in the task's environment."""
+    settings = task.episodes
+    runner = ToolRunner(settings.tool_timeout_s)
+    turns = SampledTurns(
+        model,
+        tokenizer,
+        len(chunk),
+        max_new_tokens=task.max_new_tokens,
+        temperature=temperature,
+        greedy=greedy,
+        seed=seed,
+        record_logprobs=False,
+    )
+    try:
+        return run_episodes(
+            turns,
+            tokenizer,
+            settings.env,
+            [settings.rows[i] for i in chunk],
+            max_turns=settings.max_turns,
+            runner=runner,
+            chat_template=chat,
+            describe_tools=settings.describe_tools,
+        )
+    finally:
+        runner.close()
 
 
 def _as_array(vals: list, shape: tuple[int, int]) -> np.ndarray:
@@ -230,5 +305,7 @@ def _records(task: EvalTask, outs: dict[str, dict]) -> list[dict]:
             }
             if kind != "none":
                 rec["answer"] = extract_answer(text, kind)
+            if o.get("turns"):
+                rec["turns"], rec["tool_calls"] = o["turns"][j], o["tool_calls"][j]
             records.append(rec)
     return records

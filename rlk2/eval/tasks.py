@@ -28,8 +28,9 @@ from rewards import REWARDS, RewardError
 from rewards.engine import RewardSpec
 from rlk2.config import RewardConfig, load_structured, read_yaml
 from rlk2.data import BUILTIN_TASKS, builtin_split, read_rows
+from rlk2.envs import load_env
 from rlk2.errors import UserError
-from rlk2.eval.evaluate import EvalTask
+from rlk2.eval.evaluate import EpisodeSettings, EvalTask
 from rlk2.eval.metrics import VOTE_KINDS
 
 EVAL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
@@ -55,6 +56,18 @@ class EvalTaskConfig:
     """Token budget of one response; longer ones are cut and counted as truncated."""
     vote: str = "auto"
     """maj@n answers: boxed (last \\boxed{}), none, or auto (boxed when the first reward is math)."""
+    env: str | None = None
+    """Multi-turn episodes in this environment (as a training task's `env`, DESIGN.md 2.6); pass@k is over episodes."""
+    tools: list[str] = field(default_factory=list)
+    """Built-in tools the episodes may call (calculator, python)."""
+    max_turns: int = 4
+    """Assistant turns per episode (max_new_tokens is each turn's budget)."""
+    tool_timeout_s: float = 10.0
+    """Deadline of one tool call."""
+    tool_parser: str = "hermes"
+    """How tool calls are read from a turn."""
+    describe_tools: str = "auto"
+    """How the tools reach the model: auto, template, system or none."""
 
 
 def _fail(where: str, key: str, msg: str) -> UserError:
@@ -85,6 +98,10 @@ def _validate(cfg: EvalTaskConfig, where: str) -> None:
         raise _fail(where, "limit", "must be >= 1 (or null for all rows)")
     if cfg.max_new_tokens < 1:
         raise _fail(where, "max_new_tokens", "must be >= 1")
+    if cfg.max_turns < 1:
+        raise _fail(where, "max_turns", "must be >= 1")
+    if cfg.describe_tools not in ("auto", "template", "system", "none"):
+        raise _fail(where, "describe_tools", f"'{cfg.describe_tools}' is not one of auto, template, system, none")
     if cfg.vote not in VOTE_KINDS:
         raise _fail(where, "vote", f"'{cfg.vote}' is not one of {', '.join(VOTE_KINDS)}")
     try:
@@ -192,14 +209,34 @@ def build_eval_task(cfg: EvalTaskConfig, engine, *, limit: int | None = None):
                 f"task '{cfg.name}' ({cfg.source}): row {i + 1} has no field {exc} used by prompt_template"
             ) from None
         mapped.append(row)
+    env = (
+        load_env(cfg.env, tools=list(cfg.tools), parser=cfg.tool_parser, where=f"task '{cfg.name}': env")
+        if cfg.env
+        else None
+    )
     names = sorted({k for r in mapped for k in r} - {"prompt", "completion"})
     specs = [RewardSpec(r.name, r.weight, r.timeout_s, dict(r.kwargs)) for r in cfg.rewards]
+    if env is not None:
+        if any(s.name == "env" for s in specs) and not env.has_reward:
+            raise UserError(f"task '{cfg.name}': reward 'env' but {cfg.env} has no reward(messages, **row)")
+        names.append("env_reward")  # the episode loop adds it
+    elif any(s.name == "env" for s in specs):
+        raise UserError(f"task '{cfg.name}': the reward 'env' needs an environment (env:)")
     try:
         engine.check_columns(specs, names, where=f"task '{cfg.name}' ({cfg.source})")
     except RewardError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
-    columns = {c: [r.get(c) for r in mapped] for c in names}
-    return EvalTask(cfg.name, prompts, columns, specs, cfg.max_new_tokens, vote=cfg.vote)
+    columns = {c: [r.get(c) for r in mapped] for c in names if c != "env_reward"}
+    episodes = None
+    if env is not None:
+        episodes = EpisodeSettings(
+            env,
+            [{k: v for k, v in r.items() if k != "completion"} for r in mapped],
+            cfg.max_turns,
+            cfg.tool_timeout_s,
+            cfg.describe_tools,
+        )
+    return EvalTask(cfg.name, prompts, columns, specs, cfg.max_new_tokens, vote=cfg.vote, episodes=episodes)
 
 
 def from_run_task(task) -> EvalTaskConfig:
@@ -211,4 +248,10 @@ def from_run_task(task) -> EvalTaskConfig:
         limit=task.eval_size,
         rewards=list(task.rewards),
         max_new_tokens=task.max_new_tokens,
+        env=task.env,
+        tools=list(task.tools),
+        max_turns=task.max_turns,
+        tool_timeout_s=task.tool_timeout_s,
+        tool_parser=task.tool_parser,
+        describe_tools=task.describe_tools,
     )

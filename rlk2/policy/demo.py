@@ -21,11 +21,13 @@ from rlk2.config import TinyMoEShape
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 DEMO_SHAPE = TinyMoEShape()  # the default shape (frozen, so one shared instance is safe as a default argument)
 
-# A minimal chat template so the demo goes through the same `apply_chat_template` path as real chat models.
+# A minimal chat template so the demo goes through the same `apply_chat_template` path as real chat models; a tool's
+# answer (multi-turn episodes, rlk2.envs) is "R: <answer>" and hands the turn back to the assistant.
 DEMO_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}Q: {{ m['content'] }}\nA: "
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}" + EOS + "{% endif %}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}" + EOS + "{% elif m['role'] == 'tool' %}"
+    "R: {{ m['content'] }}\nA: {% endif %}"
     "{% endfor %}"
 )
 

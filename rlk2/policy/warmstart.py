@@ -31,7 +31,7 @@ from rlk2.distributed import run_alone
 from rlk2.errors import UserError
 from rlk2.policy.demo import build_demo_policy
 from rlk2.policy.load import load_policy
-from rlk2.rollout.text import encode_prompts
+from rlk2.rollout.text import encode_messages
 
 
 def cache_key(**parts) -> str:
@@ -148,11 +148,7 @@ def prepare_policy(
             if warm.enabled:
                 accelerator.print(f"warm start: SFT {warm.steps} steps on built-in tasks (cached in {out})")
                 _, tok = load_policy(base)
-                rows += extra_rows
-                texts = [
-                    tok.decode(ids)
-                    for ids in encode_prompts(tok, [r["prompt"] for r in rows], chat_template=chat_template)
-                ]
+                rows, texts = _examples(rows + extra_rows, tok, chat_template=chat_template)
                 run_alone(
                     accelerator.num_processes,
                     run_sft,
@@ -175,6 +171,33 @@ def prepare_policy(
     return model, tok, str(out)
 
 
+def _examples(rows: list[Row], tok, *, chat_template: bool) -> tuple[list[Row], list[str]]:
+    """(SFT rows, their prompts as the policy sees them). A multi-turn gold completion (`_conversations`) gives one
+    example per assistant turn, its prompt the conversation before it as the episode loop renders it; a turn marked
+    `"train": false` is context only, and one with `"given": "<opening>"` is trained after that opening only."""
+    out, texts = [], []
+    for r in rows:
+        for turns in _conversations(r["completion"]):
+            messages = [{"role": "user", "content": r["prompt"]}]
+            for m in turns:
+                if m["role"] == "assistant" and m.get("train", True):
+                    given = m.get("given", "")  # the turn's opening, as context: trained from there on
+                    out.append({"prompt": r["prompt"], "completion": m["content"][len(given) :]})
+                    texts.append(tok.decode(encode_messages(tok, messages, chat_template=chat_template)) + given)
+                messages.append({"role": m["role"], "content": m["content"]})
+    return out, texts
+
+
+def _conversations(completion) -> list[list[dict]]:
+    """A gold completion as conversations after the prompt: a string is one assistant reply, a list of messages one
+    conversation, a list of such lists several (e.g. a direct answer and, as context, a tool-using episode)."""
+    if isinstance(completion, str):
+        return [[{"role": "assistant", "content": completion}]]
+    if completion and isinstance(completion[0], dict):
+        return [completion]
+    return [turns if isinstance(turns, list) else _conversations(turns)[0] for turns in completion]
+
+
 def _interleave(lists: list[list]) -> list:
     """Round-robin over the lists, so every task is in the warm start however long the others are."""
     out = []
@@ -189,6 +212,6 @@ def _demo_corpus(task_rows: dict[str, list[Row]], extra_rows: list[Row]) -> list
     for rows in [*task_rows.values(), extra_rows]:
         for r in rows:
             out.append(f"Q: {r['prompt']}\nA: ")
-            if "completion" in r:
-                out.append(r["completion"])
+            for turns in _conversations(r["completion"]) if "completion" in r else []:  # each message on its own
+                out += [m["content"] if m["role"] == "assistant" else f"R: {m['content']}\nA: " for m in turns]
     return out

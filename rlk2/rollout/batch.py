@@ -28,15 +28,23 @@ class Rollout:
     # [B, T] entropy of the distribution each completion token was sampled from (after temperature and top-p), 0 on
     # padding; None unless recorded. The loop's `entropy` metric, free from the sampling loop (no training pass).
     entropy: torch.Tensor | None = None
+    # [B, T] 1 on the tokens the policy sampled; None when that is every completion token (single-turn). Multi-turn
+    # episodes (rlk2.envs) hold tool and user messages inside the completion: attended to (completion_mask 1) but
+    # not the policy's, so they carry no loss and no log-prob.
+    loss_mask: torch.Tensor | None = None
 
     @property
-    def num_tokens(self) -> torch.Tensor:  # [B]
-        return self.completion_mask.sum(dim=1)
+    def policy_mask(self) -> torch.Tensor:  # [B, T]
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
+
+    @property
+    def num_tokens(self) -> torch.Tensor:  # [B]: tokens the policy generated
+        return self.policy_mask.sum(dim=1)
 
     def to(self, device: torch.device) -> Rollout:
         for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp", "truncated"):
             setattr(self, name, getattr(self, name).to(device))
-        for name in ("routed_experts", "entropy"):
+        for name in ("routed_experts", "entropy", "loss_mask"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -60,6 +68,7 @@ class Rollout:
             self.truncated[rows],
             routed_experts=None if self.routed_experts is None else self.routed_experts[:, rows, p0 : P + t1],
             entropy=None if self.entropy is None else self.entropy[rows, :t1],
+            loss_mask=None if self.loss_mask is None else self.loss_mask[rows, :t1],
         )
 
     def pad_prompts(self, width: int, pad_id: int) -> Rollout:
@@ -110,6 +119,9 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         entropy=None
         if any(r.entropy is None for r in parts)
         else torch.cat([pad(r.entropy, T, 0.0, False) for r in parts]),
+        loss_mask=None
+        if all(r.loss_mask is None for r in parts)
+        else torch.cat([pad(r.policy_mask, T, 0, False) for r in parts]),
     )
 
 
