@@ -195,6 +195,11 @@ class RolloutConfig:
     priority_floor: float = 0.05
     """prioritized: the smallest sampling weight, so prompts that are always solved are still drawn now and then
     (weight 1 is an unsolved or unseen prompt)."""
+    partial_tokens: Optional[int] = None
+    """Partial rollouts (K2) for environment tasks: an episode that has generated this many policy tokens in a step
+    and still calls tools is paused after its tools answer, and its group trains in the next step, where the
+    episode is played to its end (null = off). Tokens keep the log-probs of the policy that sampled them; the loss
+    weighs them by a truncated importance ratio (`algo.is_cap`). One process only."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,9 @@ class AlgoConfig:
     """Ratio clip below 1 (grpo family)."""
     clip_high: float = 0.2
     """Ratio clip above 1 (grpo family; dapo's clip-higher uses a larger value)."""
+    is_cap: float = 2.0
+    """Partial rollouts: cap of the importance ratio pi_old / pi_sampler that weighs tokens an earlier step's policy
+    sampled (truncated importance sampling, as TRL and verl correct rollout/trainer mismatch)."""
     scale_rewards: Optional[bool] = None
     """Divide each group's advantages by its reward std: null = the loss's own convention (grpo, dapo, gspo scale;
     k2 and dr_grpo do not, as their papers define them); true / false force it either way."""
@@ -403,6 +411,8 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ),
         ("rollout.group_size", ro.group_size >= 2, "must be >= 2 (advantages compare responses within a group)"),
         ("rollout.prompts_per_step", ro.prompts_per_step >= 1, "must be >= 1"),
+        ("rollout.partial_tokens", ro.partial_tokens is None or ro.partial_tokens >= 1, "must be >= 1 (or null: off)"),
+        ("algo.is_cap", c.algo.is_cap >= 1.0, "must be >= 1 (the largest importance weight of a resumed token)"),
         ("rollout.temperature", ro.temperature > 0, "must be > 0 (log-probs are of the tempered distribution)"),
         (
             "rollout.temperature_end",

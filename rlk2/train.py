@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, LoggerType, gather_object, set_seed
@@ -66,7 +67,19 @@ from rlk2.distributed import (
     pad_to_global_width,
     sequence_seeds,
 )
-from rlk2.envs import Episode, SampledTurns, ToolRunner, episode_stats, run_episodes, unscorable
+from rlk2.envs import (
+    Episode,
+    PausedGroups,
+    SampledTurns,
+    ToolRunner,
+    as_rollout,
+    end_episodes,
+    episode_stats,
+    play,
+    stale_mask,
+    start_episodes,
+    unscorable,
+)
 from rlk2.errors import UserError
 from rlk2.eval.evaluate import evaluate_policy
 from rlk2.moe import RouterControl
@@ -137,6 +150,8 @@ class Run:
     bad_total: int = 0
     eval_records: dict[int, dict] = field(default_factory=dict)
     """step -> per-task evaluation sample records (the critic's held-out pairs come from step 0)."""
+    paused: PausedGroups = field(default_factory=PausedGroups)
+    """Partial rollouts: the groups paused at the end of the last step (saved with the prompt samplers)."""
     tool_runners: dict[str, ToolRunner] = field(default_factory=dict)
     """task -> the runner of its episodes' tool calls (environment tasks), made on first use."""
 
@@ -177,6 +192,9 @@ class Batch:
     episodes: dict[int, Episode] = field(default_factory=dict)
     """Sample index -> its episode, for environment tasks (rlk2.envs)."""
     env_errors: int = 0
+    stale: torch.Tensor | None = None
+    """[B, T] partial rollouts: 1 on tokens an earlier step's policy sampled (None: none this step)."""
+    is_weight: float | None = None
     n_policy: int = 0
     critic: CriticSamples | None = None
     adv: torch.Tensor | None = None  # [B]
@@ -244,11 +262,13 @@ class _Snapshot:
 
     @staticmethod
     def take(run: Run, step: int) -> _Snapshot:
-        states = {k: copy.deepcopy(s.state_dict()) for k, s in _samplers(run.sampler, run.ptx_sampler).items()}
+        states = {
+            k: copy.deepcopy(s.state_dict()) for k, s in _samplers(run.sampler, run.ptx_sampler, run.paused).items()
+        }
         return _Snapshot(step, states)
 
     def restore(self, run: Run) -> None:
-        for name, sampler in _samplers(run.sampler, run.ptx_sampler).items():
+        for name, sampler in _samplers(run.sampler, run.ptx_sampler, run.paused).items():
             sampler.load_state_dict(self.samplers[name])
 
 
@@ -305,6 +325,8 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
         optimizer=cfg.optim.name,
         loss=cfg.algo.loss,
     )
+    if cfg.rollout.partial_tokens and accelerator.num_processes > 1:
+        raise UserError("rollout.partial_tokens: partial rollouts run on one process only (for now)")
     critic = ClosedLoop.from_config(cfg, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
@@ -382,13 +404,14 @@ def _build(
             priority_floor=cfg.rollout.priority_floor,
         )
         ptx_sampler = PromptSampler({"ptx": ptx_rows}, {"ptx": 1.0}, seed=cfg.run.seed + 1) if ptx_rows else None
+        paused = PausedGroups()
         # The rubric reward's `self` critic is the live policy: the unwrapped module is the very object the
         # optimizer updates in place, so the critic always judges with the current weights.
         bind_critic(tasks, PolicyCritic(accelerator.unwrap_model(model), tokenizer, chat_template=p.chat_template))
         start_step = 0
         if state is not None:  # the weights came from the checkpoint itself; restore the rest of the trainer's state
             start_step = run_dir.restore(
-                state, optimizer=optimizer, scheduler=scheduler, samplers=_samplers(sampler, ptx_sampler)
+                state, optimizer=optimizer, scheduler=scheduler, samplers=_samplers(sampler, ptx_sampler, paused)
             )
             run_dir.truncate_metrics_after(start_step)
             accelerator.print(f"resumed from {policy_source} at step {start_step}")
@@ -418,6 +441,7 @@ def _build(
         start_step,
         on_step,
         done_step=start_step,
+        paused=paused,
     )
 
 
@@ -456,9 +480,10 @@ def _starting_policy(
     return model, tokenizer, source, None
 
 
-def _samplers(sampler: PromptSampler, ptx_sampler: PromptSampler | None) -> dict[str, PromptSampler]:
-    """The prompt samplers by their key in trainer_state.pt."""
-    return {"sampler": sampler, **({"ptx_sampler": ptx_sampler} if ptx_sampler is not None else {})}
+def _samplers(sampler: PromptSampler, ptx_sampler: PromptSampler | None, paused: PausedGroups) -> dict:
+    """The prompt samplers (and the paused episode groups of partial rollouts) by their key in trainer_state.pt."""
+    extra = {"ptx_sampler": ptx_sampler} if ptx_sampler is not None else {}
+    return {"sampler": sampler, **extra, "paused": paused}
 
 
 def start(run: Run) -> dict:
@@ -510,15 +535,15 @@ def generate(run: Run, step: int) -> Batch:
         rank=run.accelerator.process_index,
         world=run.accelerator.num_processes,
     )
-    parts = []
+    parts, stale_parts = [], {}  # stale_parts: part index -> [b, T] tokens sampled by an earlier policy
     for task in run.tasks:
         group_rows = [row for t, row in picked if t == task.name]
         if not group_rows:
             continue
         if task.env is not None:  # multi-turn episodes, scored once they have all ended
-            parts.append(_play_episodes(run, task, batch, group_rows, first, temperature))
-            batch.rows += group_rows
-            batch.task_of_group += [task.name] * len(group_rows)
+            ro, stale = _play_episodes(run, task, batch, group_rows, first, temperature)
+            parts.append(ro)
+            stale_parts[len(parts) - 1] = stale
             continue
         ids = encode_prompts(run.tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
         stream = run.engine.stream(task.specs, *reward_inputs(group_rows, k)) if task.streamed else None
@@ -542,36 +567,65 @@ def generate(run: Run, step: int) -> Batch:
         batch.rows += group_rows
         batch.task_of_group += [task.name] * len(group_rows)
     ro = concat_rollouts(parts, run.tokenizer.pad_token_id).to(run.accelerator.device)
+    if any(m.any() for m in stale_parts.values()):  # partial rollouts: tokens an earlier step's policy sampled
+        width = ro.completion_ids.shape[1]
+        batch.stale = torch.cat(
+            [
+                F.pad(stale_parts[i], (0, width - stale_parts[i].shape[1]))
+                if i in stale_parts
+                else torch.zeros(len(p.completion_ids), width, dtype=torch.bool)
+                for i, p in enumerate(parts)
+            ]
+        ).to(run.accelerator.device)
     batch.ro = pad_to_global_width(run.accelerator, ro, run.tokenizer.pad_token_id)
     batch.times["rollout"] = time.perf_counter() - t0
     return batch
 
 
 def _play_episodes(run: Run, task: Task, batch: Batch, group_rows: list[dict], first: int, temperature: float):
-    """K episodes per row in the task's environment (rlk2.envs); their scoring starts at once."""
-    cfg, k = run.cfg, run.k
+    """K episodes per row in the task's environment (rlk2.envs), and with partial rollouts the groups paused in the
+    last step; the groups that end join the batch (their rows appended to `batch.rows`), their scoring starts at
+    once. Returns their Rollout and which of its tokens an earlier policy sampled, or None when no group ended."""
+    cfg, k, tok = run.cfg, run.k, run.tokenizer
     env_rows = [{c: v for c, v in r.items() if c != "completion"} for r in group_rows for _ in range(k)]
+    started = start_episodes(
+        task.env,
+        env_rows,
+        tok,
+        describe=task.cfg.describe_tools,
+        chat_template=cfg.policy.chat_template,
+        seeds=sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k),
+    )
+    budget = cfg.rollout.partial_tokens
+    rows_of = run.sampler.task_rows[task.name]
+    resumed = [(rows_of[i], eps) for i, eps in run.paused.take(task.name)] if budget else []
+    for _, episodes in resumed:
+        for e in episodes:
+            e.resume()
+    groups = resumed + [(row, started[g * k : (g + 1) * k]) for g, row in enumerate(group_rows)]
     turns = SampledTurns(
         run.policy,
-        run.tokenizer,
-        len(env_rows),
+        tok,
         max_new_tokens=task.cfg.max_new_tokens,
         temperature=temperature,
         top_p=cfg.rollout.top_p,
-        seeds=sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k),
         record_routing=run.moe.enabled,
     )
-    ro, episodes = run_episodes(
-        turns,
-        run.tokenizer,
-        task.env,
-        env_rows,
-        max_turns=task.cfg.max_turns,
-        runner=run.tool_runner(task),
-        chat_template=cfg.policy.chat_template,
-        describe_tools=task.cfg.describe_tools,
-    )
-    prompts, columns = reward_inputs(group_rows, k)
+    play_kw = dict(max_turns=task.cfg.max_turns, runner=run.tool_runner(task), chat_template=cfg.policy.chat_template)
+    # Episodes resumed from the last step are played to their end; new ones stop at the step's token budget.
+    play(turns, tok, task.env, [e for _, eps in resumed for e in eps], **play_kw)
+    play(turns, tok, task.env, [e for _, eps in groups[len(resumed) :] for e in eps], step_budget=budget, **play_kw)
+    ended = [g for g in groups if all(e.done for _, eps in [g] for e in eps)]
+    waiting = [g for g in groups if g not in ended]
+    if waiting and not ended:  # a step trains on something: its newest group is played to its end
+        play(turns, tok, task.env, waiting[-1][1], **play_kw)
+        ended, waiting = [waiting[-1]], waiting[:-1]
+    run.paused.put(task.name, [(run.sampler.index_of(task.name, row), eps) for row, eps in waiting])
+    episodes = [e for _, eps in ended for e in eps]
+    end_episodes(task.env, episodes, run.tool_runner(task))
+    ro = as_rollout(episodes, tok.pad_token_id)
+    rows = [row for row, _ in ended]
+    prompts, columns = reward_inputs(rows, k)
     columns["env_reward"] = [e.reward for e in episodes]
     batch.scoring[task.name] = run.engine.score_later(task.specs, ro.texts, prompts, columns)
     offset = len(batch.rows) * k
@@ -581,7 +635,9 @@ def _play_episodes(run: Run, task: Task, batch: Batch, group_rows: list[dict], f
             if problem and batch.env_errors < 3:
                 run.accelerator.print(f"step {batch.step}: task '{task.name}': episode unscorable: {problem}")
         batch.env_errors += bool(e.error or e.reward_error)
-    return ro
+    batch.rows += rows
+    batch.task_of_group += [task.name] * len(rows)
+    return ro, stale_mask(episodes, ro.completion_ids.shape[1])
 
 
 def _scorer_of_finished(stream, tokenizer):
@@ -713,10 +769,26 @@ def advantages(run: Run, batch: Batch) -> None:
             device=mask.device,
         )
         mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
+    if batch.stale is not None:
+        mask = _stale_correction(run, batch, mask)
     batch.mask = mask
     # Dynamic filtering: groups whose rewards all tie leave the loss. The forward still covers the whole batch
     # (the same shapes on every process, router replay on the recorded rollout); only the loss is cut.
     batch.keep = kept_sequences(zero_std, k).to(run.accelerator.device) if cfg.algo.filter_zero_std else None  # [B']
+
+
+def _stale_correction(run: Run, batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+    """Partial rollouts: tokens of resumed episodes were sampled by an earlier step's policy. Their pi_old becomes
+    this step's policy (one forward without gradient), and their loss is weighed by the truncated importance ratio
+    min(pi_old / pi_sampler, algo.is_cap), as TRL and verl weigh tokens from a stale rollout engine."""
+    ro = batch.ro
+    with torch.no_grad():
+        now, _ = policy_logprobs(run.model, ro, temperature=batch.temperature)
+    stale = batch.stale & ro.policy_mask.bool()
+    ratio = torch.exp(now - ro.old_logp).clamp(max=run.cfg.algo.is_cap)
+    batch.is_weight = float(ratio[stale].mean()) if stale.any() else None
+    ro.old_logp = torch.where(stale, now, ro.old_logp)
+    return mask * torch.where(stale, ratio, torch.ones_like(ratio))
 
 
 def update(run: Run, batch: Batch) -> None:
@@ -930,13 +1002,19 @@ def _episode_metrics(run: Run, batch: Batch) -> dict:
         sums = run.accelerator.reduce(sums, "sum")
     n, turns, calls, errors, truncated, env_errors = sums.tolist()
     n = max(n, 1.0)
-    return {
+    row = {
         "episodes/turns": turns / n,
         "episodes/tool_calls": calls / n,
         "episodes/tool_errors": errors / n,
         "episodes/truncated": truncated / n,
         "episodes/env_errors": env_errors,
     }
+    if run.cfg.rollout.partial_tokens:  # one process only: the local batch is the batch
+        row["episodes/resumed"] = sum(e.resumed for e in batch.episodes.values()) / n
+        row["episodes/paused"] = sum(len(eps) for groups in run.paused.groups.values() for _, eps in groups) / n
+        if batch.is_weight is not None:
+            row["rollout/is_weight"] = batch.is_weight
+    return row
 
 
 def _critic_metrics(run: Run, batch: Batch, zero_std: torch.Tensor, n_samples: int, step_time: float) -> dict:
@@ -1057,7 +1135,7 @@ def checkpoint(run: Run, step: int) -> None:
         run.tokenizer,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
-        samplers=_samplers(run.sampler, run.ptx_sampler),
+        samplers=_samplers(run.sampler, run.ptx_sampler, run.paused),
         config_yaml=to_yaml(run.cfg),
         keep_last=run.cfg.trainer.keep_last,
     )

@@ -25,7 +25,9 @@ from rlk2.envs import (
     format_hermes,
     load_env,
     parse_hermes,
+    play,
     run_episodes,
+    start_episodes,
     unscorable,
 )
 from rlk2.errors import UserError
@@ -122,7 +124,7 @@ def demo_tok():
     )
 
 
-def play(spec, rows, scripts, runner, tok, **kw):
+def scripted(spec, rows, scripts, runner, tok, **kw):
     return run_episodes(
         ScriptedTurns(tok, scripts), tok, spec, rows, max_turns=kw.pop("max_turns", 6), runner=runner, **kw
     )
@@ -218,7 +220,7 @@ def test_continuation_follows_a_chatml_template(tmp_path):
 # ------------------------------------------------------------------------------------------ scripted episodes
 def test_a_scripted_episode_calls_a_tool_and_the_environment_scores_it(runner, demo_tok):
     spec = load_env("test_envs:Vault")
-    ro, (ep,) = play(spec, [ROW], [[call("lookup", key="a"), "\\boxed{42}"]], runner, demo_tok)
+    ro, (ep,) = scripted(spec, [ROW], [[call("lookup", key="a"), "\\boxed{42}"]], runner, demo_tok)
     assert [m["role"] for m in ep.messages] == ["user", "assistant", "tool", "assistant"]
     assert ep.messages[2]["content"] == "42"
     assert (ep.turns, ep.tool_calls, ep.tool_errors, ep.truncated, ep.reward) == (2, 1, 0, False, 1.0)
@@ -245,7 +247,7 @@ def test_tool_faults_are_observations_and_the_episode_goes_on(runner, demo_tok):
         call("spin") + call("count", n=3) + call("calculator", expression="6*7"),
         "\\boxed{42}",
     ]
-    _, (ep,) = play(spec, [ROW], [script], runner, demo_tok, max_turns=10)
+    _, (ep,) = scripted(spec, [ROW], [script], runner, demo_tok, max_turns=10)
     answers = [m["content"] for m in ep.messages if m["role"] == "tool"]
     assert "not valid JSON" in answers[0]
     assert "unknown tool 'nope'" in answers[1]
@@ -261,7 +263,7 @@ def test_tool_faults_are_observations_and_the_episode_goes_on(runner, demo_tok):
 def test_a_failing_environment_makes_the_episode_unscorable_never_zero(runner, demo_tok):
     episodes = []
     for name in ("BrokenReset", "BrokenReward"):
-        _, (ep,) = play(load_env(f"test_envs:{name}"), [ROW], [["\\boxed{42}"]], runner, demo_tok)
+        _, (ep,) = scripted(load_env(f"test_envs:{name}"), [ROW], [["\\boxed{42}"]], runner, demo_tok)
         episodes.append(ep)
     assert episodes[0].error.startswith("reset raised KeyError") and episodes[0].turns == 0
     assert episodes[1].reward is None and "cannot judge" in episodes[1].reward_error
@@ -271,7 +273,7 @@ def test_a_failing_environment_makes_the_episode_unscorable_never_zero(runner, d
 def test_turn_limits_end_episodes_as_truncated(runner, demo_tok):
     spec = load_env("test_envs:Vault")
     lookups = [call("lookup", key="a")] * 5
-    ro, eps = play(spec, [ROW, ROW], [lookups, ["\\boxed{42}"]], runner, demo_tok, max_turns=3)
+    ro, eps = scripted(spec, [ROW, ROW], [lookups, ["\\boxed{42}"]], runner, demo_tok, max_turns=3)
     assert (eps[0].turns, eps[0].truncated) == (3, True)  # still calling when the turns ran out
     assert (eps[1].turns, eps[1].truncated) == (1, False)
     assert ro.truncated.tolist() == [True, False]
@@ -308,8 +310,8 @@ def test_recorded_logprobs_equal_the_training_forward_over_multi_turn_episodes(t
     # Turns end quickly: many token ids count as EOS, so most turns are complete and get a tool answer.
     model.generation_config.eos_token_id = [tok.eos_token_id, *range(10, len(tok), 3)]
     rows = [{"prompt": p} for p in ["1+2=?", "45+67=?", "9+99=?", "12+3=?"] for _ in range(4)]
-    turns = SampledTurns(model, tok, len(rows), max_new_tokens=6, temperature=temperature, seed=5, record_routing=True)
-    ro, episodes = run_episodes(turns, tok, spec, rows, max_turns=3, runner=runner)
+    turns = SampledTurns(model, tok, max_new_tokens=6, temperature=temperature, record_routing=True)
+    ro, episodes = run_episodes(turns, tok, spec, rows, max_turns=3, runner=runner, seed=5)
     assert max(e.turns for e in episodes) == 3 and sum(e.tool_calls for e in episodes) > len(rows)
     logp, _ = policy_logprobs(model, ro, temperature=temperature)
     policy = ro.loss_mask.bool()
@@ -325,28 +327,48 @@ def test_recorded_logprobs_equal_the_training_forward_over_multi_turn_episodes(t
     assert torch.all(routes[:, ~real] == -1)
 
 
-def test_episodes_do_not_depend_on_the_rest_of_the_batch(tiny_policy, runner):
+def echo_policy(tiny_policy):
     model, tok = load_policy(tiny_policy)
-    model.generation_config.eos_token_id = [tok.eos_token_id, *range(10, len(tok), 3)]
+    model.generation_config.eos_token_id = [tok.eos_token_id, *range(10, len(tok), 3)]  # short turns
     PARSERS["always_echo"] = _always_echo
     try:
         spec = load_env("test_envs:Echo", parser="always_echo")
     finally:
         del PARSERS["always_echo"]
+    return model, tok, spec
+
+
+def test_episodes_do_not_depend_on_the_rest_of_the_batch(tiny_policy, runner):
+    model, tok, spec = echo_policy(tiny_policy)
     rows = [{"prompt": "1+2=?"}, {"prompt": "45+67=?"}, {"prompt": "9+99=?"}]
     seeds = [11, 22, 33]
-    both = run_episodes(
-        SampledTurns(model, tok, 3, max_new_tokens=6, seeds=seeds), tok, spec, rows, max_turns=3, runner=runner
-    )
-    alone = run_episodes(
-        SampledTurns(model, tok, 1, max_new_tokens=6, seeds=seeds[1:2]),
-        tok,
-        spec,
-        rows[1:2],
-        max_turns=3,
-        runner=runner,
-    )
+    turns = SampledTurns(model, tok, max_new_tokens=6)
+    both = run_episodes(turns, tok, spec, rows, max_turns=3, runner=runner, seeds=seeds)
+    alone = run_episodes(turns, tok, spec, rows[1:2], max_turns=3, runner=runner, seeds=seeds[1:2])
     assert both[1][1].messages == alone[1][0].messages
+
+
+def test_a_paused_episode_resumes_where_it_stopped(tiny_policy, runner):
+    """Partial rollouts: an episode paused at the step's token budget and continued later (same weights) is the
+    episode an uncut run plays, token for token; what was sampled before the pause is marked stale."""
+    model, tok, spec = echo_policy(tiny_policy)
+    rows = [{"prompt": p} for p in ["1+2=?", "45+67=?", "9+99=?", "12+3=?"] for _ in range(2)]
+    seeds = list(range(100, 100 + len(rows)))
+    turns = SampledTurns(model, tok, max_new_tokens=6)
+    whole = run_episodes(turns, tok, spec, rows, max_turns=3, runner=runner, seeds=seeds)[1]
+    cut = start_episodes(spec, rows, tok, describe="none", chat_template=True, seeds=seeds)
+    paused = play(turns, tok, spec, cut, max_turns=3, runner=runner, step_budget=1)
+    assert paused and all(not e.done and e.turns == 1 for e in paused)
+    assert all(e.done for e in cut if e not in paused)
+    for e in paused:
+        e.resume()
+    assert play(turns, tok, spec, cut, max_turns=3, runner=runner) == []
+    assert [e.tokens for e in cut] == [e.tokens for e in whole]
+    assert sum((e.logp for e in cut), []) == pytest.approx(sum((e.logp for e in whole), []), abs=1e-5)
+    for e in paused:
+        assert e.resumed and 0 < sum(e.stale) < sum(e.policy)  # the first turn's tokens, not the later ones
+        assert all(p == 1 for p, st in zip(e.policy, e.stale) if st)  # only policy tokens are stale
+    assert not any(any(e.stale) for e in cut if e not in paused)
 
 
 # ------------------------------------------------------------------------------------------ rlk2 episode

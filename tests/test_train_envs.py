@@ -153,3 +153,75 @@ def test_bad_environment_settings_are_one_line_at_start_up(tmp_path, cache, task
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert needle in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+class Echo:
+    """Every complete turn is answered by `echo` (the `every_turn` parser below calls it, whatever was written)."""
+
+    def reset(self, prompt: str, **row):
+        return prompt
+
+    def echo(self, text: str) -> str:
+        """Say it back.
+
+        Args:
+            text: what to say
+        """
+        return text
+
+
+def test_partial_rollouts_pause_resume_reweigh_and_resume_exactly(tmp_path, cache, monkeypatch):
+    """With a budget of one token per step every episode that calls a tool is paused after its first turn and its
+    group trains in the next step: resumed episodes are counted, their stale tokens reweighed (`rollout/is_weight`),
+    and a run resumed from a checkpoint holding paused groups continues exactly."""
+    from rlk2.config import load_config
+    from rlk2.envs import ToolCall, tools
+    from rlk2.train import train
+
+    monkeypatch.setitem(tools.PARSERS, "every_turn", lambda text: [ToolCall("echo", {"text": "hi"})])
+    over = [
+        f"tasks.0.env={ENVS}:Echo",
+        "tasks.0.tools=[]",
+        "tasks.0.tool_parser=every_turn",
+        "tasks.0.max_turns=3",
+        "tasks.0.max_new_tokens=10",
+        "rollout.partial_tokens=1",
+        "warm_start.steps=60",  # replies end with EOS within the turn budget, so turns complete
+        "trainer.steps=4",
+        "trainer.keep_last=0",
+        "eval.samples=1",
+    ]
+    cfg = config(tmp_path, cache)
+    train(load_config(cfg, over))
+    run = tmp_path / "run"
+    rows = [r for r in metric_rows(run) if "loss" in r]
+    assert len(rows) == 4
+    assert rows[0]["episodes/resumed"] == 0.0 and rows[0]["episodes/paused"] > 0
+    assert any(r["episodes/resumed"] > 0 and "rollout/is_weight" in r for r in rows[1:])
+    assert all(0.0 < r.get("rollout/is_weight", 1.0) <= 2.0 for r in rows)
+    # Resume from step 2's checkpoint (it holds the groups paused in step 2): steps 3 and 4 come out the same.
+    for step in (3, 4):
+        (run / "checkpoints" / f"step-{step}").rename(tmp_path / f"away-{step}")
+    train(load_config(run / "config.yaml", [f"run.dir={run}"]), resume=True)
+    again = [r for r in metric_rows(run) if "loss" in r]
+    stable = ("loss", "reward/mean", "episodes/turns", "episodes/resumed", "episodes/paused", "completion/mean_length")
+    for a, b in zip(rows[2:], again[2:]):
+        for key in stable:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_partial_rollouts_are_refused_on_several_processes(tmp_path, cache):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")),
+        *("--num_processes", "2", "--main_process_port", str(port)),
+    ]
+    args = ["-m", "rlk2.cli", "train", str(config(tmp_path, cache)), "rollout.partial_tokens=4"]
+    proc = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode != 0 and "partial rollouts run on one process only" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -112,10 +112,15 @@ def _resolve(spec: str, where: str) -> object:
             path = Path(module_name)
             if not path.is_file():
                 raise UserError(f"{where}: {path} does not exist")
-            mod_spec = importlib.util.spec_from_file_location(f"rlk2_env_{path.stem}", path)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = module  # dataclasses and pickling look modules up by name
-            mod_spec.loader.exec_module(module)
+            name = f"rlk2_env_{path.stem}"
+            module = sys.modules.get(name)
+            if module is None or Path(getattr(module, "__file__", "")).resolve() != path.resolve():
+                # Loaded once per process: the class must stay the same object (pickling paused episodes in a
+                # checkpoint looks it up by name), however many tasks and evaluations name the file.
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[name] = module  # dataclasses and pickling look modules up by name
+                mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
     except UserError:

@@ -53,6 +53,21 @@ class Episode:
     """Why the episode cannot be scored (reset or reward raised): its reward is None, never 0.0."""
     reward: float | None = None
     reward_error: str | None = None
+    index: int = 0
+    """Position in the batch it started in (scripted turns are looked up by it)."""
+    seed: int | None = None
+    """Sampling seed: turn t draws from a stream keyed by (seed, t), wherever and whenever it is played."""
+    stale: list[int] = field(default_factory=list)
+    """Partial rollouts: 1 on policy tokens sampled in an earlier step (by an earlier policy), per token."""
+    step_tokens: int = 0
+    """Policy tokens generated in the current step (partial rollouts pause an episode past the step's budget)."""
+    resumed: bool = False
+    """Partial rollouts: it was paused at the end of an earlier step and continued."""
+
+    def resume(self) -> None:
+        """Begin a new step: every token so far was sampled by an earlier policy."""
+        self.stale = [int(p) for p in self.policy]
+        self.step_tokens, self.resumed = 0, True
 
     @property
     def final_text(self) -> str:
@@ -132,12 +147,25 @@ def continuation_ids(tokenizer, new_messages: list[dict], *, chat_template: bool
 
 
 # ================================================================================================ the loop
-def start_episodes(spec: EnvSpec, rows: list[dict], tokenizer, *, describe: str, chat_template: bool) -> list[Episode]:
+def start_episodes(
+    spec: EnvSpec,
+    rows: list[dict],
+    tokenizer,
+    *,
+    describe: str,
+    chat_template: bool,
+    seeds: list[int] | None = None,
+    seed: int | None = None,
+) -> list[Episode]:
     """One fresh environment per row, reset with the row's columns; a reset that raises makes that episode
-    unscorable (its prompt is then the row's `prompt`, or one EOS token, and it takes no turn)."""
+    unscorable (its prompt is then the row's `prompt`, or one EOS token, and it takes no turn). `seeds` (one per
+    row) or `seed` seed the episodes' sampling (`Episode.seed`)."""
+    if seeds is None:
+        base = torch.Generator().manual_seed(seed) if seed is not None else None
+        seeds = torch.randint(0, 2**62, (len(rows),), generator=base).tolist()
     out = []
-    for row in rows:
-        ep = Episode(row, None)
+    for i, row in enumerate(rows):
+        ep = Episode(row, None, index=i, seed=seeds[i])
         try:
             ep.env = spec.cls()
             first = ep.env.reset(**row)
@@ -159,24 +187,19 @@ def start_episodes(spec: EnvSpec, rows: list[dict], tokenizer, *, describe: str,
 
 
 class SampledTurns:
-    """Assistant turns sampled from a policy (`generate_rollouts`), `max_new_tokens` each.
-
-    `seeds` (one per episode) or `seed` seed the sampling as in `generate_rollouts`; turn t of episode i draws from a
-    stream keyed by (seeds[i], t), so an episode's tokens do not depend on what else is in the batch.
-    """
+    """Assistant turns sampled from a policy (`generate_rollouts`), `max_new_tokens` each; turn t of an episode
+    draws from a stream keyed by (`Episode.seed`, t), so its tokens do not depend on what else is in the batch, nor
+    on the step it is played in."""
 
     def __init__(
         self,
         model,
         tokenizer,
-        episodes: int,
         *,
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
         greedy: bool = False,
-        seeds: list[int] | None = None,
-        seed: int | None = None,
         record_logprobs: bool = True,
         record_routing: bool = False,
     ) -> None:
@@ -184,26 +207,23 @@ class SampledTurns:
         self.limit = context_limit(model)
         self.sampling = {"temperature": temperature, "top_p": top_p, "greedy": greedy}
         self.record = {"record_logprobs": record_logprobs, "record_routing": record_routing}
-        if seeds is None:
-            base = torch.Generator().manual_seed(seed) if seed is not None else None
-            seeds = torch.randint(0, 2**62, (episodes,), generator=base).tolist()
-        self.seeds = seeds
 
-    def __call__(self, contexts: list[list[int]], which: list[int], turn: int) -> Rollout:
+    def __call__(self, episodes: list[Episode]) -> Rollout:
         return generate_rollouts(
             self.model,
             self.tokenizer,
-            contexts,
+            [e.prompt_ids + e.tokens for e in episodes],
             max_new_tokens=self.max_new_tokens,
-            seeds=None if self.sampling["greedy"] else [_turn_seed(self.seeds[i], turn) for i in which],
+            seeds=None if self.sampling["greedy"] else [_turn_seed(e.seed, e.turns) for e in episodes],
             **self.sampling,
             **self.record,
         )
 
 
 class ScriptedTurns:
-    """Assistant turns read from a script (`rlk2 episode`, tests): episode i's turn t is `scripts[i][t]`, tokenised
-    and ended with EOS; an episode whose script has run out says nothing more (an empty turn, which ends it)."""
+    """Assistant turns read from a script (`rlk2 episode`, tests): turn t of the episode started at batch position
+    i is `scripts[i][t]`, tokenised and ended with EOS; an episode whose script has run out says nothing more (an
+    empty turn, which ends it)."""
 
     limit = None
 
@@ -211,11 +231,12 @@ class ScriptedTurns:
         self.tokenizer, self.scripts = tokenizer, scripts
         self.max_new_tokens = 0
 
-    def __call__(self, contexts: list[list[int]], which: list[int], turn: int) -> Rollout:
-        texts = [self.scripts[i][turn] if turn < len(self.scripts[i]) else "" for i in which]
+    def __call__(self, episodes: list[Episode]) -> Rollout:
+        script = [self.scripts[e.index] for e in episodes]
+        texts = [s[e.turns] if e.turns < len(s) else "" for e, s in zip(episodes, script)]
         end = [self.tokenizer.eos_token_id]
         turns = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + end for t in texts]
-        prompt_ids, prompt_mask = left_pad(contexts, self.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = left_pad([e.prompt_ids + e.tokens for e in episodes], self.tokenizer.pad_token_id)
         T = max(len(t) for t in turns)
         ids = torch.tensor([t + [self.tokenizer.pad_token_id] * (T - len(t)) for t in turns])
         mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in turns])
@@ -233,38 +254,62 @@ def run_episodes(
     runner: ToolRunner,
     chat_template: bool = True,
     describe_tools: str = "auto",
+    seeds: list[int] | None = None,
+    seed: int | None = None,
 ) -> tuple[Rollout, list[Episode]]:
-    """Play one episode per row (repeat rows K times for groups) with assistant turns from `turns` (`SampledTurns`
-    or `ScriptedTurns`); returns the Rollout (one row per episode, prompt = the first messages, completion =
-    everything after, `loss_mask` on the policy's tokens) and the episodes."""
-    episodes = start_episodes(spec, rows, tokenizer, describe=describe_tools, chat_template=chat_template)
-    for turn in range(max_turns):
-        active = [i for i, e in enumerate(episodes) if not e.done]
-        for i in active:  # no room left for a whole turn: the episode ends here
-            used = len(episodes[i].prompt_ids) + len(episodes[i].tokens)
-            if turns.limit and used + turns.max_new_tokens > turns.limit:
-                episodes[i].done = episodes[i].truncated = True
-        active = [i for i in active if not episodes[i].done]
+    """Play one episode per row to its end (repeat rows K times for groups) with assistant turns from `turns`
+    (`SampledTurns` or `ScriptedTurns`) and score it with the environment's reward; returns the Rollout (one row
+    per episode, prompt = the first messages, completion = everything after, `loss_mask` on the policy's tokens)
+    and the episodes. `seeds` / `seed`: see `start_episodes`."""
+    episodes = start_episodes(
+        spec, rows, tokenizer, describe=describe_tools, chat_template=chat_template, seeds=seeds, seed=seed
+    )
+    play(turns, tokenizer, spec, episodes, max_turns=max_turns, runner=runner, chat_template=chat_template)
+    end_episodes(spec, episodes, runner)
+    return as_rollout(episodes, tokenizer.pad_token_id), episodes
+
+
+def play(
+    turns,
+    tokenizer,
+    spec: EnvSpec,
+    episodes: list[Episode],
+    *,
+    max_turns: int,
+    runner: ToolRunner,
+    chat_template: bool = True,
+    step_budget: int | None = None,
+) -> list[Episode]:
+    """Advance the unfinished `episodes` turn by turn until each ends, or (partial rollouts, `step_budget`) has
+    generated that many policy tokens in this step and is paused after its turn's tool answers; returns the paused
+    ones (not done: they continue in a later call)."""
+    paused: list[Episode] = []
+    while True:
+        active = [e for e in episodes if not e.done and e not in paused]
+        for e in active:  # no room left for a whole turn, or no turn left: the episode ends here
+            used = len(e.prompt_ids) + len(e.tokens)
+            if e.turns >= max_turns or (turns.limit and used + turns.max_new_tokens > turns.limit):
+                e.done = e.truncated = True
+        active = [e for e in active if not e.done]
         if not active:
-            break
-        ro = turns([episodes[i].prompt_ids + episodes[i].tokens for i in active], active, turn)
+            return paused
+        ro = turns(active)
         calls: dict[int, list[ToolCall]] = {}
-        for r, i in enumerate(active):
-            ep = episodes[i]
-            _append_turn(ep, ro, r)
+        for r, e in enumerate(active):
+            _append_turn(e, ro, r)
             if bool(ro.truncated[r]):  # cut at the budget: no complete turn to act on
-                ep.done = ep.truncated = True
+                e.done = e.truncated = True
                 continue
             found = spec.parse(ro.texts[r])
             if not found:
-                ep.done = True
-            elif turn == max_turns - 1:  # it still wants tools, but the turns are spent
-                ep.done = ep.truncated = True
+                e.done = True
+            elif e.turns >= max_turns:  # it still wants tools, but the turns are spent
+                e.done = e.truncated = True
             else:
-                calls[i] = found
-        _answer_calls(spec, episodes, calls, runner, tokenizer, chat_template)
-    _score_with_env(spec, episodes, runner)
-    return _as_rollout(episodes, tokenizer.pad_token_id), episodes
+                calls[r] = found
+        _answer_calls(spec, [active[r] for r in calls], list(calls.values()), runner, tokenizer, chat_template)
+        if step_budget is not None:
+            paused += [active[r] for r in calls if active[r].step_tokens >= step_budget]
 
 
 def unscorable(episodes: list[Episode]) -> list[bool]:
@@ -285,6 +330,8 @@ def _append_turn(ep: Episode, ro: Rollout, r: int) -> None:
     context = len(ep.prompt_ids) + len(ep.tokens)
     ep.tokens += ro.completion_ids[r, :n].tolist()
     ep.policy += [1] * n
+    ep.stale += [0] * n
+    ep.step_tokens += n
     ep.logp += ro.old_logp[r, :n].tolist()
     ep.entropy += ([0.0] * n) if ro.entropy is None else ro.entropy[r, :n].tolist()
     ep.messages.append({"role": "assistant", "content": ro.texts[r]})
@@ -301,22 +348,20 @@ def _append_turn(ep: Episode, ro: Rollout, r: int) -> None:
 
 
 def _answer_calls(
-    spec: EnvSpec, episodes: list[Episode], calls: dict[int, list[ToolCall]], runner: ToolRunner, tokenizer, chat
+    spec: EnvSpec, episodes: list[Episode], calls: list[list[ToolCall]], runner: ToolRunner, tokenizer, chat: bool
 ) -> None:
-    """Run every call of this round at once, then append each episode's tool answers."""
-    pending: dict[int, list] = {}
-    for i, found in calls.items():
-        ep = episodes[i]
-        pending[i] = []
+    """Run every call of this round at once (`calls[i]` are episode i's), then append each episode's answers."""
+    pending: list[list] = []
+    for ep, found in zip(episodes, calls):
+        pending.append([])
         for call in found:
             ep.tool_calls += 1
             problem = call.error or _check_call(spec, ep.env, call)
             if problem:
-                pending[i].append((call, None, problem))
+                pending[-1].append((call, None, problem))
             else:
-                pending[i].append((call, runner.submit(spec.tool(ep.env, call.name), call.arguments), None))
-    for i, answers in pending.items():
-        ep = episodes[i]
+                pending[-1].append((call, runner.submit(spec.tool(ep.env, call.name), call.arguments), None))
+    for ep, answers in zip(episodes, pending):
         new = []
         for call, future, problem in answers:
             if future is not None:
@@ -328,7 +373,8 @@ def _answer_calls(
         ep.messages += new
         added = continuation_ids(tokenizer, new, chat_template=chat)
         ep.tokens += added
-        ep.policy += [0] * len(added)
+        for column in (ep.policy, ep.stale):
+            column += [0] * len(added)
         ep.logp += [0.0] * len(added)
         ep.entropy += [0.0] * len(added)
 
@@ -365,7 +411,7 @@ def _check_call(spec: EnvSpec, env: object, call: ToolCall) -> str | None:
     return None
 
 
-def _score_with_env(spec: EnvSpec, episodes: list[Episode], runner: ToolRunner) -> None:
+def end_episodes(spec: EnvSpec, episodes: list[Episode], runner: ToolRunner) -> None:
     """The environment's own `reward(messages, **row)` (when it has one) and `close()`, each with the deadline."""
     for ep in episodes:
         if ep.env is None:
@@ -386,7 +432,7 @@ def _score_with_env(spec: EnvSpec, episodes: list[Episode], runner: ToolRunner) 
                 pass
 
 
-def _as_rollout(episodes: list[Episode], pad_id: int) -> Rollout:
+def as_rollout(episodes: list[Episode], pad_id: int) -> Rollout:
     prompt_ids, prompt_mask = left_pad([e.prompt_ids for e in episodes], pad_id)
     B, P = prompt_ids.shape
     T = max((len(e.tokens) for e in episodes), default=0)
@@ -419,3 +465,34 @@ def _as_rollout(episodes: list[Episode], pad_id: int) -> Rollout:
         entropy=right([e.entropy for e in episodes], 0.0, torch.float32),
         loss_mask=loss_mask,
     )
+
+
+def stale_mask(episodes: list[Episode], width: int) -> torch.Tensor:
+    """[B, width] 1 on policy tokens an earlier step's policy sampled (partial rollouts), as `as_rollout` lays out
+    the completions."""
+    return torch.tensor([e.stale + [0] * (width - len(e.stale)) for e in episodes], dtype=torch.bool).view(
+        len(episodes), width
+    )
+
+
+class PausedGroups:
+    """Partial rollouts (K2): groups of episodes of which some were paused at the end of a step, per task, waiting to
+    be continued in the next one. Saved in checkpoints like the prompt samplers (`state_dict`), so a resumed run
+    continues them exactly (the environments must pickle)."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, list[tuple[int, list[Episode]]]] = {}
+        """task -> (the group's row, as its index in the task's training rows; its K episodes)."""
+
+    def take(self, task: str) -> list[tuple[int, list[Episode]]]:
+        return self.groups.pop(task, [])
+
+    def put(self, task: str, groups: list[tuple[int, list[Episode]]]) -> None:
+        if groups:
+            self.groups.setdefault(task, []).extend(groups)
+
+    def state_dict(self) -> dict:
+        return {"groups": self.groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.groups = state["groups"]

@@ -228,11 +228,9 @@ def _play(
     turns = SampledTurns(
         model,
         tokenizer,
-        len(chunk),
         max_new_tokens=task.max_new_tokens,
         temperature=temperature,
         greedy=greedy,
-        seed=seed,
         record_logprobs=False,
     )
     try:
@@ -245,6 +243,7 @@ def _play(
             runner=runner,
             chat_template=chat,
             describe_tools=settings.describe_tools,
+            seed=seed,
         )
     finally:
         runner.close()
