@@ -225,3 +225,15 @@ def test_partial_rollouts_are_refused_on_several_processes(tmp_path, cache):
     proc = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode != 0 and "partial rollouts run on one process only" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_agent_demo_learns_to_call_the_calculator(tmp_path):
+    """configs/demo_agent.yaml as shipped: RL raises held-out pass@1 by 30 points or more, by calling the tool."""
+    run = tmp_path / "run"
+    proc = rlk2("train", "configs/demo_agent.yaml", f"run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in metric_rows(run) if "eval/mul/pass@1" in r]
+    before, after = evals[0], evals[-1]
+    assert after["eval/mul/pass@1"] - before["eval/mul/pass@1"] >= 0.30, (before, after)
+    assert after["eval/mul/tool_calls"] > before["eval/mul/tool_calls"] + 0.3
