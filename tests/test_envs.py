@@ -414,3 +414,33 @@ def test_rlk2_episode_refuses_a_bad_line_before_running_anything(tmp_path, line,
 def test_rlk2_episode_refuses_a_class_that_is_not_an_environment():
     proc = rlk2("episode", "--env", f"{ROOT / 'tests' / 'test_envs.py'}:NotAnEnv", stdin="")
     assert proc.returncode == 2 and "no reset" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ the python tool
+@pytest.fixture(params=[pytest.param("docker", marks=pytest.mark.docker), "bwrap"])
+def sandbox(request, monkeypatch):
+    from rlk2.envs.tools import close_sandbox
+    from sandboxes.testing import require
+
+    require(request.param)
+    monkeypatch.setenv("RLK2_SANDBOX_BACKEND", request.param)
+    monkeypatch.delenv("RLK2_SANDBOX_ENGINES", raising=False)
+    close_sandbox()
+    yield request.param
+    close_sandbox()
+
+
+def test_the_python_tool_runs_code_in_the_sandbox_and_cuts_what_spins(sandbox, runner, demo_tok):
+    from rlk2.envs.tools import python
+
+    assert python("print(6 * 7)") == "42"
+    assert "ZeroDivisionError" in python("1 / 0")
+    assert "[timeout]" in python("while True:\n    pass")  # cut by the sandbox's wall clock
+    grabbed = python("x = bytearray(8 * 1024**3)\nprint('allocated')")
+    assert "allocated" not in grabbed and ("MemoryError" in grabbed or "[memory_exceeded]" in grabbed)
+    # As an episode's tool: the answer comes back as the tool message.
+    spec = load_env("rlk2.envs.builtin:Question", tools=["python"])
+    _, (ep,) = scripted(
+        spec, [{"prompt": "6*7?"}], [[call("python", code="print(6*7)"), "\\boxed{42}"]], runner, demo_tok
+    )
+    assert ep.messages[2]["content"] == "42" and ep.tool_errors == 0

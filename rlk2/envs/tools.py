@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import atexit
 import concurrent.futures
 import inspect
 import json
@@ -129,10 +130,13 @@ def python(code: str) -> str:
         result = pool.run(Job(id="tool", code=code, tests="", timeout_s=10.0, memory_mb=256))
     except SandboxError as exc:
         return f"error: sandbox unavailable ({exc})"
-    out = (result.stdout or "") + (("\n" + result.stderr) if result.stderr else "")
-    if result.status in ("timeout", "memory_exceeded"):
-        out += f"\n[{result.status}]"
-    return _truncate(out.strip() or "(no output)")
+    parts = [result.stdout or "", result.stderr or ""]
+    status = getattr(result.status, "value", result.status)
+    if status != "passed" and result.error:  # a traceback, a compile error, the limit that was hit
+        parts.append(result.error)
+    if status in ("timeout", "memory_exceeded", "infra_error"):
+        parts.append(f"[{status}]")
+    return _truncate("\n".join(p.strip() for p in parts if p.strip()) or "(no output)")
 
 
 _POOL_LOCK = threading.Lock()
@@ -140,12 +144,22 @@ _POOL = None
 
 
 def _sandbox_pool(open_backend):
-    """One warm sandbox pool per process, opened on the first `python` call."""
+    """One warm sandbox pool per process, opened on the first `python` call, closed at exit."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = open_backend()
+            atexit.register(close_sandbox)
         return _POOL
+
+
+def close_sandbox() -> None:
+    """Close the `python` tool's sandbox pool (the next call opens a new one)."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.close()
 
 
 def _truncate(text: str, limit: int = 2000) -> str:
