@@ -195,6 +195,10 @@ class Batch:
     stale: torch.Tensor | None = None
     """[B, T] partial rollouts: 1 on tokens an earlier step's policy sampled (None: none this step)."""
     is_weight: float | None = None
+    played: int = 0
+    """Episodes played in this step (partial rollouts: finished, and paused ones)."""
+    paused: int = 0
+    """Episodes in groups paused at the end of this step (they train in the next one)."""
     n_policy: int = 0
     critic: CriticSamples | None = None
     adv: torch.Tensor | None = None  # [B]
@@ -621,6 +625,8 @@ def _play_episodes(run: Run, task: Task, batch: Batch, group_rows: list[dict], f
         play(turns, tok, task.env, waiting[-1][1], **play_kw)
         ended, waiting = [waiting[-1]], waiting[:-1]
     run.paused.put(task.name, [(run.sampler.index_of(task.name, row), eps) for row, eps in waiting])
+    batch.paused += k * len(waiting)
+    batch.played += k * len(groups)
     episodes = [e for _, eps in ended for e in eps]
     end_episodes(task.env, episodes, run.tool_runner(task))
     ro = as_rollout(episodes, tok.pad_token_id)
@@ -1011,7 +1017,7 @@ def _episode_metrics(run: Run, batch: Batch) -> dict:
     }
     if run.cfg.rollout.partial_tokens:  # one process only: the local batch is the batch
         row["episodes/resumed"] = sum(e.resumed for e in batch.episodes.values()) / n
-        row["episodes/paused"] = sum(len(eps) for groups in run.paused.groups.values() for _, eps in groups) / n
+        row["episodes/paused"] = batch.paused / max(batch.played, 1)
         if batch.is_weight is not None:
             row["rollout/is_weight"] = batch.is_weight
     return row

@@ -135,7 +135,7 @@ def continuation_ids(tokenizer, new_messages: list[dict], *, chat_template: bool
     if not (chat_template and getattr(tokenizer, "chat_template", None)):
         return tokenizer("".join("\n" + m["content"] for m in new_messages), add_special_tokens=False)["input_ids"]
     base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
-    before = tokenizer.apply_chat_template(base, tokenize=False)
+    before = _rendered_base(tokenizer)
     after = tokenizer.apply_chat_template(base + new_messages, add_generation_prompt=True, tokenize=False)
     if not after.startswith(before) or _SENTINEL not in before:
         raise ValueError("the chat template renders earlier messages differently when more follow")
@@ -144,6 +144,18 @@ def continuation_ids(tokenizer, new_messages: list[dict], *, chat_template: bool
     if eos and eos in tail:  # the sampled turn already ends with EOS: keep only what the template adds after it
         tail = tail[tail.index(eos) + len(eos) :]
     return tokenizer(tail + after[len(before) :], add_special_tokens=False)["input_ids"]
+
+
+_BASES: dict[tuple[int, str], str] = {}
+
+
+def _rendered_base(tokenizer) -> str:
+    """The template's rendering of one user message and one sentinel assistant turn (a constant per template)."""
+    key = (id(tokenizer), tokenizer.chat_template)
+    if key not in _BASES:
+        base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
+        _BASES[key] = tokenizer.apply_chat_template(base, tokenize=False)
+    return _BASES[key]
 
 
 # ================================================================================================ the loop
@@ -163,7 +175,7 @@ def start_episodes(
     if seeds is None:
         base = torch.Generator().manual_seed(seed) if seed is not None else None
         seeds = torch.randint(0, 2**62, (len(rows),), generator=base).tolist()
-    out = []
+    out, encoded = [], {}  # a group's K episodes usually open with the same messages: render them once
     for i, row in enumerate(rows):
         ep = Episode(row, None, index=i, seed=seeds[i])
         try:
@@ -172,9 +184,12 @@ def start_episodes(
             ep.messages = [{"role": "user", "content": first}] if isinstance(first, str) else list(first)
             if not ep.messages or not all(isinstance(m, dict) and "content" in m for m in ep.messages):
                 raise TypeError("reset must return a string or a list of {'role', 'content'} messages")
-            ep.prompt_ids = encode_start(
-                tokenizer, ep.messages, spec.schemas, describe=describe, chat_template=chat_template
-            )
+            key = json.dumps(ep.messages, sort_keys=True, default=str)
+            if key not in encoded:
+                encoded[key] = encode_start(
+                    tokenizer, ep.messages, spec.schemas, describe=describe, chat_template=chat_template
+                )
+            ep.prompt_ids = list(encoded[key])
         except Exception as exc:
             ep.error = f"reset raised {type(exc).__name__}: {exc}"
             ep.done = True
