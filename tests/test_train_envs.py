@@ -237,3 +237,18 @@ def test_the_agent_demo_learns_to_call_the_calculator(tmp_path):
     before, after = evals[0], evals[-1]
     assert after["eval/mul/pass@1"] - before["eval/mul/pass@1"] >= 0.30, (before, after)
     assert after["eval/mul/tool_calls"] > before["eval/mul/tool_calls"] + 0.3
+
+
+def test_rlk2_eval_reports_episodes_of_an_environment_task(tmp_path, cache):
+    """`rlk2 eval` on a run whose task is an environment (and on the shipped mul_agent task file): pass@k over
+    episodes, with the mean turns and tool calls in report.json."""
+    cfg = config(tmp_path, cache)
+    assert rlk2("train", str(cfg), "trainer.steps=1", "trainer.save_every=0").returncode == 0
+    out = tmp_path / "eval"
+    tasks = f"{ROOT / 'configs' / 'eval' / 'mul_agent.yaml'}"
+    proc = rlk2("eval", str(tmp_path / "run"), "--tasks", tasks, "--limit", "4", "--k", "1,2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    (metrics,) = report["tasks"]["mul_agent"]["metrics"].values()
+    assert 1.0 <= metrics["turns"]["value"] <= 3.0 and metrics["tool_calls"]["value"] >= 0.0
+    assert "pass@2" in metrics

@@ -12,8 +12,9 @@ report.json, schema version 1 (keys are a contract; new keys may be added, none 
      "plots": [file names]}
 
 METRIC is `pass@<k>`, `greedy_pass@1`, `mean@<n>`, `maj@<n>`, `reward/<name>`, `mean_length`, `max_length`,
-`truncated` or `unscorable`; "ci" is [low, high] (95 % bootstrap over prompts) or null where none exists
-(max_length; nothing scorable). NaN values are written as null.
+`truncated` or `unscorable`, and for environment tasks `turns` and `tool_calls` (means per sampled episode); "ci"
+is [low, high] (95 % bootstrap over prompts) or null where none exists (max_length, turns, tool_calls; nothing
+scorable). NaN values are written as null.
 """
 
 from __future__ import annotations
@@ -59,7 +60,18 @@ def _metric_order(name: str) -> tuple:
     m = re.fullmatch(r"pass@(\d+)", name)
     if m:
         return (0, int(m.group(1)), name)
-    order = ["greedy_pass@1", "mean@", "maj@", "reward/", "mean_length", "max_length", "truncated", "unscorable"]
+    order = [
+        "greedy_pass@1",
+        "mean@",
+        "maj@",
+        "reward/",
+        "mean_length",
+        "max_length",
+        "truncated",
+        "unscorable",
+        "turns",
+        "tool_calls",
+    ]
     return (1 + next((i for i, p in enumerate(order) if name.startswith(p)), len(order)), 0, name)
 
 
@@ -74,12 +86,15 @@ def build_report(ckpts: list, task_cfgs: list, tasks: list, results: list, setti
         )
         stats = [prompt_stats(o, ks) for o in outcomes]
         metrics = {}
-        for ckpt, st, o in zip(ckpts, stats, outcomes):
+        for ckpt, st, o, res in zip(ckpts, stats, outcomes, results):
             row = {}
             for name in sorted(st, key=_metric_order):
                 ci = bootstrap_ci(st[name], idx, conf)
                 row[name] = {"value": _num(ratio(st[name])), "ci": None if ci is None else [ci[0], ci[1]]}
             row["max_length"] = {"value": _num(float(o.tokens.max()) if o.tokens.size else None), "ci": None}
+            for name in ("turns", "tool_calls"):  # environment tasks: per sampled episode
+                if f"eval/{task.name}/{name}" in res.metrics:
+                    row[name] = {"value": _num(res.metrics[f"eval/{task.name}/{name}"]), "ci": None}
             metrics[ckpt.label] = dict(sorted(row.items(), key=lambda kv: _metric_order(kv[0])))
         diffs = {}
         for ckpt, st in zip(ckpts[1:], stats[1:]):
