@@ -619,8 +619,8 @@ def _play_episodes(run: Run, task: Task, batch: Batch, group_rows: list[dict], f
     # Episodes resumed from the last step are played to their end; new ones stop at the step's token budget.
     play(turns, tok, task.env, [e for _, eps in resumed for e in eps], **play_kw)
     play(turns, tok, task.env, [e for _, eps in groups[len(resumed) :] for e in eps], step_budget=budget, **play_kw)
-    ended = [g for g in groups if all(e.done for _, eps in [g] for e in eps)]
-    waiting = [g for g in groups if g not in ended]
+    ended = [g for g in groups if all(e.done for e in g[1])]
+    waiting = [g for g in groups if not all(e.done for e in g[1])]
     if waiting and not ended:  # a step trains on something: its newest group is played to its end
         play(turns, tok, task.env, waiting[-1][1], **play_kw)
         ended, waiting = [waiting[-1]], waiting[:-1]

@@ -31,7 +31,7 @@ from rlk2.rollout.text import encode_messages
 _SENTINEL = "\u2063rlk2\u2063"  # stands for an assistant turn's content when measuring what the template adds
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two episodes of one group may hold equal fields
 class Episode:
     row: dict
     env: object | None
