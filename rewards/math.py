@@ -417,14 +417,39 @@ def warm_up() -> None:
     check("1/2", r"$\boxed{\frac{2}{4}}$")  # not plain integers: those skip the parsers
 
 
+_LITERAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:/[0-9]+)?")
+
+
+def is_literal(completion: str) -> bool:
+    """Whether the final answer is written out as a number: the last \\boxed{} (or, without one, the whole reply,
+    minus `$`, spaces and a final period) is an integer, a decimal or a/b, not an expression such as `417*382`."""
+    span = last_boxed(completion)
+    text = (completion if span is None else span).strip().strip("$").strip().rstrip(".").strip()
+    return bool(_LITERAL.fullmatch(text))
+
+
 @reward_traits(elementwise=True, timeout_score=0.0, shortcut=integer_shortcut)
 def math(
-    completions: list[str], *, prompts: list[str] | None = None, answer: list[Any], check_timeout_s: float = 2.0
+    completions: list[str],
+    *,
+    prompts: list[str] | None = None,
+    answer: list[Any],
+    check_timeout_s: float = 2.0,
+    literal: bool = False,
 ) -> dict:
-    """1.0 if the final answer (last \\boxed{}, else Math-Verify's fallbacks) equals `answer`, else 0.0."""
+    """1.0 if the final answer (last \\boxed{}, else Math-Verify's fallbacks) equals `answer`, else 0.0.
+
+    `literal=True` also asks for the answer written out as a number (`is_literal`): Math-Verify evaluates what it
+    parses, so `\\boxed{417*382}` equals 159294, and on a task that asks for the product a policy learns to copy the
+    question back (SmolLM2 did, in 8 steps). The engine's integer shortcut only decides boxed plain integers,
+    which are literal."""
     scores: list[float | None] = []
     errors: list[str | None] = []
     for completion, gold in zip(completions, answer, strict=True):
+        if literal and not is_literal(completion):
+            scores.append(0.0)
+            errors.append(None)
+            continue
         score, error = check(gold, completion, check_timeout_s=check_timeout_s)
         scores.append(score)
         errors.append(error)

@@ -282,3 +282,12 @@ def test_warm_up_goes_through_the_parsers():
     _VERDICTS.clear()
     warm_up()
     assert len(_VERDICTS) == 1
+
+
+def test_literal_asks_for_the_number_written_out():
+    """Math-Verify evaluates what it parses, so an unevaluated expression equals its value; `literal=True` (the
+    agent tasks, which ask for a product) scores it 0.0 instead, and still accepts every way of writing the number."""
+    replies = ["\\boxed{417*382}", "417*382", "\\boxed{159294}", "159294.", "so it is \\boxed{159294}", "$159294$"]
+    assert math(replies, answer=["159294"] * 6)["rewards"] == [1.0] * 6
+    assert math(replies, answer=["159294"] * 6, literal=True)["rewards"] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert math(["\\boxed{1/2}", "\\boxed{0.5}"], answer=["1/2"] * 2, literal=True)["rewards"] == [1.0, 1.0]
