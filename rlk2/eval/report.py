@@ -93,8 +93,9 @@ def build_report(ckpts: list, task_cfgs: list, tasks: list, results: list, setti
                 row[name] = {"value": _num(ratio(st[name])), "ci": None if ci is None else [ci[0], ci[1]]}
             row["max_length"] = {"value": _num(float(o.tokens.max()) if o.tokens.size else None), "ci": None}
             for name in ("turns", "tool_calls"):  # environment tasks: per sampled episode
-                if f"eval/{task.name}/{name}" in res.metrics:
-                    row[name] = {"value": _num(res.metrics[f"eval/{task.name}/{name}"]), "ci": None}
+                value = getattr(res, "metrics", {}).get(f"eval/{task.name}/{name}")
+                if value is not None:
+                    row[name] = {"value": _num(value), "ci": None}
             metrics[ckpt.label] = dict(sorted(row.items(), key=lambda kv: _metric_order(kv[0])))
         diffs = {}
         for ckpt, st in zip(ckpts[1:], stats[1:]):
