@@ -68,7 +68,9 @@ def test_run_survives_killed_containers_and_a_stopped_engine(second_engine, tmp_
         # 1. containers killed from outside, one every half second: jobs are retried on fresh containers.
         client = engine_client(second_engine.url)
         killed, n0 = 0, len(_steps(run))
-        while len(_steps(run)) < n0 + 4:
+        deadline = time.monotonic() + 240
+        # at least two kills and four steps under fire (steps of this tiny run can outpace one kill per half second)
+        while (len(_steps(run)) < n0 + 4 or killed < 2) and time.monotonic() < deadline:
             for c in client.containers.list(filters={"label": LABEL})[:1]:
                 try:
                     c.kill()
