@@ -110,6 +110,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="for a tokenizer without a chat template: join the messages' contents as plain text",
     )
     parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none")
+    parser.add_argument(
+        "--weight-updates",
+        action="store_true",
+        help="accept POST /rlk2/weights (the trainer's weight push for `rollout.engine: server`)",
+    )
 
 
 # name -> (arguments, "module:function" that runs it, one-line help)
@@ -138,7 +143,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] 
     "serve": (
         _serve_arguments,
         "rlk2.serve:run",
-        "serve a local checkpoint as an OpenAI-compatible chat-completions endpoint (loopback)",
+        "serve a local checkpoint as an OpenAI-compatible endpoint (loopback); a rollout engine for rlk2 train",
     ),
     "eval": (
         _eval_arguments,

@@ -200,6 +200,18 @@ class RolloutConfig:
     and still calls tools is paused after its tools answer, and its group trains in the next step, where the
     episode is played to its end (null = off). Tokens keep the log-probs of the policy that sampled them; the loss
     weighs them by a truncated importance ratio (`algo.is_cap`). One process only."""
+    engine: str = "local"
+    """Who samples the rollouts: local (this process, rlk2's decoder) | server (an inference server at
+    `server_url`: `rlk2 serve CKPT --weight-updates`, or vLLM; rlk2.rollout.server). With a server, the weights of
+    the last finished step are pushed to it before each step samples, pi_old is recomputed by the trainer, and each
+    token's loss is weighed by min(pi_old / pi_engine, algo.is_cap); `rollout/mismatch_kl` is logged."""
+    server_url: Optional[str] = None
+    """engine=server: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    server_timeout_s: float = 600.0
+    """engine=server: seconds one request (a step's sampling, a weight push) may take."""
+    server_retries: int = 3
+    """engine=server: retries of a failed request (with backoff 1, 2, 4 ... s) before the run stops with a
+    checkpoint of its last finished step."""
 
 
 @dataclass(frozen=True)
@@ -228,8 +240,9 @@ class AlgoConfig:
     clip_high: float = 0.2
     """Ratio clip above 1 (grpo family; dapo's clip-higher uses a larger value)."""
     is_cap: float = 2.0
-    """Partial rollouts: cap of the importance ratio pi_old / pi_sampler that weighs tokens an earlier step's policy
-    sampled (truncated importance sampling, as TRL and verl correct rollout/trainer mismatch)."""
+    """Cap of the importance ratio pi_old / pi_sampler that weighs tokens pi_old did not sample itself: those an
+    earlier step's policy sampled (partial rollouts) and those an inference server sampled (rollout.engine=server)
+    (truncated importance sampling, as TRL and verl correct rollout/trainer mismatch)."""
     scale_rewards: Optional[bool] = None
     """Divide each group's advantages by its reward std: null = the loss's own convention (grpo, dapo, gspo scale;
     k2 and dr_grpo do not, as their papers define them); true / false force it either way."""
@@ -412,7 +425,15 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("rollout.group_size", ro.group_size >= 2, "must be >= 2 (advantages compare responses within a group)"),
         ("rollout.prompts_per_step", ro.prompts_per_step >= 1, "must be >= 1"),
         ("rollout.partial_tokens", ro.partial_tokens is None or ro.partial_tokens >= 1, "must be >= 1 (or null: off)"),
-        ("algo.is_cap", c.algo.is_cap >= 1.0, "must be >= 1 (the largest importance weight of a resumed token)"),
+        ("algo.is_cap", c.algo.is_cap >= 1.0, "must be >= 1 (the largest importance weight of a token)"),
+        ("rollout.engine", ro.engine in ("local", "server"), "must be local or server"),
+        (
+            "rollout.server_url",
+            ro.engine != "server" or (ro.server_url or "").startswith(("http://", "https://")),
+            "required with rollout.engine=server: the server's http:// or https:// base URL",
+        ),
+        ("rollout.server_timeout_s", ro.server_timeout_s > 0, "must be > 0"),
+        ("rollout.server_retries", ro.server_retries >= 0, "must be >= 0"),
         ("rollout.temperature", ro.temperature > 0, "must be > 0 (log-probs are of the tempered distribution)"),
         (
             "rollout.temperature_end",

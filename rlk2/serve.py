@@ -1,17 +1,30 @@
-"""`rlk2 serve CHECKPOINT`: a local checkpoint as an OpenAI-compatible chat-completions endpoint.
+"""`rlk2 serve CHECKPOINT`: a local checkpoint as an OpenAI-compatible endpoint, and a rollout engine for training.
 
-Serves `POST /v1/chat/completions` (messages, max_tokens / max_completion_tokens, temperature, top_p, n, seed,
-stop; no streaming), `GET /v1/models` and `GET /health` on loopback by default. It is what the `openai` critic
-backend is tested against, and a quick way to talk to a checkpoint by hand::
+Serves on loopback by default:
+- `POST /v1/chat/completions` (messages, max_tokens / max_completion_tokens, temperature, top_p, n, seed, stop;
+  no streaming): what the `openai` critic backend is tested against;
+- `POST /v1/completions` (prompt as text or token ids, one or several; max_tokens, temperature, top_p, n, seed,
+  logprobs, stop) with vLLM's `return_token_ids` (each choice carries its `token_ids`, EOS included) and one rlk2
+  extension, `seeds` (one per choice: counter-based draws, so a sequence's tokens do not depend on its batch):
+  the `server` rollout engine of `rlk2 train` (rlk2.rollout.server). `token_logprobs` are those of the
+  distribution each token was drawn from (after temperature and top-p; vLLM's `--logprobs-mode processed_logprobs`);
+- `POST /rlk2/weights` (only with `--weight-updates`): a safetensors body replaces the named tensors between two
+  generations, tagged with the `X-Weights-Version` header, which every completion reply then reports as
+  `weights_version` (the trainer checks it); `GET /rlk2/weights` reports the version;
+- `GET /v1/models` and `GET /health`.
+
+A quick way to talk to a checkpoint by hand::
 
     rlk2 serve runs/demo/checkpoints/step-60 --port 8000
     curl -s 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "2+2=?"}]}'
 
 Concurrent requests with the same sampling settings are batched into one generation call (`rlk2.rollout`): a batcher
 thread
-waits `--batch-window-ms` for company, then runs up to `--max-batch` sequences together. Written on the standard
-library's `http.server` because no ASGI stack is a dependency of rlk2, and one JSON route needs none. There is
-no authentication: bind to anything but loopback only on a network you trust.
+waits `--batch-window-ms` for company, then runs up to `--max-batch` sequences together; weight updates run on the
+same thread, between generations, so no request ever sees half-updated weights. Written on the standard library's
+`http.server` because no ASGI stack is a dependency of rlk2, and a few JSON routes need none. There is no
+authentication: bind to anything but loopback only on a network you trust (`--weight-updates` lets any client
+replace the weights).
 """
 
 from __future__ import annotations
@@ -28,13 +41,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from rlk2.errors import UserError
 from rlk2.policy import load_policy
-from rlk2.rollout import context_limit, encode_messages, generate_replies
+from rlk2.rollout import context_limit, encode_messages, generate_replies, generate_rollouts
 
 _MAX_BODY = 8 * 2**20
+_MAX_WEIGHTS = 2**40  # a weight push is the model's size; anything up to 1 TiB
 _READ_TIMEOUT_S = 30.0
 
 
@@ -54,7 +69,14 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine = Generator(model, tokenizer, max_batch=args.max_batch, window_s=args.batch_window_ms / 1000)
     try:
-        server = make_server(engine, name, args.host, args.port, default_max_tokens=args.default_max_tokens)
+        server = make_server(
+            engine,
+            name,
+            args.host,
+            args.port,
+            default_max_tokens=args.default_max_tokens,
+            weight_updates=args.weight_updates,
+        )
     except OSError as exc:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     host, port = server.server_address[:2]
@@ -75,19 +97,23 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ batching
 @dataclass
 class _Job:
-    key: tuple  # sampling settings; only jobs with equal keys share a generate() call
+    key: tuple  # (kind, sampling settings...): only jobs with equal keys share a generation call
     encoded: list[list[int]]  # the prompt once per requested choice (n)
+    seeds: list[int] | None = None  # one per choice (tokens jobs): counter-based draws, batchable across requests
+    weights: dict[str, torch.Tensor] | None = None  # a weight update (runs alone)
+    version: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    result: list[tuple[list[int], bool]] | None = None
+    result: list | None = None
     error: str | None = None
 
 
 class Generator:
-    """Owns the model: one batcher thread runs every generate(), so requests never race on it."""
+    """Owns the model: one batcher thread runs every generation and weight update, so they never race on it."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, window_s: float = 0.005) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.window_s = max_batch, window_s
+        self.version = 0  # of the weights: 0 as loaded, then what each update says
         self.pending: list[_Job] = []
         self.cond = threading.Condition()
         self.closed = False
@@ -112,12 +138,16 @@ class Generator:
                 self.cond.wait()
             if self.closed:
                 return None
-        time.sleep(self.window_s)  # let concurrent requests arrive
+        if self.pending[0].weights is None:
+            time.sleep(self.window_s)  # let concurrent requests arrive
         with self.cond:
-            key = self.pending[0].key
+            first = self.pending[0]
+            if first.weights is not None:
+                self.pending = self.pending[1:]
+                return [first]
             batch, size, rest = [], 0, []
             for job in self.pending:
-                if job.key == key and (not batch or size + len(job.encoded) <= self.max_batch):
+                if job.key == first.key and (not batch or size + len(job.encoded) <= self.max_batch):
                     batch.append(job)
                     size += len(job.encoded)
                 else:
@@ -127,25 +157,112 @@ class Generator:
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            max_new, temperature, top_p, seed = batch[0].key
+            kind, *settings = batch[0].key
             try:
-                flat = generate_replies(
-                    self.model,
-                    self.tokenizer,
-                    [ids for job in batch for ids in job.encoded],
-                    max_new_tokens=max_new,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed,
-                    batch_size=self.max_batch,
-                )
+                if kind == "weights":
+                    load_weights(self.model, batch[0].weights)
+                    self.version = batch[0].version
+                    batch[0].result = [self.version]
+                    continue
+                encoded = [ids for job in batch for ids in job.encoded]
+                if kind == "tokens":
+                    max_new, temperature, top_p, seed = settings
+                    seeds = None if seed is not None else [s for job in batch for s in job.seeds]
+                    flat = sample_tokens(
+                        self.model,
+                        self.tokenizer,
+                        encoded,
+                        seeds,
+                        max_new_tokens=max_new,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=seed,
+                        batch_size=self.max_batch,
+                    )
+                else:
+                    max_new, temperature, top_p, seed = settings
+                    flat = generate_replies(
+                        self.model,
+                        self.tokenizer,
+                        encoded,
+                        max_new_tokens=max_new,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=seed,
+                        batch_size=self.max_batch,
+                    )
                 for job in batch:
                     job.result, flat = flat[: len(job.encoded)], flat[len(job.encoded) :]
             except Exception as exc:  # a model error fails these requests (500), not the server
                 for job in batch:
                     job.error = f"{type(exc).__name__}: {exc}"
-            for job in batch:
-                job.done.set()
+            finally:
+                for job in batch:
+                    job.done.set()
+
+
+def sample_tokens(
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    seeds: list[int] | None,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    batch_size: int,
+) -> list[tuple[list[int], list[float], bool]]:
+    """(completion token ids with the EOS when it ended, their log-probs, whether it ended with EOS) per prompt:
+    the training loop's own generation (`generate_rollouts`), so the log-probs are of the distribution each token
+    was drawn from. With `seeds` (one per prompt) a sequence's draws are a function of its seed alone; otherwise
+    chunk c of `batch_size` sequences draws from a generator seeded with `seed + c * batch_size`."""
+    greedy, out = temperature <= 0, []
+    for start in range(0, len(encoded), batch_size):
+        ro = generate_rollouts(
+            model,
+            tokenizer,
+            encoded[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if greedy else temperature,
+            top_p=top_p,
+            greedy=greedy,
+            seed=None if seeds is not None else seed + start,
+            seeds=None if seeds is None else seeds[start : start + batch_size],
+        )
+        rows = zip(ro.completion_ids.tolist(), ro.old_logp.tolist(), ro.num_tokens.tolist(), ro.truncated.tolist())
+        out += [(ids[:n], lps[:n], not cut) for ids, lps, n, cut in rows]
+    return out
+
+
+def read_weights(data: bytes, model) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors body, checked against the model's own: every name one of its state-dict keys,
+    every shape its shape, floating point (400 otherwise, naming the tensor; nothing is applied)."""
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error type, with a message worth passing on
+        raise _BadRequest(400, f"the body is not a safetensors file ({exc})") from None
+    if not tensors:
+        raise _BadRequest(400, "the safetensors body holds no tensor")
+    own = model.state_dict()
+    for name, t in tensors.items():
+        if name not in own:
+            raise _BadRequest(400, f"weight {name!r}: the served model has no such tensor")
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise _BadRequest(
+                400, f"weight {name!r}: shape {list(t.shape)}, the served model's is {list(own[name].shape)}"
+            )
+        if not t.is_floating_point():
+            raise _BadRequest(400, f"weight {name!r}: dtype {t.dtype} is not floating point")
+    return tensors
+
+
+@torch.no_grad()
+def load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies checked tensors (`read_weights`) into the model's own, cast to their dtype and device."""
+    own = model.state_dict()
+    for name, t in tensors.items():
+        own[name].copy_(t)
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -166,8 +283,7 @@ def _number(body: dict, key: str, default: Any, lo: float, hi: float, integer: b
     return value
 
 
-def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, default_max_tokens: int) -> dict:
-    """Validates a chat-completions body; every problem is a 4xx with a one-line message naming the field."""
+def _check_model(body: Any, model_name: str) -> None:
     if not isinstance(body, dict):
         raise _BadRequest(400, "request body must be a JSON object")
     if body.get("stream"):
@@ -176,6 +292,37 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
         raise _BadRequest(
             404, f"model {body['model']!r} is not served here (serving {model_name!r})", "not_found_error"
         )
+
+
+def _sampling(body: dict, max_key: str, default_max_tokens: int) -> tuple[int, bool, float, float, int, int, list]:
+    """(max new tokens, whether the request set it, temperature, top_p, n, seed, stop strings)."""
+    asked = body.get(max_key) is not None
+    max_new = _number(body, max_key, default_max_tokens, 1, 1 << 20, integer=True)
+    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
+    top_p = float(_number(body, "top_p", 1.0, 1e-6, 1.0))
+    n = _number(body, "n", 1, 1, 64, integer=True)
+    seed = _number(body, "seed", 0, -(1 << 63), (1 << 63) - 1, integer=True)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise _BadRequest(400, "'stop' must be a string or a list of non-empty strings")
+    return max_new, asked, temperature, top_p, n, seed, stop
+
+
+def _fit(ids: list[int], max_new: int, asked: bool, limit: int | None, max_key: str, what: str = "prompt") -> int:
+    """The completion budget within the context: a request without max_tokens gets what is left of it."""
+    if limit and not asked:
+        max_new = max(1, min(max_new, limit - len(ids)))
+    if limit and len(ids) + max_new > limit:
+        raise _BadRequest(
+            400, f"{what} is {len(ids)} tokens; with {max_key}={max_new} it exceeds the context of {limit}"
+        )
+    return max_new
+
+
+def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, default_max_tokens: int) -> dict:
+    """Validates a chat-completions body; every problem is a 4xx with a one-line message naming the field."""
+    _check_model(body, model_name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _BadRequest(400, "'messages' must be a non-empty list")
@@ -189,26 +336,64 @@ def parse_request(body: Any, *, model_name: str, tokenizer, limit: int | None, d
         except UnicodeEncodeError:
             raise _BadRequest(400, f"messages[{k}].content holds a lone surrogate (invalid \\u escape)") from None
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    asked = body.get(max_key) is not None
-    max_new = _number(body, max_key, default_max_tokens, 1, 1 << 20, integer=True)
-    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
-    top_p = float(_number(body, "top_p", 1.0, 1e-6, 1.0))
-    n = _number(body, "n", 1, 1, 64, integer=True)
-    seed = _number(body, "seed", 0, -(1 << 63), (1 << 63) - 1, integer=True)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise _BadRequest(400, "'stop' must be a string or a list of non-empty strings")
+    max_new, asked, temperature, top_p, n, seed, stop = _sampling(body, max_key, default_max_tokens)
     ids = encode_messages(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
     if not ids:
         raise _BadRequest(400, "the messages render to an empty prompt (this chat template drops their roles)")
-    if limit and not asked:  # no max_tokens given: up to the default, within the context
-        max_new = max(1, min(max_new, limit - len(ids)))
-    if limit and len(ids) + max_new > limit:
-        raise _BadRequest(
-            400, f"prompt is {len(ids)} tokens; with {max_key}={max_new} it exceeds the context of {limit}"
-        )
-    return {"ids": ids, "key": (max_new, temperature, top_p, seed), "n": n, "stop": stop}
+    max_new = _fit(ids, max_new, asked, limit, max_key)
+    return {"ids": ids, "key": ("chat", max_new, temperature, top_p, seed), "n": n, "stop": stop}
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_completion_request(
+    body: Any, *, model_name: str, tokenizer, vocab: int, limit: int | None, default_max_tokens: int
+) -> dict:
+    """Validates a completions body (OpenAI's four prompt forms, vLLM's `return_token_ids`, rlk2's `seeds`)."""
+    _check_model(body, model_name)
+    if body.get("echo"):
+        raise _BadRequest(400, "'echo' is not supported by rlk2 serve")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise _BadRequest(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either")
+    encoded = []
+    for i, p in enumerate(prompts):
+        ids = tokenizer.encode(p) if isinstance(p, str) else p
+        if not ids:
+            raise _BadRequest(400, f"prompt[{i}] encodes to no token")
+        bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise _BadRequest(400, f"prompt[{i}][{bad}]: token id {ids[bad]} is not in the vocabulary (0..{vocab - 1})")
+        encoded.append(ids)
+    max_new, asked, temperature, top_p, n, seed, stop = _sampling(body, "max_tokens", default_max_tokens)
+    max_new = min(_fit(ids, max_new, asked, limit, "max_tokens", f"prompt[{i}]") for i, ids in enumerate(encoded))
+    logprobs = _number(body, "logprobs", None, 0, 20, integer=True)
+    token_ids = body.get("return_token_ids", False)
+    if not isinstance(token_ids, bool):
+        raise _BadRequest(400, "'return_token_ids' must be true or false")
+    if stop and token_ids:
+        raise _BadRequest(400, "'stop' with 'return_token_ids' is not supported (the ids would not match the text)")
+    seeds = body.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or len(seeds) != len(encoded) * n:
+            raise _BadRequest(400, f"'seeds' must be a list of {len(encoded) * n} integers (one per choice)")
+        for j, sd in enumerate(seeds):
+            if isinstance(sd, bool) or not isinstance(sd, int) or not -(1 << 63) <= sd < 1 << 64:
+                raise _BadRequest(400, f"seeds[{j}] must be an integer in [-2**63, 2**64)")
+    return {
+        "encoded": [ids for ids in encoded for _ in range(n)],  # choice i*n + j is prompt i's j-th
+        "key": ("tokens", max_new, temperature, top_p, seed if seeds is None else None),
+        "seeds": seeds,
+        "stop": stop,
+        "logprobs": logprobs is not None,
+        "token_ids": token_ids,
+    }
 
 
 def make_server(
@@ -219,10 +404,12 @@ def make_server(
     *,
     default_max_tokens: int = 256,
     read_timeout_s: float = _READ_TIMEOUT_S,
+    weight_updates: bool = False,
 ) -> ThreadingHTTPServer:
     """The HTTP server over `engine`; a client that sends less than its Content-Length gets 408 after
-    `read_timeout_s` seconds instead of holding a thread forever."""
+    `read_timeout_s` seconds instead of holding a thread forever. `weight_updates` opens `POST /rlk2/weights`."""
     limit = context_limit(engine.model)
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
     created = int(time.time())
 
     class Handler(BaseHTTPRequestHandler):
@@ -254,50 +441,75 @@ def make_server(
                 )
             elif self.path == "/health":
                 self._send(200, {"status": "ok"})
+            elif self.path.rstrip("/") == "/rlk2/weights":
+                self._send(200, {"weights_version": engine.version, "weight_updates": weight_updates})
             else:
                 self._error(404, f"no route GET {self.path}", "not_found_error")
 
+        def _body(self, max_bytes: int) -> bytes:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise _BadRequest(400, "Content-Length is not a number") from None
+            if not 0 < length <= max_bytes:
+                raise _BadRequest(400 if length <= 0 else 413, "request body missing or too large")
+            try:
+                return self.rfile.read(length)
+            except TimeoutError:  # a body shorter than its Content-Length: don't hold the thread forever
+                self.close_connection = True
+                raise _BadRequest(408, f"request body not received within {self.timeout:g} s") from None
+
+        def _json(self) -> Any:
+            raw = self._body(_MAX_BODY)
+            try:
+                return json.loads(raw)
+            except (ValueError, RecursionError):
+                raise _BadRequest(400, "request body is not valid JSON") from None
+
         def do_POST(self) -> None:
-            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            route = self.path.rstrip("/")
+            handlers = {
+                "/v1/chat/completions": self._chat,
+                "/chat/completions": self._chat,
+                "/v1/completions": self._completions,
+                "/completions": self._completions,
+                "/rlk2/weights": self._weights,
+            }
+            if route not in handlers:
                 self._error(404, f"no route POST {self.path}", "not_found_error")
                 return
             try:
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    raise _BadRequest(400, "Content-Length is not a number") from None
-                if not 0 < length <= _MAX_BODY:
-                    raise _BadRequest(400 if length <= 0 else 413, "request body missing or too large")
-                try:
-                    raw = self.rfile.read(length)
-                except TimeoutError:  # a body shorter than its Content-Length: don't hold the thread forever
-                    self.close_connection = True
-                    raise _BadRequest(408, f"request body not received within {self.timeout:g} s") from None
-                try:
-                    body = json.loads(raw)
-                except (ValueError, RecursionError):
-                    raise _BadRequest(400, "request body is not valid JSON") from None
-                req = parse_request(
-                    body,
-                    model_name=model_name,
-                    tokenizer=engine.tokenizer,
-                    limit=limit,
-                    default_max_tokens=default_max_tokens,
-                )
+                handlers[route]()
             except _BadRequest as exc:
                 self._error(exc.status, str(exc), exc.kind)
-                return
+
+        def _weights(self) -> None:
+            if not weight_updates:
+                raise _BadRequest(403, "weight updates are off: start rlk2 serve with --weight-updates", "forbidden")
+            try:
+                version = int(self.headers.get("X-Weights-Version", engine.version + 1))
+            except ValueError:
+                raise _BadRequest(400, "X-Weights-Version is not an integer") from None
+            tensors = read_weights(self._body(_MAX_WEIGHTS), engine.model)
+            job = engine.submit(_Job(("weights",), [], weights=tensors, version=version))
+            if job.error:
+                raise _BadRequest(500, job.error, "server_error")
+            self._send(200, {"weights_version": engine.version, "tensors": len(tensors)})
+
+        def _chat(self) -> None:
+            req = parse_request(
+                self._json(),
+                model_name=model_name,
+                tokenizer=engine.tokenizer,
+                limit=limit,
+                default_max_tokens=default_max_tokens,
+            )
             job = engine.submit(_Job(req["key"], [req["ids"]] * req["n"]))
             if job.error:
-                self._error(500, job.error, "server_error")
-                return
+                raise _BadRequest(500, job.error, "server_error")
             choices, used = [], 0
             for k, (toks, finished) in enumerate(job.result):
-                text = engine.tokenizer.decode(toks, skip_special_tokens=True)
-                reason = "stop" if finished else "length"
-                for s in req["stop"]:
-                    if s in text:
-                        text, reason = text[: text.index(s)], "stop"
+                text, reason = _cut(engine.tokenizer.decode(toks, skip_special_tokens=True), finished, req["stop"])
                 choices.append(
                     {
                         "index": k,
@@ -315,14 +527,64 @@ def make_server(
                     "created": int(time.time()),
                     "model": model_name,
                     "choices": choices,
-                    "usage": {
-                        "prompt_tokens": len(req["ids"]),
-                        "completion_tokens": used,
-                        "total_tokens": len(req["ids"]) + used,
-                    },
+                    "usage": _usage(len(req["ids"]), used),
+                },
+            )
+
+        def _completions(self) -> None:
+            req = parse_completion_request(
+                self._json(),
+                model_name=model_name,
+                tokenizer=engine.tokenizer,
+                vocab=vocab,
+                limit=limit,
+                default_max_tokens=default_max_tokens,
+            )
+            job = engine.submit(_Job(req["key"], req["encoded"], seeds=req["seeds"]))
+            if job.error:
+                raise _BadRequest(500, job.error, "server_error")
+            tok, choices, used = engine.tokenizer, [], 0
+            for k, (toks, logps, finished) in enumerate(job.result):
+                text, reason = _cut(tok.decode(toks, skip_special_tokens=True), finished, req["stop"])
+                choice = {"index": k, "text": text, "finish_reason": reason, "logprobs": None}
+                if req["logprobs"]:
+                    choice["logprobs"] = {
+                        "tokens": tok.convert_ids_to_tokens(toks),
+                        "token_logprobs": logps,
+                        "top_logprobs": None,
+                        "text_offset": None,
+                    }
+                if req["token_ids"]:
+                    choice["token_ids"] = toks
+                    choice["prompt_token_ids"] = req["encoded"][k]
+                choices.append(choice)
+                used += len(toks)
+            self._send(
+                200,
+                {
+                    "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": model_name,
+                    "choices": choices,
+                    "usage": _usage(sum(len(ids) for ids in req["encoded"]), used),
+                    "weights_version": engine.version,
                 },
             )
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     return server
+
+
+def _cut(text: str, finished: bool, stop: list[str]) -> tuple[str, str]:
+    """The text up to the first stop string, and the finish reason."""
+    reason = "stop" if finished else "length"
+    for s in stop:
+        if s in text:
+            text, reason = text[: text.index(s)], "stop"
+    return text, reason
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -95,6 +95,7 @@ from rlk2.rollout import (
     generate_rollouts,
     policy_logprobs,
 )
+from rlk2.rollout.server import EngineUnavailable, RolloutServer
 from rlk2.run_dir import AlreadyFinished, RunDir, check_resume, env_info
 from rlk2.signals import GracefulStop, interruption_point
 from rlk2.tasks import Task, bind_critic, check_prompt_lengths, load_tasks, metric_name, reward_inputs
@@ -154,6 +155,8 @@ class Run:
     """Partial rollouts: the groups paused at the end of the last step (saved with the prompt samplers)."""
     tool_runners: dict[str, ToolRunner] = field(default_factory=dict)
     """task -> the runner of its episodes' tool calls (environment tasks), made on first use."""
+    rollout_server: RolloutServer | None = None
+    """rollout.engine=server: the inference server that samples the rollouts (rlk2.rollout.server)."""
 
     def tool_runner(self, task: Task) -> ToolRunner:
         if task.name not in self.tool_runners:
@@ -195,6 +198,9 @@ class Batch:
     stale: torch.Tensor | None = None
     """[B, T] partial rollouts: 1 on tokens an earlier step's policy sampled (None: none this step)."""
     is_weight: float | None = None
+    """Mean truncated importance weight of the tokens pi_old did not sample (partial rollouts, a rollout server)."""
+    mismatch_kl: float | None = None
+    """rollout.engine=server: KL(engine || trainer) over the sampled tokens (k3 estimate)."""
     played: int = 0
     """Episodes played in this step (partial rollouts: finished, and paused ones)."""
     paused: int = 0
@@ -240,8 +246,11 @@ def train(cfg: Config, *, resume: bool = False, on_step: Callable[[int, dict], N
                 return {"before": before, "after": {}, "run_dir": str(run.run_dir.path), "stopped_at": step}
         return finish(run, before)
     except KeyboardInterrupt:
-        _interrupted(run)
+        print(file=sys.stderr)
+        print(f"interrupted: {_keep_finished(run)}", file=sys.stderr)
         raise
+    except EngineUnavailable as exc:  # the rollout server is gone: stop as a Ctrl-C would, resumable
+        raise EngineUnavailable(f"{exc}; {_keep_finished(run)}") from None
     except BaseException:
         if not resume and run.done_step == 0:  # a start that failed leaves nothing: a retry starts cleanly
             run.run_dir.discard()
@@ -276,29 +285,22 @@ class _Snapshot:
             sampler.load_state_dict(self.samplers[name])
 
 
-def _interrupted(run: Run) -> None:
-    """A second Ctrl-C (or one outside the steps): stop now. The weights are those of the last finished step unless
-    the interrupt hit an update; then a checkpoint of that step is written so `--resume` loses nothing."""
-    print(file=sys.stderr)
+def _keep_finished(run: Run) -> str:
+    """A run stopping mid-way (a second Ctrl-C, a rollout server gone): the weights are those of the last finished
+    step unless the stop hit an update; that step is checkpointed so `--resume` loses nothing. Says what was kept."""
     if run.done_step is None:
-        print(
-            f"interrupted during an update: the weights are half-updated, so no checkpoint was written; resume "
-            f"from the last one with: rlk2 train --resume {run.run_dir.path}",
-            file=sys.stderr,
+        return (
+            f"stopped during an update: the weights are half-updated, so no checkpoint was written; resume from the "
+            f"last one with: rlk2 train --resume {run.run_dir.path}"
         )
-        return
     if run.done_step == 0 and run.start_step == 0:
         run.run_dir.discard()  # nothing trained yet: as if the run had not started
-        print("interrupted before the first step finished: nothing was kept", file=sys.stderr)
-        return
+        return "stopped before the first step finished: nothing was kept"
     if run.done_step > run.start_step and run.run_dir.latest_step() != run.done_step:
         if run.step_start is not None and run.step_start.step == run.done_step + 1:  # stopped inside the next step
             run.step_start.restore(run)
         checkpoint(run, run.done_step)
-    print(
-        f"interrupted: step {run.done_step} is checkpointed; resume with: rlk2 train --resume {run.run_dir.path}",
-        file=sys.stderr,
-    )
+    return f"step {run.done_step} is checkpointed; resume with: rlk2 train --resume {run.run_dir.path}"
 
 
 # ================================================================================================ setup
@@ -331,6 +333,7 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
     )
     if cfg.rollout.partial_tokens and accelerator.num_processes > 1:
         raise UserError("rollout.partial_tokens: partial rollouts run on one process only (for now)")
+    server = _rollout_server(cfg, accelerator.num_processes)
     critic = ClosedLoop.from_config(cfg, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
@@ -340,10 +343,28 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
     set_seed(cfg.run.seed)
     engine = RewardEngine(num_workers=cfg.trainer.reward_workers)
     try:
-        return _build(cfg, resume, accelerator, engine, critic, run_dir, on_step)
+        run = _build(cfg, resume, accelerator, engine, critic, run_dir, on_step)
     except BaseException:
         engine.close()
         raise
+    run.rollout_server = server
+    return run
+
+
+def _rollout_server(cfg: Config, processes: int) -> RolloutServer | None:
+    """rollout.engine=server: the server client, once the server has answered (a run does not start without it)."""
+    ro = cfg.rollout
+    if ro.engine != "server":
+        return None
+    if processes > 1:
+        raise UserError("rollout.engine=server: one training process only (for now)")
+    if any(t.env for t in cfg.tasks):
+        raise UserError("rollout.engine=server: environment tasks (tasks.N.env) sample on the local engine only")
+    if cfg.policy.lora.enabled:
+        raise UserError("rollout.engine=server: LoRA policies cannot push their weights (the server holds full ones)")
+    server = RolloutServer(ro.server_url, timeout_s=ro.server_timeout_s, retries=ro.server_retries)
+    server.check()
+    return server
 
 
 def _build(
@@ -539,6 +560,10 @@ def generate(run: Run, step: int) -> Batch:
         rank=run.accelerator.process_index,
         world=run.accelerator.num_processes,
     )
+    if run.rollout_server is not None:  # the server samples with the weights of the last finished step
+        version = step - 1
+        if run.rollout_server.version != version:
+            batch.times["push"] = run.rollout_server.push(run.policy, version)
     parts, stale_parts = [], {}  # stale_parts: part index -> [b, T] tokens sampled by an earlier policy
     for task in run.tasks:
         group_rows = [row for t, row in picked if t == task.name]
@@ -550,20 +575,35 @@ def generate(run: Run, step: int) -> Batch:
             stale_parts[len(parts) - 1] = stale
             continue
         ids = encode_prompts(run.tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
-        stream = run.engine.stream(task.specs, *reward_inputs(group_rows, k)) if task.streamed else None
-        parts.append(
-            generate_rollouts(
-                run.policy,
-                run.tokenizer,
-                [i for i in ids for _ in range(k)],
-                max_new_tokens=task.cfg.max_new_tokens,
-                temperature=temperature,
-                top_p=cfg.rollout.top_p,
-                record_routing=run.moe.enabled,
-                seeds=sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k),
-                on_finished=None if stream is None else _scorer_of_finished(stream, run.tokenizer),
+        seeds = sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k)
+        if run.rollout_server is not None:
+            stream = None
+            parts.append(
+                run.rollout_server.generate(
+                    run.tokenizer,
+                    run.policy,
+                    [i for i in ids for _ in range(k)],
+                    max_new_tokens=task.cfg.max_new_tokens,
+                    temperature=temperature,
+                    top_p=cfg.rollout.top_p,
+                    seeds=seeds,
+                )
             )
-        )
+        else:
+            stream = run.engine.stream(task.specs, *reward_inputs(group_rows, k)) if task.streamed else None
+            parts.append(
+                generate_rollouts(
+                    run.policy,
+                    run.tokenizer,
+                    [i for i in ids for _ in range(k)],
+                    max_new_tokens=task.cfg.max_new_tokens,
+                    temperature=temperature,
+                    top_p=cfg.rollout.top_p,
+                    record_routing=run.moe.enabled,
+                    seeds=seeds,
+                    on_finished=None if stream is None else _scorer_of_finished(stream, run.tokenizer),
+                )
+            )
         if stream is not None:
             batch.scoring[task.name] = stream.finish(parts[-1].texts)
         elif task.overlap:  # the worker processes score this task while this process generates the next
@@ -775,26 +815,35 @@ def advantages(run: Run, batch: Batch) -> None:
             device=mask.device,
         )
         mask = mask * (~(drop & ro.truncated)).float().unsqueeze(1)
-    if batch.stale is not None:
-        mask = _stale_correction(run, batch, mask)
+    if batch.stale is not None or run.rollout_server is not None:
+        mask = _off_policy_correction(run, batch, mask)
     batch.mask = mask
     # Dynamic filtering: groups whose rewards all tie leave the loss. The forward still covers the whole batch
     # (the same shapes on every process, router replay on the recorded rollout); only the loss is cut.
     batch.keep = kept_sequences(zero_std, k).to(run.accelerator.device) if cfg.algo.filter_zero_std else None  # [B']
 
 
-def _stale_correction(run: Run, batch: Batch, mask: torch.Tensor) -> torch.Tensor:
-    """Partial rollouts: tokens of resumed episodes were sampled by an earlier step's policy. Their pi_old becomes
-    this step's policy (one forward without gradient), and their loss is weighed by the truncated importance ratio
-    min(pi_old / pi_sampler, algo.is_cap), as TRL and verl weigh tokens from a stale rollout engine."""
-    ro = batch.ro
+def _off_policy_correction(run: Run, batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+    """Tokens that pi_old did not sample itself: those of resumed episodes (partial rollouts: an earlier step's
+    policy sampled them) and, with a rollout server, every token (the server's copy of the weights, in its own
+    numerics). Their pi_old becomes this step's policy (one forward without gradient), and their loss is weighed by
+    the truncated importance ratio min(pi_old / pi_sampler, algo.is_cap), as TRL and verl weigh tokens from a
+    stale or mismatched rollout engine."""
+    ro, server = batch.ro, run.rollout_server is not None
     with torch.no_grad():
-        now, _ = policy_logprobs(run.model, ro, temperature=batch.temperature)
-    stale = batch.stale & ro.policy_mask.bool()
-    ratio = torch.exp(now - ro.old_logp).clamp(max=run.cfg.algo.is_cap)
-    batch.is_weight = float(ratio[stale].mean()) if stale.any() else None
-    ro.old_logp = torch.where(stale, now, ro.old_logp)
-    return mask * torch.where(stale, ratio, torch.ones_like(ratio))
+        now, entropy = policy_logprobs(run.model, ro, temperature=batch.temperature, with_entropy=ro.entropy is None)
+    sampled = ro.policy_mask.bool()
+    elsewhere = sampled if server else batch.stale & sampled
+    log_ratio = now - ro.old_logp
+    ratio = torch.exp(log_ratio).clamp(max=run.cfg.algo.is_cap)
+    batch.is_weight = float(ratio[elsewhere].mean()) if elsewhere.any() else None
+    if server:
+        r = log_ratio[sampled]  # k3 estimate of KL(engine || trainer) from the engine's own samples
+        batch.mismatch_kl = float((torch.exp(r) - 1 - r).mean()) if len(r) else 0.0
+    if ro.entropy is None and entropy is not None:  # the server does not report it: from this forward instead
+        ro.entropy = entropy * ro.completion_mask
+    ro.old_logp = torch.where(elsewhere, now, ro.old_logp)
+    return mask * torch.where(elsewhere, ratio, torch.ones_like(ratio))
 
 
 def update(run: Run, batch: Batch) -> None:
@@ -967,6 +1016,10 @@ def log(run: Run, batch: Batch) -> dict:
         "throughput/tokens_per_s": int(ro.policy_mask.sum()) / step_time,
     }
     row.update(_critic_metrics(run, batch, zero_std, n_samples, step_time))
+    if run.rollout_server is not None:  # one process only: the local batch is the batch
+        row["rollout/mismatch_kl"] = batch.mismatch_kl
+        row["rollout/is_weight"] = batch.is_weight
+        row["time/weight_push"] = t.get("push", 0.0)
     if any(t.env is not None for t in run.tasks):
         row.update(_episode_metrics(run, batch))
     for rname, vals in per_reward.items():
