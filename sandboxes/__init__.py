@@ -90,13 +90,16 @@ def docker_problem(engines: list[str] | None = None, image: str = DEFAULT_IMAGE)
         import docker
     except ImportError:
         return "the docker Python SDK is not installed (pip install docker)"
-    from sandboxes.docker_backend import default_engines, engine_client
+    from sandboxes.docker_backend import EngineRefused, default_engines, engine_client
 
     problems = []
     for url in engines or default_engines():
         try:
             client = engine_client(url, timeout=5)
             client.ping()
+        except EngineRefused as exc:
+            problems.append(str(exc))
+            continue
         except Exception as exc:
             problems.append(f"engine {url} does not answer ({(str(exc) or type(exc).__name__).splitlines()[0]})")
             continue

@@ -2,8 +2,10 @@
 
 Each slot is one long-lived container running the runner as PID 1; jobs travel over the container's attached
 stdin/stdout (Docker's multiplexed attach stream). Engines are given as DOCKER_HOST-style URLs
-(`unix:///var/run/docker.sock`, `ssh://user@host`, `tcp://host:2376` with DOCKER_TLS_VERIFY/DOCKER_CERT_PATH);
-each gets `slots_per_engine` containers and all of them pull from one queue.
+(`unix:///var/run/docker.sock`, `ssh://user@host`, `tcp://host:2376?tls=CERT_DIR` with that engine's own TLS files,
+or `tcp://host:2376` with DOCKER_TLS_VERIFY/DOCKER_CERT_PATH; plain TCP only on loopback); each gets
+`slots_per_engine` containers and all of them pull from one queue, with the same verdicts, deadlines and retries
+whatever the transport.
 
 Every container: no network, read-only root, size-capped tmpfs /tmp (noexec) and /dev/shm, memory limit with no
 swap, pids and CPU limits, all capabilities dropped, no-new-privileges, a non-root uid of its own (so RLIMIT_NPROC,
@@ -13,6 +15,7 @@ stdin closed - and the container removed - when the host side goes away.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -62,16 +65,85 @@ def default_engines() -> list[str]:
     return [os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE]
 
 
+class EngineRefused(ValueError):
+    """An engine spec rlk2 will not use as given (one line: the spec and what to change)."""
+
+
+_LOOPBACK = ("127.", "localhost", "[::1]", "::1")
+
+
 def engine_client(url: str, timeout: float = 60.0):
-    """A Docker SDK client for one engine URL; TLS settings come from DOCKER_TLS_VERIFY / DOCKER_CERT_PATH."""
+    """A Docker SDK client for one engine spec: a DOCKER_HOST-style URL, where a `tcp://` engine may name its own
+    TLS files as `tcp://host:2376?tls=CERT_DIR` (Docker's DOCKER_CERT_PATH layout: ca.pem, cert.pem, key.pem; the
+    engine's certificate is verified against ca.pem and this client presents cert.pem). Without `?tls=`, TLS comes
+    from DOCKER_TLS_VERIFY / DOCKER_CERT_PATH. Plain TCP (no TLS at all) is refused unless the host is loopback:
+    anyone who reaches a plain Docker port can run containers as root on that host."""
     import docker
     from docker.utils import kwargs_from_env
 
+    base, tls_dir = _split_spec(url)
     kwargs = kwargs_from_env()
-    kwargs["base_url"] = url
-    if not url.startswith("tcp://"):
+    kwargs["base_url"] = base
+    if not base.startswith("tcp://"):
         kwargs.pop("tls", None)
+    elif isinstance(kwargs.get("tls"), docker.tls.TLSConfig) and tls_dir is None:
+        env = kwargs["tls"]
+        kwargs["tls"] = _OwnCATLS(client_cert=env.cert, ca_cert=env.ca_cert, verify=env.verify)
+    elif tls_dir is not None:
+        files = {name: os.path.join(tls_dir, name) for name in ("ca.pem", "cert.pem", "key.pem")}
+        missing = [f for f in files.values() if not os.path.isfile(f)]
+        if missing:
+            raise EngineRefused(
+                f"engine {url}: {missing[0]} does not exist (?tls= names a directory with ca.pem, cert.pem and key.pem)"
+            )
+        kwargs["tls"] = _OwnCATLS(
+            client_cert=(files["cert.pem"], files["key.pem"]), ca_cert=files["ca.pem"], verify=True
+        )
+    elif not kwargs.get("tls") and not base[len("tcp://") :].startswith(_LOOPBACK):
+        raise EngineRefused(
+            f"engine {url}: plain TCP without TLS is refused off loopback (anyone who reaches the port is root on "
+            "that host); use tcp://HOST:2376?tls=CERT_DIR, DOCKER_TLS_VERIFY=1 with DOCKER_CERT_PATH, or ssh://"
+        )
     return docker.DockerClient(timeout=timeout, **kwargs)
+
+
+@functools.cache
+def _own_ca_tls():
+    import docker.tls
+
+    class OwnCATLS(docker.tls.TLSConfig):
+        """Verifies the engine against its own CA file whatever the environment says: requests lets
+        REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's CA file (psf/requests#3829), so with either set the
+        engine's CA would be ignored and every connection fail verification."""
+
+        def configure_client(self, client) -> None:
+            super().configure_client(client)
+            client.trust_env = False  # also ignores proxy variables: an engine is reached directly
+
+    return OwnCATLS
+
+
+def _OwnCATLS(**kwargs):  # noqa: N802 - a class made on first use, so importing this module needs no docker SDK
+    return _own_ca_tls()(**kwargs)
+
+
+def _split_spec(url: str) -> tuple[str, str | None]:
+    """(the URL the SDK gets, the `?tls=` directory or None); any other query key is an error."""
+    from urllib.parse import parse_qs
+
+    base, _, query = url.partition("?")
+    if not query:
+        return base, None
+    params = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(params) - {"tls"})
+    if unknown:
+        raise EngineRefused(f"engine {url}: unknown option {unknown[0]!r} (the only one is ?tls=CERT_DIR)")
+    if not base.startswith("tcp://"):
+        raise EngineRefused(f"engine {url}: ?tls= applies to tcp:// engines only")
+    tls_dir = params["tls"][-1]
+    if not tls_dir:
+        raise EngineRefused(f"engine {url}: ?tls= needs a directory")
+    return base, os.path.expanduser(tls_dir)
 
 
 class _AttachStream:
@@ -273,6 +345,8 @@ def open_docker_pool(
             engine.client.ping()
             engine.client.images.get(options.image)
             n = slots_per_engine or default_pool_size(int(engine.client.info().get("NCPU", 1)))
+        except EngineRefused as exc:  # a configuration to fix, not an outage to route around
+            raise SandboxUnavailable(f"docker: {exc}") from None
         except docker.errors.ImageNotFound:
             problems.append(f"image {options.image} is missing on {url} (run `rlk2 sandbox build --offline`)")
             continue

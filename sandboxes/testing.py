@@ -92,13 +92,23 @@ class SecondEngine:
 
     DATA_ROOT = "/var/lib/rlk2-test-docker2"  # kept between runs so the image copy is reused
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, *, tls: bool = False) -> None:
+        """`tls=True`: the engine also listens on loopback TCP with TLS (`tls_url`, certificates made here for the
+        test with `make_tls_files`; the client must present its own)."""
+        import socket
         from pathlib import Path
 
         self.run_dir = Path(base)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.url = f"unix://{self.run_dir}/docker.sock"
         self.proc: subprocess.Popen | None = None
+        self.tls_dir = self.tls_url = None
+        if tls:
+            self.tls_dir = make_tls_files(self.run_dir / "tls")
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.tcp = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+            self.tls_url = f"{self.tcp}?tls={self.tls_dir}"
 
     def start(self) -> None:
         import time
@@ -123,6 +133,7 @@ class SecondEngine:
                 str(self.run_dir / "exec"),
                 "--pidfile",
                 str(self.run_dir / "docker.pid"),
+                *self._tls_flags(),
             ],
             stdout=log,
             stderr=log,
@@ -140,6 +151,19 @@ class SecondEngine:
                     self.stop(signal_number=9)
                     raise RuntimeError(f"second dockerd did not come up; see {self.run_dir / 'dockerd.log'}") from None
                 time.sleep(0.3)
+
+    def _tls_flags(self) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        d = self.tls_dir
+        return [
+            "-H",
+            self.tcp,
+            "--tlsverify",
+            f"--tlscacert={d / 'ca.pem'}",
+            f"--tlscert={d / 'server-cert.pem'}",
+            f"--tlskey={d / 'server-key.pem'}",
+        ]
 
     def ensure_image(self, tag: str, source_url: str) -> None:
         """Copy `tag` from the engine at `source_url` unless present; keep only that tag of the repository."""
@@ -196,3 +220,33 @@ class SecondEngine:
                     if not (proc / "cmdline").exists():
                         break
                     time.sleep(0.05)
+
+
+def make_tls_files(directory):
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with the openssl CLI (no
+    Python crypto package is a dependency): ca.pem, cert.pem and key.pem (the client's, Docker's DOCKER_CERT_PATH
+    layout) and server-cert.pem / server-key.pem for dockerd. Returns the directory."""
+    from pathlib import Path
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=rlk2 test CA", "-keyout",
+            "ca-key.pem", "-out", "ca.pem")  # fmt: skip
+    for name, subject, ext in (
+        ("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("client", "/CN=rlk2 test client", "extendedKeyUsage=clientAuth"),
+    ):
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}-key.pem",
+                "-out", f"{name}.csr")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}-cert.pem")  # fmt: skip
+    (d / "cert.pem").write_bytes((d / "client-cert.pem").read_bytes())
+    (d / "key.pem").write_bytes((d / "client-key.pem").read_bytes())
+    for key in d.glob("*key.pem"):
+        key.chmod(0o600)
+    return d

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bring up what the sandbox tests need, idempotently (run as root; CI calls it before pytest):
-#   1. the Debian packages docker.io, bubblewrap and debootstrap (apt-get, only when missing);
+#   1. the Debian packages docker.io, bubblewrap, debootstrap and openssl (apt-get, only when missing);
 #   2. a Docker engine: when none answers, `dockerd --iptables=false --bridge=none` in the background
 #      (sandbox containers use --network none, so no bridge or NAT is needed), logging to $RLK2_DOCKERD_LOG;
 #   3. the sandbox image, built offline (debootstrap + docker import) when its tag is missing.
@@ -20,6 +20,7 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v openssl >/dev/null || missing+=(openssl)  # the remote-engine test makes its TLS certificates with it
 if [ ${#missing[@]} -gt 0 ]; then
   echo "docker_up.sh: installing ${missing[*]}"
   apt-get update -qq

@@ -22,6 +22,16 @@ def tiny_policy(tmp_path_factory):
 @pytest.fixture
 def second_engine():
     """A second Docker engine on its own socket with the sandbox image (root only; fails instead of skipping in CI)."""
+    yield from _second_engine(tls=False)
+
+
+@pytest.fixture
+def tls_engine():
+    """The second engine, also listening on loopback TCP with TLS (`tls_url`, client certificates required)."""
+    yield from _second_engine(tls=True)
+
+
+def _second_engine(tls: bool):
     from sandboxes import DEFAULT_IMAGE
     from sandboxes.testing import SecondEngine, require, required
 
@@ -31,11 +41,13 @@ def second_engine():
         problem = "a second dockerd needs root"
     elif shutil.which("dockerd") is None:
         problem = "dockerd is not installed"
+    elif tls and shutil.which("openssl") is None:
+        problem = "openssl is not installed (scripts/docker_up.sh installs it)"
     if problem:
         if required("docker"):
             pytest.fail(problem)
         pytest.skip(problem)
-    engine = SecondEngine(Path("/run") / f"rlk2-test-docker2-{os.getpid()}")
+    engine = SecondEngine(Path("/run") / f"rlk2-test-docker2-{os.getpid()}", tls=tls)
     try:
         engine.start()
         engine.ensure_image(DEFAULT_IMAGE, os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")

@@ -87,9 +87,7 @@ def post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int
 def test_server_samples_what_the_local_engine_samples_with_the_trainers_logprobs(server, policy):
     model, tok = policy
     ids, seeds = prompts(tok), sequence_seeds(11, 0, 3, 4)
-    remote = RolloutServer(server).generate(
-        tok, model, ids, max_new_tokens=12, temperature=1.0, top_p=1.0, seeds=seeds
-    )
+    remote = RolloutServer(server).generate(tok, model, ids, max_new_tokens=12, temperature=1.0, top_p=1.0, seeds=seeds)
     local = generate_rollouts(model, tok, ids, max_new_tokens=12, temperature=1.0, seeds=seeds)
     assert torch.equal(remote.completion_ids, local.completion_ids)
     assert torch.equal(remote.completion_mask, local.completion_mask)
@@ -290,8 +288,9 @@ def test_a_server_that_dies_stops_the_run_resumably(tiny_policy, tmp_path):
     # A new server (any URL) and --resume: the run goes on from step 1 as if nothing had happened.
     proc, url = start_server(tiny_policy, "--weight-updates")
     try:
+        cli = [sys.executable, "-m", "rlk2.cli", "train"]
         resumed = subprocess.run(
-            [sys.executable, "-m", "rlk2.cli", "train", "--resume", str(tmp_path / "dies"), f"rollout.server_url={url}"],
+            [*cli, "--resume", str(tmp_path / "dies"), f"rollout.server_url={url}"],
             capture_output=True,
             text=True,
             timeout=600,

