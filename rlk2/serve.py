@@ -408,173 +408,208 @@ def make_server(
 ) -> ThreadingHTTPServer:
     """The HTTP server over `engine`; a client that sends less than its Content-Length gets 408 after
     `read_timeout_s` seconds instead of holding a thread forever. `weight_updates` opens `POST /rlk2/weights`."""
-    limit = context_limit(engine.model)
-    vocab = engine.model.get_output_embeddings().weight.shape[0]
-    created = int(time.time())
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = read_timeout_s  # socket timeout for reading a request (headers and body)
-
-        def log_message(self, *args: Any) -> None:  # keep stdout/stderr for the URL line and real problems
-            pass
-
-        def _send(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, message: str, kind: str) -> None:
-            self._send(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
-
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") in ("/v1/models", "/models"):
-                self._send(
-                    200,
-                    {
-                        "object": "list",
-                        "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rlk2"}],
-                    },
-                )
-            elif self.path == "/health":
-                self._send(200, {"status": "ok"})
-            elif self.path.rstrip("/") == "/rlk2/weights":
-                self._send(200, {"weights_version": engine.version, "weight_updates": weight_updates})
-            else:
-                self._error(404, f"no route GET {self.path}", "not_found_error")
-
-        def _body(self, max_bytes: int) -> bytes:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise _BadRequest(400, "Content-Length is not a number") from None
-            if not 0 < length <= max_bytes:
-                raise _BadRequest(400 if length <= 0 else 413, "request body missing or too large")
-            try:
-                return self.rfile.read(length)
-            except TimeoutError:  # a body shorter than its Content-Length: don't hold the thread forever
-                self.close_connection = True
-                raise _BadRequest(408, f"request body not received within {self.timeout:g} s") from None
-
-        def _json(self) -> Any:
-            raw = self._body(_MAX_BODY)
-            try:
-                return json.loads(raw)
-            except (ValueError, RecursionError):
-                raise _BadRequest(400, "request body is not valid JSON") from None
-
-        def do_POST(self) -> None:
-            route = self.path.rstrip("/")
-            handlers = {
-                "/v1/chat/completions": self._chat,
-                "/chat/completions": self._chat,
-                "/v1/completions": self._completions,
-                "/completions": self._completions,
-                "/rlk2/weights": self._weights,
-            }
-            if route not in handlers:
-                self._error(404, f"no route POST {self.path}", "not_found_error")
-                return
-            try:
-                handlers[route]()
-            except _BadRequest as exc:
-                self._error(exc.status, str(exc), exc.kind)
-
-        def _weights(self) -> None:
-            if not weight_updates:
-                raise _BadRequest(403, "weight updates are off: start rlk2 serve with --weight-updates", "forbidden")
-            try:
-                version = int(self.headers.get("X-Weights-Version", engine.version + 1))
-            except ValueError:
-                raise _BadRequest(400, "X-Weights-Version is not an integer") from None
-            tensors = read_weights(self._body(_MAX_WEIGHTS), engine.model)
-            job = engine.submit(_Job(("weights",), [], weights=tensors, version=version))
-            if job.error:
-                raise _BadRequest(500, job.error, "server_error")
-            self._send(200, {"weights_version": engine.version, "tensors": len(tensors)})
-
-        def _chat(self) -> None:
-            req = parse_request(
-                self._json(),
-                model_name=model_name,
-                tokenizer=engine.tokenizer,
-                limit=limit,
-                default_max_tokens=default_max_tokens,
-            )
-            job = engine.submit(_Job(req["key"], [req["ids"]] * req["n"]))
-            if job.error:
-                raise _BadRequest(500, job.error, "server_error")
-            choices, used = [], 0
-            for k, (toks, finished) in enumerate(job.result):
-                text, reason = _cut(engine.tokenizer.decode(toks, skip_special_tokens=True), finished, req["stop"])
-                choices.append(
-                    {
-                        "index": k,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": reason,
-                        "logprobs": None,
-                    }
-                )
-                used += len(toks)
-            self._send(
-                200,
-                {
-                    "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": model_name,
-                    "choices": choices,
-                    "usage": _usage(len(req["ids"]), used),
-                },
-            )
-
-        def _completions(self) -> None:
-            req = parse_completion_request(
-                self._json(),
-                model_name=model_name,
-                tokenizer=engine.tokenizer,
-                vocab=vocab,
-                limit=limit,
-                default_max_tokens=default_max_tokens,
-            )
-            job = engine.submit(_Job(req["key"], req["encoded"], seeds=req["seeds"]))
-            if job.error:
-                raise _BadRequest(500, job.error, "server_error")
-            tok, choices, used = engine.tokenizer, [], 0
-            for k, (toks, logps, finished) in enumerate(job.result):
-                text, reason = _cut(tok.decode(toks, skip_special_tokens=True), finished, req["stop"])
-                choice = {"index": k, "text": text, "finish_reason": reason, "logprobs": None}
-                if req["logprobs"]:
-                    choice["logprobs"] = {
-                        "tokens": tok.convert_ids_to_tokens(toks),
-                        "token_logprobs": logps,
-                        "top_logprobs": None,
-                        "text_offset": None,
-                    }
-                if req["token_ids"]:
-                    choice["token_ids"] = toks
-                    choice["prompt_token_ids"] = req["encoded"][k]
-                choices.append(choice)
-                used += len(toks)
-            self._send(
-                200,
-                {
-                    "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-                    "object": "text_completion",
-                    "created": int(time.time()),
-                    "model": model_name,
-                    "choices": choices,
-                    "usage": _usage(sum(len(ids) for ids in req["encoded"]), used),
-                    "weights_version": engine.version,
-                },
-            )
-
-    server = ThreadingHTTPServer((host, port), Handler)
+    service = _Service(
+        engine,
+        model_name,
+        limit=context_limit(engine.model),
+        vocab=engine.model.get_output_embeddings().weight.shape[0],
+        created=int(time.time()),
+        default_max_tokens=default_max_tokens,
+        weight_updates=weight_updates,
+    )
+    # `timeout`: the socket timeout for reading a request (headers and body)
+    handler = type("Handler", (_Handler,), {"service": service, "timeout": read_timeout_s})
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
+
+
+@dataclass(frozen=True)
+class _Service:
+    """What the routes serve: the engine and the facts about its model."""
+
+    engine: Generator
+    model_name: str
+    limit: int | None
+    vocab: int
+    created: int
+    default_max_tokens: int
+    weight_updates: bool
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """The routes (module docstring) over `service`, which `make_server` sets on a subclass per server."""
+
+    service: _Service
+
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def engine(self) -> Generator:
+        return self.service.engine
+
+    def log_message(self, *args: Any) -> None:  # keep stdout/stderr for the URL line and real problems
+        pass
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str) -> None:
+        self._send(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            self._send(
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": self.service.model_name,
+                            "object": "model",
+                            "created": self.service.created,
+                            "owned_by": "rlk2",
+                        }
+                    ],
+                },
+            )
+        elif self.path == "/health":
+            self._send(200, {"status": "ok"})
+        elif self.path.rstrip("/") == "/rlk2/weights":
+            self._send(200, {"weights_version": self.engine.version, "weight_updates": self.service.weight_updates})
+        else:
+            self._error(404, f"no route GET {self.path}", "not_found_error")
+
+    def _body(self, max_bytes: int) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise _BadRequest(400, "Content-Length is not a number") from None
+        if not 0 < length <= max_bytes:
+            raise _BadRequest(400 if length <= 0 else 413, "request body missing or too large")
+        try:
+            return self.rfile.read(length)
+        except TimeoutError:  # a body shorter than its Content-Length: don't hold the thread forever
+            self.close_connection = True
+            raise _BadRequest(408, f"request body not received within {self.timeout:g} s") from None
+
+    def _json(self) -> Any:
+        raw = self._body(_MAX_BODY)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise _BadRequest(400, "request body is not valid JSON") from None
+
+    def do_POST(self) -> None:
+        route = self.path.rstrip("/")
+        handlers = {
+            "/v1/chat/completions": self._chat,
+            "/chat/completions": self._chat,
+            "/v1/completions": self._completions,
+            "/completions": self._completions,
+            "/rlk2/weights": self._weights,
+        }
+        if route not in handlers:
+            self._error(404, f"no route POST {self.path}", "not_found_error")
+            return
+        try:
+            handlers[route]()
+        except _BadRequest as exc:
+            self._error(exc.status, str(exc), exc.kind)
+
+    def _weights(self) -> None:
+        if not self.service.weight_updates:
+            raise _BadRequest(403, "weight updates are off: start rlk2 serve with --weight-updates", "forbidden")
+        try:
+            version = int(self.headers.get("X-Weights-Version", self.engine.version + 1))
+        except ValueError:
+            raise _BadRequest(400, "X-Weights-Version is not an integer") from None
+        tensors = read_weights(self._body(_MAX_WEIGHTS), self.engine.model)
+        job = self.engine.submit(_Job(("weights",), [], weights=tensors, version=version))
+        if job.error:
+            raise _BadRequest(500, job.error, "server_error")
+        self._send(200, {"weights_version": self.engine.version, "tensors": len(tensors)})
+
+    def _chat(self) -> None:
+        req = parse_request(
+            self._json(),
+            model_name=self.service.model_name,
+            tokenizer=self.engine.tokenizer,
+            limit=self.service.limit,
+            default_max_tokens=self.service.default_max_tokens,
+        )
+        job = self.engine.submit(_Job(req["key"], [req["ids"]] * req["n"]))
+        if job.error:
+            raise _BadRequest(500, job.error, "server_error")
+        choices, used = [], 0
+        for k, (toks, finished) in enumerate(job.result):
+            text, reason = _cut(self.engine.tokenizer.decode(toks, skip_special_tokens=True), finished, req["stop"])
+            choices.append(
+                {
+                    "index": k,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": reason,
+                    "logprobs": None,
+                }
+            )
+            used += len(toks)
+        self._send(
+            200,
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.service.model_name,
+                "choices": choices,
+                "usage": _usage(len(req["ids"]), used),
+            },
+        )
+
+    def _completions(self) -> None:
+        req = parse_completion_request(
+            self._json(),
+            model_name=self.service.model_name,
+            tokenizer=self.engine.tokenizer,
+            vocab=self.service.vocab,
+            limit=self.service.limit,
+            default_max_tokens=self.service.default_max_tokens,
+        )
+        job = self.engine.submit(_Job(req["key"], req["encoded"], seeds=req["seeds"]))
+        if job.error:
+            raise _BadRequest(500, job.error, "server_error")
+        tok, choices, used = self.engine.tokenizer, [], 0
+        for k, (toks, logps, finished) in enumerate(job.result):
+            text, reason = _cut(tok.decode(toks, skip_special_tokens=True), finished, req["stop"])
+            choice = {"index": k, "text": text, "finish_reason": reason, "logprobs": None}
+            if req["logprobs"]:
+                choice["logprobs"] = {
+                    "tokens": tok.convert_ids_to_tokens(toks),
+                    "token_logprobs": logps,
+                    "top_logprobs": None,
+                    "text_offset": None,
+                }
+            if req["token_ids"]:
+                choice["token_ids"] = toks
+                choice["prompt_token_ids"] = req["encoded"][k]
+            choices.append(choice)
+            used += len(toks)
+        self._send(
+            200,
+            {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.service.model_name,
+                "choices": choices,
+                "usage": _usage(sum(len(ids) for ids in req["encoded"]), used),
+                "weights_version": self.engine.version,
+            },
+        )
 
 
 def _cut(text: str, finished: bool, stop: list[str]) -> tuple[str, str]:
