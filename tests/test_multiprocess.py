@@ -286,3 +286,70 @@ def _weights_of_warm_start(cache: Path) -> dict[str, torch.Tensor]:
 
     (ckpt,) = [p for p in cache.iterdir() if (p / "model.safetensors").exists() and not p.name.endswith("-base")]
     return load_file(ckpt / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_processes_killed_hard_resume_exactly(tmp_path):
+    """kill -9 of a two-process run (launcher and both ranks) between checkpoints, then `--resume` on two processes:
+    the finished run's metrics are those of a run that was never stopped."""
+    import signal
+    import time
+
+    import psutil
+
+    extra = ["trainer.steps=4", "trainer.save_every=1", "optim.name=muonclip"]
+    _train(tmp_path, "whole", extra, 2)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "rlk2.cli",
+        "train",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [*cmd, *_overrides(tmp_path, "killed", extra)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+    )
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(r.get("step") == 2 and "loss" in r for r in map(json.loads, lines[:-1] or [])):
+            break  # step 2 logged (the last line may be half-written)
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    # The launcher and every process under it at once (torch's launcher starts the ranks in sessions of their own,
+    # so a process-group kill would leave them running).
+    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept and "step-4" not in kept, kept
+    resumed = subprocess.run(
+        [*cmd[:-1], "train", "--resume", str(tmp_path / "killed")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "killed")
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        assert ra == rb, f"step {ra['step']} differs after the resume"
