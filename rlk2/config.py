@@ -204,7 +204,8 @@ class RolloutConfig:
     """Who samples the rollouts: local (this process, rlk2's decoder) | server (an inference server at
     `server_url`: `rlk2 serve CKPT --weight-updates`, or vLLM; rlk2.rollout.server). With a server, the weights of
     the last finished step are pushed to it before each step samples, pi_old is recomputed by the trainer, and each
-    token's loss is weighed by min(pi_old / pi_engine, algo.is_cap); `rollout/mismatch_kl` is logged."""
+    token's loss is weighed by min(pi_old / pi_engine, algo.is_cap); `rollout/mismatch_kl` is logged. Under
+    several processes the main one pushes and each samples its own groups from the server."""
     server_url: Optional[str] = None
     """engine=server: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
     server_timeout_s: float = 600.0

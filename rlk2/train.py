@@ -333,7 +333,7 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
     )
     if cfg.rollout.partial_tokens and accelerator.num_processes > 1:
         raise UserError("rollout.partial_tokens: partial rollouts run on one process only (for now)")
-    server = _rollout_server(cfg, accelerator.num_processes)
+    server = _rollout_server(cfg)
     critic = ClosedLoop.from_config(cfg, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
@@ -351,13 +351,11 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
     return run
 
 
-def _rollout_server(cfg: Config, processes: int) -> RolloutServer | None:
+def _rollout_server(cfg: Config) -> RolloutServer | None:
     """rollout.engine=server: the server client, once the server has answered (a run does not start without it)."""
     ro = cfg.rollout
     if ro.engine != "server":
         return None
-    if processes > 1:
-        raise UserError("rollout.engine=server: one training process only (for now)")
     if any(t.env for t in cfg.tasks):
         raise UserError("rollout.engine=server: environment tasks (tasks.N.env) sample on the local engine only")
     if cfg.policy.lora.enabled:
@@ -560,10 +558,8 @@ def generate(run: Run, step: int) -> Batch:
         rank=run.accelerator.process_index,
         world=run.accelerator.num_processes,
     )
-    if run.rollout_server is not None:  # the server samples with the weights of the last finished step
-        version = step - 1
-        if run.rollout_server.version != version:
-            batch.times["push"] = run.rollout_server.push(run.policy, version)
+    if run.rollout_server is not None and run.rollout_server.version != step - 1:
+        batch.times["push"] = _push_weights(run, step - 1)
     parts, stale_parts = [], {}  # stale_parts: part index -> [b, T] tokens sampled by an earlier policy
     for task in run.tasks:
         group_rows = [row for t, row in picked if t == task.name]
@@ -624,6 +620,25 @@ def generate(run: Run, step: int) -> Batch:
     batch.ro = pad_to_global_width(run.accelerator, ro, run.tokenizer.pad_token_id)
     batch.times["rollout"] = time.perf_counter() - t0
     return batch
+
+
+def _push_weights(run: Run, version: int) -> float:
+    """The server samples with the weights of the last finished step: the main process pushes them (every process
+    holds the same ones), and every process learns whether that worked, so all stop together if it did not."""
+    acc, server, seconds, failure = run.accelerator, run.rollout_server, 0.0, None
+    if acc.is_main_process:
+        try:
+            seconds = server.push(run.policy, version)
+        except EngineUnavailable as exc:
+            failure = str(exc)
+    if acc.num_processes > 1:
+        told = [failure]
+        torch.distributed.broadcast_object_list(told, src=0)
+        failure = told[0]
+    if failure is not None:
+        raise EngineUnavailable(failure)
+    server.version = version
+    return seconds
 
 
 def _play_episodes(run: Run, task: Task, batch: Batch, group_rows: list[dict], first: int, temperature: float):
@@ -837,9 +852,13 @@ def _off_policy_correction(run: Run, batch: Batch, mask: torch.Tensor) -> torch.
     log_ratio = now - ro.old_logp
     ratio = torch.exp(log_ratio).clamp(max=run.cfg.algo.is_cap)
     batch.is_weight = float(ratio[elsewhere].mean()) if elsewhere.any() else None
-    if server:
+    if server:  # over the global batch: sums and counts of every process
         r = log_ratio[sampled]  # k3 estimate of KL(engine || trainer) from the engine's own samples
-        batch.mismatch_kl = float((torch.exp(r) - 1 - r).mean()) if len(r) else 0.0
+        sums = torch.stack([(torch.exp(r) - 1 - r).sum(), ratio[sampled].sum(), torch.tensor(float(len(r)))])
+        if run.accelerator.num_processes > 1:
+            sums = run.accelerator.reduce(sums.to(run.accelerator.device), "sum").cpu()
+        kl, weight, n = sums.tolist()
+        batch.mismatch_kl, batch.is_weight = kl / max(n, 1.0), weight / max(n, 1.0)
     if ro.entropy is None and entropy is not None:  # the server does not report it: from this forward instead
         ro.entropy = entropy * ro.completion_mask
     ro.old_logp = torch.where(elsewhere, now, ro.old_logp)
@@ -1016,7 +1035,7 @@ def log(run: Run, batch: Batch) -> dict:
         "throughput/tokens_per_s": int(ro.policy_mask.sum()) / step_time,
     }
     row.update(_critic_metrics(run, batch, zero_std, n_samples, step_time))
-    if run.rollout_server is not None:  # one process only: the local batch is the batch
+    if run.rollout_server is not None:
         row["rollout/mismatch_kl"] = batch.mismatch_kl
         row["rollout/is_weight"] = batch.is_weight
         row["time/weight_push"] = t.get("push", 0.0)

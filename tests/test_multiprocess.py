@@ -353,3 +353,44 @@ def test_two_processes_killed_hard_resume_exactly(tmp_path):
     assert [r["step"] for r in b] == [r["step"] for r in a]
     for ra, rb in zip(a, b):
         assert ra == rb, f"step {ra['step']} differs after the resume"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_processes_sampling_from_one_server_match_one(tmp_path):
+    """`rollout.engine=server` under two processes: the main process pushes, both sample their own groups from the
+    server, and the steps are those of one process sampling from it (and of one process sampling locally)."""
+    local = _train(tmp_path, "local", [], 1)
+    assert "warm start: SFT done" in local.stdout + local.stderr
+    warm = json.loads((tmp_path / "local" / "env.json").read_text())["policy_source"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rlk2.cli", "serve", str(tmp_path / warm), "--port", "0", "--weight-updates"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        url = server.stdout.readline().split(" on ")[1].strip()
+        extra = ["rollout.engine=server", f"rollout.server_url={url}"]
+        two = _train(tmp_path, "two", extra, 2)
+        assert "data parallel: 2 processes (MULTI_CPU)" in two.stdout
+        _train(tmp_path, "one", extra, 1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    a, b, c = (_rows(tmp_path / run) for run in ("one", "two", "local"))
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 3]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), ra["step"]
+        rel = 1e-4 if ra["step"] <= 1 else 1e-2  # as in test_two_processes_match_one
+        for key, va in ra.items():
+            assert rb[key] == pytest.approx(va, rel=rel, abs=1e-6, nan_ok=True), f"step {ra['step']}: {key}"
+    train = [r for r in b if "loss" in r]
+    assert all(r["rollout/mismatch_kl"] < 1e-3 for r in train)
+    assert all(r["grad_norm"] > 0 for r in train[1:])
+    raw = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time/weight_push"] > 0 for r in raw if "loss" in r)  # pushed before every step
+    # The server run against the local-engine run: the same samples and rewards at step 1 (same weights, seeds).
+    for key in ("reward/mean", "completion/mean_length", "loss"):
+        assert a[1][key] == pytest.approx(c[1][key], rel=1e-4, abs=1e-6), key
