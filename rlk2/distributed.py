@@ -81,7 +81,7 @@ def check_launch(
             f"({kind}); each would run alone and write the same run directory"
         )
     if kind in _SHARDED:
-        if optimizer == "muonclip":
+        if optimizer == "muonclip" and kind != "FSDP":
             raise UserError(
                 f"optim.name=muonclip: parameters sharded by {kind} are not supported (Newton-Schulz needs "
                 "whole matrices); supported: a single process or DDP (configs/accelerate/ddp.yaml)"

@@ -1,7 +1,7 @@
 """Data-parallel training: `accelerate launch --num_processes 2 --cpu` takes the same steps as one process.
 
 Also: the shipped accelerate launch files load with accelerate's own config classes, the launch checks refuse what
-the loop cannot run exactly, and MuonClip refuses sharded (FSDP2) parameters with a one-line error."""
+the loop cannot run exactly, and MuonClip on FSDP2-sharded parameters takes the one-process steps."""
 
 import json
 import os
@@ -29,11 +29,14 @@ def test_every_loss_says_what_it_averages_over():
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
 def test_sharded_launches_are_refused_in_one_line(kind):
-    with pytest.raises(UserError, match="optim.name=muonclip.*single process or DDP") as err:
-        check_launch(distributed_type=kind, num_processes=2, prompts_per_step=4, optimizer="muonclip", loss="k2")
-    assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match=f"{kind} launches are not supported"):
-        check_launch(distributed_type=kind, num_processes=2, prompts_per_step=4, optimizer="adamw", loss="k2")
+    if kind == "DEEPSPEED":  # MuonClip cannot gather ZeRO-3 partitions; FSDP2 shards it can (rlk2.optim.sharded)
+        with pytest.raises(UserError, match="optim.name=muonclip.*single process or DDP") as err:
+            check_launch(distributed_type=kind, num_processes=2, prompts_per_step=4, optimizer="muonclip", loss="k2")
+        assert "\n" not in str(err.value)
+    for optimizer in ("adamw", "muonclip") if kind == "FSDP" else ("adamw",):
+        with pytest.raises(UserError, match=f"{kind} launches are not supported") as err:
+            check_launch(distributed_type=kind, num_processes=2, prompts_per_step=4, optimizer=optimizer, loss="k2")
+        assert "\n" not in str(err.value)
 
 
 def test_processes_that_did_not_join_are_refused(monkeypatch):
@@ -84,25 +87,63 @@ def test_loss_scale_makes_the_ddp_average_the_one_process_gradient():
     assert loss_scale(_FakeAccelerator(torch.tensor([2.0])), "k2", mask0) == 1.0
 
 
-def test_muonclip_refuses_fsdp2_sharded_parameters():
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def _muonclip_worker(tmp: Path, mode: str) -> dict:
+    out = tmp / f"{mode}.pt"
+    script = str(ROOT / "tests" / "fsdp_muonclip_worker.py")
+    launch = [] if mode == "reference" else ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_port", str(_free_port())] if launch else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, *launch, script, mode, str(out)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out)
+
+
+def test_muonclip_on_fsdp2_shards_takes_the_one_process_steps(tmp_path):
+    """MuonClip on FSDP2-sharded parameters (2 processes, gloo) against whole parameters on one process: the same
+    weights after 3 steps (Muon with gathered matrices, expert stacks, AdamW, QK-Clip on row slices), while
+    orthogonalising each rank's slice alone (the negative control) does not."""
+    ref = _muonclip_worker(tmp_path, "reference")
+    sharded = _muonclip_worker(tmp_path, "sharded")
+    assert sharded["sharded"], "nothing was sharded: the comparison would be vacuous"
+    assert all(m["qk_clip/clipped_heads"] > 0 for m in ref["metrics"])  # QK-Clip scaled rows every step
+    for a, b in zip(ref["metrics"], sharded["metrics"]):
+        assert b["qk_clip/clipped_heads"] == a["qk_clip/clipped_heads"]
+        assert b["qk_clip/max_logit"] == pytest.approx(a["qk_clip/max_logit"], rel=1e-4)
+    start = _muonclip_initial_state()
+    moved = 0
+    for name, want in ref["state"].items():
+        got = sharded["state"][name]
+        assert got.shape == want.shape, name
+        # Measured: <= 6e-7 on Muon matrices, 5e-6 on the LM head (AdamW divides near-zero gradients by their own
+        # size, so reduction-order rounding grows); one step moves a weight by up to lr = 2e-2.
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (name, (got - want).abs().max())
+        moved += int(not torch.equal(want, start[name]))
+    assert moved > len(ref["state"]) // 2  # the steps changed most tensors
+    control = _muonclip_worker(tmp_path, "shard_only")
+    off = [n for n, want in ref["state"].items() if not torch.allclose(control["state"][n], want, atol=1e-4)]
+    assert any("q_b_proj" in n or "o_proj" in n for n in off), off  # split matrices orthogonalised wrongly
+
+
+def _muonclip_initial_state() -> dict:
     from transformers import DeepseekV3ForCausalLM
 
-    from rlk2.optim import MuonClip
     from rlk2.policy import TinyMoEShape, tiny_deepseek_v3_config
 
+    torch.manual_seed(0)
     shape = TinyMoEShape(hidden_size=32, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=16)
-    model = DeepseekV3ForCausalLM(tiny_deepseek_v3_config(64, shape))
-    MuonClip(model, lr=1e-3)  # whole parameters: fine
-    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-    try:
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(UserError, match="is sharded .* supported: a single process or DDP") as err:
-            MuonClip(model, lr=1e-3)
-        assert "\n" not in str(err.value)
-    finally:
-        torch.distributed.destroy_process_group()
+    return DeepseekV3ForCausalLM(tiny_deepseek_v3_config(64, shape)).state_dict()
+
+
+def test_muonclip_refuses_deepspeed_zero3_partitions():
+    from rlk2.optim import MuonClip
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model[0].weight.ds_id = 3  # what ZeRO-3 leaves in place of a partitioned parameter
+    with pytest.raises(UserError, match="partitioned by DeepSpeed ZeRO-3") as err:
+        MuonClip(model, lr=1e-3)
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ launch files

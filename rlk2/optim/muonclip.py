@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 
 import torch
 from torch import nn
@@ -18,17 +17,14 @@ from torch.optim.adamw import adamw
 from rlk2.errors import UserError
 from rlk2.optim.muon import muon_scale, newton_schulz, route_parameters
 from rlk2.optim.qk_clip import find_attention, qk_clip
+from rlk2.optim.sharded import local, orthogonalise
 
 logger = logging.getLogger("rlk2.optim")
 
 
-def _is_sharded(p: torch.Tensor) -> bool:
-    """FSDP2 keeps a shard of each parameter in a DTensor; DeepSpeed ZeRO-3 leaves an empty tensor tagged `ds_id`."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return hasattr(p, "ds_id")
-    return isinstance(p, DTensor) or hasattr(p, "ds_id")
+def _is_zero3(p: torch.Tensor) -> bool:
+    """DeepSpeed ZeRO-3 leaves an empty tensor tagged `ds_id` in place of each parameter."""
+    return hasattr(p, "ds_id")
 
 
 class MuonClip(torch.optim.Optimizer):
@@ -69,11 +65,11 @@ class MuonClip(torch.optim.Optimizer):
             if not ok:
                 raise ValueError(f"MuonClip: invalid {name}={value!r}")
 
-        sharded = [n for n, p in model.named_parameters() if p.requires_grad and _is_sharded(p)]
+        sharded = [n for n, p in model.named_parameters() if p.requires_grad and _is_zero3(p)]
         if sharded:
             raise UserError(
-                f"MuonClip: parameter '{sharded[0]}' is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3) and "
-                "Newton-Schulz needs whole matrices; supported: a single process or DDP"
+                f"MuonClip: parameter '{sharded[0]}' is partitioned by DeepSpeed ZeRO-3, whose partitions cannot be "
+                "gathered whole here; supported: a single process, DDP, or FSDP2 (rlk2.optim.sharded)"
             )
         routing = route_parameters(model)
         logger.info("MuonClip parameter routing: %s", routing.summary())
@@ -144,32 +140,21 @@ class MuonClip(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if type(p.data).__name__ == "DTensor":
-                raise RuntimeError("MuonClip: sharded (FSDP2/DTensor) parameters are not supported; use DDP")
+            grad = local(p.grad)  # FSDP2: this rank's slice; its momentum stays a slice too
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)  # M_t = mu M_{t-1} + G_t
+            buf.mul_(mu).add_(grad)  # M_t = mu M_{t-1} + G_t
             params.append(p)
-            updates.append(p.grad.add(buf, alpha=mu) if group["nesterov"] else buf)
-
+            updates.append(grad.add(buf, alpha=mu) if group["nesterov"] else buf)
         # Matrices of one shape (all layers' q_proj, every expert of every MoE layer, ...) go through Newton-Schulz
-        # as one batch: on small models the per-call overhead, not the flops, dominates the step.
-        batches: dict[tuple, list[int]] = defaultdict(list)
-        for i, u in enumerate(updates):
-            batches[(tuple(u.shape[-2:]), u.device, u.dtype)].append(i)
-        for (shape, _, _), members in batches.items():
-            stacked = torch.cat([updates[i].reshape(-1, *shape) for i in members])  # [k, n, m]
-            ortho = newton_schulz(stacked, group["ns_steps"])
-            scale = muon_scale(shape)
-            offset = 0
-            for i in members:
-                p = params[i]
-                count = p.numel() // (shape[0] * shape[1])
-                p.mul_(1 - lr * wd)  # decoupled weight decay: W <- W - lr * (O + wd * W)
-                p.add_(ortho[offset : offset + count].view_as(p), alpha=-lr * scale)
-                offset += count
+        # as one batch; sharded matrices are gathered whole and spread over ranks first (rlk2.optim.sharded).
+        ortho = orthogonalise(params, updates, lambda x: newton_schulz(x, group["ns_steps"]))
+        for p, o in zip(params, ortho):
+            w = local(p.data)
+            w.mul_(1 - lr * wd)  # decoupled weight decay: W <- W - lr * (O + wd * W)
+            w.add_(o, alpha=-lr * muon_scale(p.shape))  # the whole matrix's shape, not the slice's
 
     def _adamw_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from rlk2.optim.sharded import local_rows
+
 logger = logging.getLogger("rlk2.optim")
 
 # Attention classes whose recording and clipping the tests check against the eager kernel's own logits.
@@ -194,9 +196,13 @@ def _keep_to_bias(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_rows(linear: nn.Module, start: int, stop: int, factor: float) -> None:
-    linear.weight.data[start:stop].mul_(factor)
-    if getattr(linear, "bias", None) is not None:
-        linear.bias.data[start:stop].mul_(factor)
+    """Rows [start, stop) of the weight (and bias) x factor; of a sharded (FSDP2) weight, those this rank holds."""
+    for t in (linear.weight, getattr(linear, "bias", None)):
+        if t is not None:
+            rows, first = local_rows(t.data)
+            a, b = max(start - first, 0), min(stop - first, rows.shape[0])
+            if a < b:
+                rows[a:b].mul_(factor)
 
 
 class StandardAttentionClip(AttentionClip):
