@@ -102,6 +102,7 @@ def worker(mode: str, reps: int, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(row))
     if distributed:
+        torch.distributed.barrier()  # no rank tears down gloo while another still talks to it
         torch.distributed.destroy_process_group()
 
 

@@ -854,7 +854,8 @@ def _off_policy_correction(run: Run, batch: Batch, mask: torch.Tensor) -> torch.
     batch.is_weight = float(ratio[elsewhere].mean()) if elsewhere.any() else None
     if server:  # over the global batch: sums and counts of every process
         r = log_ratio[sampled]  # k3 estimate of KL(engine || trainer) from the engine's own samples
-        sums = torch.stack([(torch.exp(r) - 1 - r).sum(), ratio[sampled].sum(), torch.tensor(float(len(r)))])
+        count = torch.tensor(float(len(r)), device=r.device)
+        sums = torch.stack([(torch.exp(r) - 1 - r).sum(), ratio[sampled].sum(), count])
         if run.accelerator.num_processes > 1:
             sums = run.accelerator.reduce(sums.to(run.accelerator.device), "sum").cpu()
         kl, weight, n = sums.tolist()

@@ -56,6 +56,7 @@ def main(mode: str, out: str) -> None:
     if rank == 0:
         torch.save({"state": state, "metrics": metrics, "sharded": sharded}, out)
     if mode != "reference":
+        torch.distributed.barrier()  # no rank tears down gloo while another still talks to it
         torch.distributed.destroy_process_group()
 
 
