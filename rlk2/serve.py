@@ -46,7 +46,7 @@ import torch
 
 from rlk2.errors import UserError
 from rlk2.policy import load_policy
-from rlk2.rollout import context_limit, encode_messages, generate_replies, generate_rollouts
+from rlk2.rollout import context_limit, encode_messages, generate_tokens
 
 _MAX_BODY = 8 * 2**20
 _MAX_WEIGHTS = 2**40  # a weight push is the model's size; anything up to 1 TiB
@@ -164,33 +164,19 @@ class Generator:
                     self.version = batch[0].version
                     batch[0].result = [self.version]
                     continue
-                encoded = [ids for job in batch for ids in job.encoded]
-                if kind == "tokens":
-                    max_new, temperature, top_p, seed = settings
-                    seeds = None if seed is not None else [s for job in batch for s in job.seeds]
-                    flat = sample_tokens(
-                        self.model,
-                        self.tokenizer,
-                        encoded,
-                        seeds,
-                        max_new_tokens=max_new,
-                        temperature=temperature,
-                        top_p=top_p,
-                        seed=seed,
-                        batch_size=self.max_batch,
-                    )
-                else:
-                    max_new, temperature, top_p, seed = settings
-                    flat = generate_replies(
-                        self.model,
-                        self.tokenizer,
-                        encoded,
-                        max_new_tokens=max_new,
-                        temperature=temperature,
-                        top_p=top_p,
-                        seed=seed,
-                        batch_size=self.max_batch,
-                    )
+                max_new, temperature, top_p, seed = settings
+                flat = generate_tokens(  # chat replies too: their handler drops the EOS and the log-probs
+                    self.model,
+                    self.tokenizer,
+                    [ids for job in batch for ids in job.encoded],
+                    max_new_tokens=max_new,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed,
+                    seeds=None if seed is not None else [s for job in batch for s in job.seeds],
+                    batch_size=self.max_batch,
+                    record_logprobs=kind == "tokens",
+                )
                 for job in batch:
                     job.result, flat = flat[: len(job.encoded)], flat[len(job.encoded) :]
             except Exception as exc:  # a model error fails these requests (500), not the server
@@ -199,40 +185,6 @@ class Generator:
             finally:
                 for job in batch:
                     job.done.set()
-
-
-def sample_tokens(
-    model,
-    tokenizer,
-    encoded: list[list[int]],
-    seeds: list[int] | None,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    batch_size: int,
-) -> list[tuple[list[int], list[float], bool]]:
-    """(completion token ids with the EOS when it ended, their log-probs, whether it ended with EOS) per prompt:
-    the training loop's own generation (`generate_rollouts`), so the log-probs are of the distribution each token
-    was drawn from. With `seeds` (one per prompt) a sequence's draws are a function of its seed alone; otherwise
-    chunk c of `batch_size` sequences draws from a generator seeded with `seed + c * batch_size`."""
-    greedy, out = temperature <= 0, []
-    for start in range(0, len(encoded), batch_size):
-        ro = generate_rollouts(
-            model,
-            tokenizer,
-            encoded[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            temperature=1.0 if greedy else temperature,
-            top_p=top_p,
-            greedy=greedy,
-            seed=None if seeds is not None else seed + start,
-            seeds=None if seeds is None else seeds[start : start + batch_size],
-        )
-        rows = zip(ro.completion_ids.tolist(), ro.old_logp.tolist(), ro.num_tokens.tolist(), ro.truncated.tolist())
-        out += [(ids[:n], lps[:n], not cut) for ids, lps, n, cut in rows]
-    return out
 
 
 def read_weights(data: bytes, model) -> dict[str, torch.Tensor]:
@@ -547,7 +499,8 @@ class _Handler(BaseHTTPRequestHandler):
         if job.error:
             raise _BadRequest(500, job.error, "server_error")
         choices, used = [], 0
-        for k, (toks, finished) in enumerate(job.result):
+        for k, (toks, _, finished) in enumerate(job.result):
+            toks = toks[:-1] if finished else toks  # the reply without its EOS
             text, reason = _cut(self.engine.tokenizer.decode(toks, skip_special_tokens=True), finished, req["stop"])
             choices.append(
                 {

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import functools
 import math
 import sys
 import time
@@ -572,34 +573,27 @@ def generate(run: Run, step: int) -> Batch:
             continue
         ids = encode_prompts(run.tokenizer, [r["prompt"] for r in group_rows], chat_template=cfg.policy.chat_template)
         seeds = sequence_seeds(batch.seed, first + len(batch.rows), len(group_rows), k)
+        stream = None
         if run.rollout_server is not None:
-            stream = None
-            parts.append(
-                run.rollout_server.generate(
-                    run.tokenizer,
-                    run.policy,
-                    [i for i in ids for _ in range(k)],
-                    max_new_tokens=task.cfg.max_new_tokens,
-                    temperature=temperature,
-                    top_p=cfg.rollout.top_p,
-                    seeds=seeds,
-                )
-            )
+            sample = functools.partial(run.rollout_server.generate, run.tokenizer, run.policy)
         else:
             stream = run.engine.stream(task.specs, *reward_inputs(group_rows, k)) if task.streamed else None
-            parts.append(
-                generate_rollouts(
-                    run.policy,
-                    run.tokenizer,
-                    [i for i in ids for _ in range(k)],
-                    max_new_tokens=task.cfg.max_new_tokens,
-                    temperature=temperature,
-                    top_p=cfg.rollout.top_p,
-                    record_routing=run.moe.enabled,
-                    seeds=seeds,
-                    on_finished=None if stream is None else _scorer_of_finished(stream, run.tokenizer),
-                )
+            sample = functools.partial(
+                generate_rollouts,
+                run.policy,
+                run.tokenizer,
+                record_routing=run.moe.enabled,
+                on_finished=None if stream is None else _scorer_of_finished(stream, run.tokenizer),
             )
+        parts.append(
+            sample(
+                [i for i in ids for _ in range(k)],
+                max_new_tokens=task.cfg.max_new_tokens,
+                temperature=temperature,
+                top_p=cfg.rollout.top_p,
+                seeds=seeds,
+            )
+        )
         if stream is not None:
             batch.scoring[task.name] = stream.finish(parts[-1].texts)
         elif task.overlap:  # the worker processes score this task while this process generates the next

@@ -197,25 +197,31 @@ def _overrides(tmp: Path, run: str, extra: list[str]) -> list[str]:
     ]
 
 
-def _train(tmp: Path, run: str, extra: list[str], processes: int) -> subprocess.CompletedProcess:
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _train_cmd(processes: int) -> list[str]:
+    """`rlk2 train` on one process, or under `accelerate launch` (gloo) on several."""
     if processes == 1:
-        cmd = [sys.executable, "-m", "rlk2.cli", "train"]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-            "--num_processes",
-            str(processes),
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "rlk2.cli",
-            "train",
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        return [sys.executable, "-m", "rlk2.cli", "train"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "rlk2.cli",
+        "train",
+    ]
+
+
+def _train(tmp: Path, run: str, extra: list[str], processes: int) -> subprocess.CompletedProcess:
+    cmd, env = _train_cmd(processes), _ENV
     proc = subprocess.run(
         [*cmd, *_overrides(tmp, run, extra)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp
     )
@@ -341,26 +347,12 @@ def test_two_processes_killed_hard_resume_exactly(tmp_path):
 
     extra = ["trainer.steps=4", "trainer.save_every=1", "optim.name=muonclip"]
     _train(tmp_path, "whole", extra, 2)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "rlk2.cli",
-        "train",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = _train_cmd(2)
     proc = subprocess.Popen(
         [*cmd, *_overrides(tmp_path, "killed", extra)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env=_ENV,
         cwd=tmp_path,
     )
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -381,11 +373,11 @@ def test_two_processes_killed_hard_resume_exactly(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept and "step-4" not in kept, kept
     resumed = subprocess.run(
-        [*cmd[:-1], "train", "--resume", str(tmp_path / "killed")],
+        [*_train_cmd(2), "--resume", str(tmp_path / "killed")],
         capture_output=True,
         text=True,
         timeout=900,
-        env=env,
+        env=_ENV,
         cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,8 +4,8 @@
   joined and selected; `SharedPrompts`, which rows repeat a prompt.
 - `text`: the one prompt encoder (`encode_messages`, `encode_prompts`) and the tokens that end a reply.
 - `sampling`: the distribution a token is drawn from (temperature, top-p, greedy) and the seeded noise.
-- `generate`: `generate_rollouts` (the loop's sampling, log-probs recorded), `generate_replies` / `generate_texts`
-  (the same generation for the critic, evaluation and `rlk2 serve`).
+- `generate`: `generate_rollouts` (the loop's sampling, log-probs recorded), `generate_tokens` / `generate_replies`
+  (the same generation in chunks, for `rlk2 serve` and the critic).
 - `decode`: `LatentDecoder` and absorbed MLA attention, the DeepSeek-V3-family decode fast path.
 - `logprobs`: `policy_logprobs`, the training forward's log-probs of the same tokens.
 
@@ -13,7 +13,7 @@ A faster engine, partial rollouts or multi-turn episodes plug in here without to
 """
 
 from rlk2.rollout.batch import Rollout, SharedPrompts, concat_rollouts, left_pad
-from rlk2.rollout.generate import context_limit, generate_replies, generate_rollouts
+from rlk2.rollout.generate import context_limit, generate_replies, generate_rollouts, generate_tokens
 from rlk2.rollout.logprobs import policy_logprobs
 from rlk2.rollout.text import encode_messages, encode_prompts, eos_ids
 
@@ -27,6 +27,7 @@ __all__ = [
     "eos_ids",
     "generate_replies",
     "generate_rollouts",
+    "generate_tokens",
     "left_pad",
     "policy_logprobs",
 ]

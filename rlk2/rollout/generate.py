@@ -225,6 +225,46 @@ def context_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def generate_tokens(
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    seeds: list[int] | None = None,
+    batch_size: int = 64,
+    record_logprobs: bool = True,
+) -> list[tuple[list[int], list[float], bool]]:
+    """(completion token ids, EOS included when it ended; their log-probs; whether it ended with EOS) per encoded
+    prompt; `temperature <= 0` is greedy.
+
+    The training loop's generation (`generate_rollouts`) in chunks of `batch_size` sequences, so the log-probs are
+    those of the distribution each token was drawn from. With `seeds` (one per prompt) a sequence's draws depend on
+    its seed alone; otherwise chunk c draws from a generator seeded with `seed + c * batch_size`, so results are
+    reproducible and the global RNG is left alone.
+    """
+    greedy, out = temperature <= 0, []
+    for start in range(0, len(encoded), batch_size):
+        ro = generate_rollouts(
+            model,
+            tokenizer,
+            encoded[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if greedy else temperature,
+            top_p=top_p,
+            greedy=greedy,
+            seed=None if seeds is not None else seed + start,
+            seeds=None if seeds is None else seeds[start : start + batch_size],
+            record_logprobs=record_logprobs,
+        )
+        rows = zip(ro.completion_ids.tolist(), ro.old_logp.tolist(), ro.num_tokens.tolist(), ro.truncated.tolist())
+        out += [(ids[:n], lps[:n], not cut) for ids, lps, n, cut in rows]
+    return out
+
+
 def generate_replies(
     model,
     tokenizer,
@@ -236,27 +276,17 @@ def generate_replies(
     top_p: float = 1.0,
     batch_size: int = 64,
 ) -> list[tuple[list[int], bool]]:
-    """(reply token ids without EOS, whether it ended with EOS) per encoded prompt; `temperature <= 0` is greedy.
-
-    The same generation as the training loop's (`generate_rollouts`, no log-probs kept), in chunks of
-    `batch_size` sequences; chunk c draws from a generator seeded with `seed + c * batch_size`, so replies are
-    reproducible and the global RNG is left alone.
-    """
-    out: list[tuple[list[int], bool]] = []
-    greedy = temperature <= 0
-    for start in range(0, len(encoded), batch_size):
-        ro = generate_rollouts(
-            model,
-            tokenizer,
-            encoded[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            temperature=1.0 if greedy else temperature,
-            top_p=top_p,
-            greedy=greedy,
-            seed=seed + start,
-            record_logprobs=False,
-        )
-        lengths = ro.num_tokens.tolist()
-        for row, n, cut in zip(ro.completion_ids.tolist(), lengths, ro.truncated.tolist()):
-            out.append((row[:n], False) if cut else (row[: n - 1], True))  # n counts the EOS when it ended
-    return out
+    """(reply token ids without EOS, whether it ended with EOS) per encoded prompt; `temperature <= 0` is greedy:
+    `generate_tokens` without the log-probs."""
+    replies = generate_tokens(
+        model,
+        tokenizer,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        record_logprobs=False,
+    )
+    return [(ids[:-1] if ended else ids, ended) for ids, _, ended in replies]  # an ended reply's last id is EOS
