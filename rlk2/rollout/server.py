@@ -83,9 +83,10 @@ class RolloutServer:
 
     # ------------------------------------------------------------------------------------------- weights
     def push(self, model: torch.nn.Module, version: int) -> float:
-        """Sends every tensor of `model`'s state dict to the server as weights `version`; returns the seconds taken."""
+        """Sends the floating-point tensors of `model`'s state dict (weights and float buffers; integer buffers are
+        never trained) to the server as weights `version`; returns the seconds taken."""
         t0 = time.perf_counter()
-        state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+        state = {name: t.detach().contiguous() for name, t in model.state_dict().items() if t.is_floating_point()}
         body = safetensors.torch.save(_untied(state))
         headers = {"Content-Type": "application/octet-stream", "X-Weights-Version": str(version)}
         reply = self._request("/rlk2/weights", body, headers, f"weight push (version {version})")
