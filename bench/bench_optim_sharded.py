@@ -101,9 +101,11 @@ def worker(mode: str, reps: int, out: str) -> None:
     row["total_bytes"] = row["param_bytes"] + row["grad_bytes"] + row["state_bytes"]
     if rank == 0:
         Path(out).write_text(json.dumps(row))
-    if distributed:
-        torch.distributed.barrier()  # no rank tears down gloo while another still talks to it
-        torch.distributed.destroy_process_group()
+    if distributed:  # leave without tearing gloo down (see tests/fsdp_muonclip_worker.py)
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _launch(mode: str, reps: int) -> dict:
