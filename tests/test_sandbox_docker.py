@@ -37,7 +37,14 @@ def pool():
     pool_id = p.slots[0].pool_id
     client = p.slots[0].eng.client
     p.close()
-    assert client.containers.list(all=True, filters={"label": f"{LABEL}={pool_id}"}) == []
+    # `sparse`: no per-container inspect, which raced with a removal still finishing (404 in one CI run); the
+    # engine may take a moment to finish removing, so poll briefly.
+    deadline = time.monotonic() + 30
+    left = client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}={pool_id}"})
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}={pool_id}"})
+    assert left == []
 
 
 def _job(i):
