@@ -19,8 +19,9 @@ processes logs the same metrics and ends with the same weights as a run on one, 
   identical, so one evaluation is the evaluation).
 
 DDP needs `find_unused_parameters=True`: an MoE expert that no token of a rank's slice was routed to gets no
-gradient on that rank. Sharded parameters (FSDP, DeepSpeed) are refused at start-up with a one-line error:
-generation steps every rank through a different number of forwards, which sharded parameters cannot do.
+gradient on that rank. FSDP2 launches shard the policy instead of replicating it (rlk2.sharding); the rest of the
+above holds unchanged, FSDP2's reduce-scatter averaging gradients as DDP's all-reduce does. DeepSpeed and
+Megatron launches are refused at start-up with a one-line error.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ LOSS_UNIT: dict[str, str] = {
     "gspo": "sequence",
 }
 
-_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+_REFUSED = ("DEEPSPEED", "MEGATRON_LM")  # FSDP2: rlk2.sharding
 
 
 def ddp_kwargs() -> list:
@@ -80,15 +81,15 @@ def check_launch(
             f"{launched} processes were launched but Accelerate joined {num_processes} "
             f"({kind}); each would run alone and write the same run directory"
         )
-    if kind in _SHARDED:
-        if optimizer == "muonclip" and kind != "FSDP":
+    if kind in _REFUSED:
+        if optimizer == "muonclip":
             raise UserError(
                 f"optim.name=muonclip: parameters sharded by {kind} are not supported (Newton-Schulz needs "
-                "whole matrices); supported: a single process or DDP (configs/accelerate/ddp.yaml)"
+                "whole matrices); supported: a single process, DDP or FSDP2 (configs/accelerate/fsdp2.yaml)"
             )
         raise UserError(
-            f"rlk2 train: {kind} launches are not supported yet (rollouts need whole parameters on "
-            "every rank); supported: a single process or DDP (configs/accelerate/ddp.yaml)"
+            f"rlk2 train: {kind} launches are not supported; supported: a single process, DDP "
+            "(configs/accelerate/ddp.yaml) or FSDP2 (configs/accelerate/fsdp2.yaml)"
         )
     if loss not in LOSS_UNIT:
         raise UserError(f"algo.loss: '{loss}' does not say what it averages over (rlk2.distributed.LOSS_UNIT)")

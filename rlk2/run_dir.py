@@ -12,7 +12,10 @@
 Only the main process writes (`RunDir.main`); the others read. A checkpoint is first written to a hidden temporary
 directory beside it, flushed to disk, then renamed into place, so a crash (or a full disk) never leaves a
 half-written `step-<N>`; older checkpoints are pruned only after the new one is in place. `trainer_state.pt` holds
-the optimizer, scheduler, prompt samplers and RNG state, so a resume continues the same run.
+the optimizer, scheduler, prompt samplers and RNG state, so a resume continues the same run. An FSDP2 run
+(rlk2.sharding) writes the gathered weights the same way and its optimizer sharded: rank 0's slice in
+`trainer_state.pt`, each other rank's in `optimizer-rank<r>.pt` beside it, moved into the temporary directory before
+the rename, so a checkpoint is whole or absent for all ranks at once.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import yaml
 from rlk2.config import Config, to_dict
 from rlk2.errors import UserError
 from rlk2.eval.report import write_run_report
+from rlk2.sharding import full_state_dict, load_local_optimizer_state, local_optimizer_state, shard_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every entry `rlk2 train` writes in a run directory (what run.overwrite=true may remove).
@@ -166,21 +170,45 @@ class RunDir:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(
-        self, step: int, model, tokenizer, *, optimizer, scheduler, samplers: dict, config_yaml: str, keep_last: int
+        self,
+        step: int,
+        model,
+        tokenizer,
+        *,
+        optimizer,
+        scheduler,
+        samplers: dict,
+        config_yaml: str,
+        keep_last: int,
+        sharded: bool = False,
     ) -> None:
-        """Write checkpoints/step-<step> (weights, tokenizer, trainer state); one line on a full disk."""
+        """Write checkpoints/step-<step> (weights, tokenizer, trainer state); one line on a full disk. With `sharded`
+        (FSDP2) every rank must call it: the weights are gathered and each rank's optimizer slice is written."""
+        weights, extra, optim_state = None, [], None
+        if sharded:
+            weights = full_state_dict(model)  # collective: every rank takes part, the main process gets it
+            optim_state = local_optimizer_state(optimizer)
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+            if rank:
+                torch.save(optim_state, self.path / "checkpoints" / f".step-{step}.optimizer-rank{rank}.pt")
+            torch.distributed.barrier()  # every slice is on disk before the main process moves them in
+            extra = [self.path / "checkpoints" / f".step-{step}.optimizer-rank{r}.pt" for r in range(1, world)]
+            optim_state = {**optim_state, "ranks": world}
         if not self.main:
             return
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             **{name: s.state_dict() for name, s in samplers.items()},
             "rng": rng_state(),
             "config": config_yaml,
         }
         try:
-            save_checkpoint(self.path, step, model, tokenizer, state, keep_last=keep_last)
+            save_checkpoint(
+                self.path, step, model, tokenizer, state, keep_last=keep_last, state_dict=weights, extra_files=extra
+            )
         except OSError as exc:  # disk full, quota, permissions: the partial copy is gone, older ones intact
             prev = latest_checkpoint(self.path)
             kept = f"the last complete checkpoint is {prev}" if prev else "no earlier checkpoint exists"
@@ -213,10 +241,28 @@ class RunDir:
         raise UserError(f"--resume {self.path}: no intact checkpoint to resume from{why}")
 
     @staticmethod
-    def restore(state: dict, *, optimizer, scheduler, samplers: dict) -> int:
+    def restore(state: dict, *, optimizer, scheduler, samplers: dict, sharded_from: Path | None = None) -> int:
         """Load a checkpoint's trainer state into the optimizer, scheduler, samplers and RNGs; returns its step.
-        (The weights were loaded from the checkpoint itself.) A sampler absent from the state keeps its start."""
-        optimizer.load_state_dict(state["optimizer"])
+        (The weights were loaded from the checkpoint itself.) A sampler absent from the state keeps its start.
+        `sharded_from`: an FSDP2 run's checkpoint directory, from which each rank loads its optimizer slice."""
+        ranks = state["optimizer"].get("ranks")
+        if sharded_from is None and ranks is not None:
+            raise UserError(
+                f"--resume: the checkpoint's optimizer state is FSDP2-sharded over {ranks} processes; resume it "
+                f"with the same launch ({ranks} processes, an FSDP2 config)"
+            )
+        if sharded_from is not None:
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            if ranks != world:
+                held = f"sharded over {ranks} processes" if ranks else "whole (a run without FSDP2)"
+                raise UserError(
+                    f"--resume: the checkpoint's optimizer state is {held}; this launch has {world} FSDP2 "
+                    "processes (an exact resume needs the launch that wrote it)"
+                )
+            mine = state["optimizer"] if rank == 0 else torch.load(shard_file(sharded_from, rank), weights_only=False)
+            load_local_optimizer_state(getattr(optimizer, "optimizer", optimizer), dict(mine))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for name, sampler in samplers.items():
             if name in state:
@@ -403,17 +449,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, trainer_state: dict, *, keep_last: int) -> Path:
-    """Write `checkpoints/step-<step>` atomically and keep only the newest `keep_last` (0 = keep all)."""
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model,
+    tokenizer,
+    trainer_state: dict,
+    *,
+    keep_last: int,
+    state_dict: dict | None = None,
+    extra_files: list[Path] = (),
+) -> Path:
+    """Write `checkpoints/step-<step>` atomically and keep only the newest `keep_last` (0 = keep all). `state_dict`:
+    the weights to write, when the model's own are sharded; `extra_files` are moved in (by their name less the
+    `.step-<step>.` prefix) before the rename."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
+        for path in extra_files:
+            os.replace(path, tmp / path.name.removeprefix(f".step-{step}."))
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

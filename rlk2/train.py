@@ -20,10 +20,9 @@ K2 training controls (rlk2.controls; all off by default): a decaying sampling te
 for the training log-probs alike), prioritized prompt sampling by tracked success rate, dropping groups whose
 rewards all tie from the loss, and the PTX loss on curated (prompt, completion) data added with a weight.
 
-Deliberate simplifications: rollouts come from rlk2's own decoder on the training process (no separate inference
-engine); one rollout batch per step (no partial rollouts); the KL-to-reference term is not implemented (off by
-default in DESIGN.md); multi-process (DDP) runs split the prompt groups across ranks and reproduce the one-process
-run (rlk2.distributed); sharded parameters (FSDP, DeepSpeed) are refused.
+Deliberate simplifications: the KL-to-reference term is not implemented (off by default in DESIGN.md).
+Multi-process runs split the prompt groups across ranks and reproduce the one-process run (rlk2.distributed), with
+replicated (DDP) or FSDP2-sharded parameters (rlk2.sharding); DeepSpeed launches are refused.
 """
 
 from __future__ import annotations
@@ -98,6 +97,7 @@ from rlk2.rollout import (
 )
 from rlk2.rollout.server import EngineUnavailable, RolloutServer
 from rlk2.run_dir import AlreadyFinished, RunDir, check_resume, env_info
+from rlk2.sharding import clip_grads, fsdp_plugin, grad_norm, shard_policy, whole_weights
 from rlk2.signals import GracefulStop, interruption_point
 from rlk2.tasks import Task, bind_critic, check_prompt_lengths, load_tasks, metric_name, reward_inputs
 
@@ -158,6 +158,8 @@ class Run:
     """task -> the runner of its episodes' tool calls (environment tasks), made on first use."""
     rollout_server: RolloutServer | None = None
     """rollout.engine=server: the inference server that samples the rollouts (rlk2.rollout.server)."""
+    sharded: bool = False
+    """FSDP2: each rank holds a slice of every parameter (rlk2.sharding)."""
 
     def tool_runner(self, task: Task) -> ToolRunner:
         if task.name not in self.tool_runners:
@@ -325,6 +327,7 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
         cpu=cpu_only_launch(),
     )
     run_dir.main = accelerator.is_main_process
+    plugin = fsdp_plugin(accelerator)
     check_launch(
         distributed_type=accelerator.distributed_type,
         num_processes=accelerator.num_processes,
@@ -334,22 +337,39 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
     )
     if cfg.rollout.partial_tokens and accelerator.num_processes > 1:
         raise UserError("rollout.partial_tokens: partial rollouts run on one process only (for now)")
+    if plugin is not None:
+        _check_sharded(cfg)
     server = _rollout_server(cfg)
     critic = ClosedLoop.from_config(cfg, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
+        how = "FSDP2-sharded, " if plugin is not None else ""
         accelerator.print(
-            f"data parallel: {accelerator.num_processes} processes ({accelerator.distributed_type.value})"
+            f"data parallel: {accelerator.num_processes} processes ({how}{accelerator.distributed_type.value})"
         )
     set_seed(cfg.run.seed)
     engine = RewardEngine(num_workers=cfg.trainer.reward_workers)
     try:
-        run = _build(cfg, resume, accelerator, engine, critic, run_dir, on_step)
+        run = _build(cfg, resume, accelerator, engine, critic, run_dir, on_step, plugin)
     except BaseException:
         engine.close()
         raise
     run.rollout_server = server
     return run
+
+
+def _check_sharded(cfg: Config) -> None:
+    """What an FSDP2 run does not do yet, refused in one line before anything is written."""
+    if cfg.policy.lora.enabled:
+        raise UserError("policy.lora.enabled: LoRA adapters are trained with DDP; FSDP2 launches train full weights")
+    if cfg.rollout.engine == "server":
+        raise UserError("rollout.engine=server: FSDP2 runs sample on the local engine (the weight push is unsharded)")
+    rewards = [r for t in cfg.tasks for r in t.rewards]
+    if any(metric_name(r.name) == "rubric" and r.kwargs.get("backend", "self") == "self" for r in rewards):
+        raise UserError(
+            "FSDP2: the `self` critic judges with the live policy outside the rollout phase, which sharded weights "
+            "do not allow yet; use DDP, or a checkpoint/openai critic backend"
+        )
 
 
 def _rollout_server(cfg: Config) -> RolloutServer | None:
@@ -374,6 +394,7 @@ def _build(
     critic: ClosedLoop | None,
     run_dir: RunDir,
     on_step,
+    plugin,
 ) -> Run:
     tasks = load_tasks(cfg.tasks, engine, note=accelerator.print)
     ptx_rows = load_ptx_rows(cfg.algo.ptx.source) if cfg.algo.ptx.weight > 0 else None
@@ -408,6 +429,8 @@ def _build(
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+        if plugin is not None:  # before the optimizer: MuonClip is built over the parameters it steps
+            shard_policy(model, plugin, accelerator.device)
         optimizer = build_optimizer(
             cfg.optim.name,
             model,
@@ -419,7 +442,11 @@ def _build(
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+            # a CPU launch: Accelerate would wrap the sharded model in DDP (rlk2.sharding)
+            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        else:  # Accelerate's own FSDP2 preparation leaves an already sharded model as it is
+            model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         sampler = PromptSampler(
             {t.name: t.rows for t in tasks},
             {t.name: t.cfg.weight for t in tasks},
@@ -435,7 +462,11 @@ def _build(
         start_step = 0
         if state is not None:  # the weights came from the checkpoint itself; restore the rest of the trainer's state
             start_step = run_dir.restore(
-                state, optimizer=optimizer, scheduler=scheduler, samplers=_samplers(sampler, ptx_sampler, paused)
+                state,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                samplers=_samplers(sampler, ptx_sampler, paused),
+                sharded_from=Path(policy_source) if plugin is not None else None,
             )
             run_dir.truncate_metrics_after(start_step)
             accelerator.print(f"resumed from {policy_source} at step {start_step}")
@@ -466,6 +497,7 @@ def _build(
         on_step,
         done_step=start_step,
         paused=paused,
+        sharded=plugin is not None,
     )
 
 
@@ -541,6 +573,11 @@ def start(run: Run) -> dict:
 def generate(run: Run, step: int) -> Batch:
     """Sample this rank's groups (K responses per prompt) task by task; worker-run rewards start scoring each task
     while the next one generates (elementwise ones: each response as soon as it ends)."""
+    with whole_weights(run.model):  # FSDP2: gathered once for the whole phase (rlk2.sharding)
+        return _generate(run, step)
+
+
+def _generate(run: Run, step: int) -> Batch:
     cfg, k = run.cfg, run.k
     # K2 temperature decay: this step samples AND computes training log-probs at this temperature.
     temperature = temperature_at(
@@ -913,14 +950,16 @@ def update(run: Run, batch: Batch) -> None:
             loss = loss.detach() + cfg.algo.ptx.weight * lm.detach()
         batch.loss, batch.loss_metrics = loss, loss_metrics
         grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-        batch.grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        batch.grad_norm = grad_norm(grads) if grads else torch.tensor(0.0)  # of whole gradients, FSDP2 shards too
         if not (torch.isfinite(loss) and torch.isfinite(batch.grad_norm)):
             # A NaN/inf loss or gradient would poison the weights and the optimizer state: skip the update.
             run.optimizer.zero_grad(set_to_none=True)
             skipped += 1
             continue
         if cfg.optim.grad_clip > 0:
-            if plain_grads:  # the norm just computed is the one to clip by: no second pass over the gradients
+            if run.sharded:  # FSDP2: the norm above is the whole gradients'; each rank scales its slices
+                clip_grads(grads, cfg.optim.grad_clip, batch.grad_norm)
+            elif plain_grads:  # the norm just computed is the one to clip by: no second pass over the gradients
                 torch.nn.utils.clip_grads_with_norm_(grads, cfg.optim.grad_clip, batch.grad_norm)
             else:  # sharded or loss-scaled gradients: accelerate knows how to reduce and unscale them
                 acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
@@ -1175,6 +1214,11 @@ def periodic(run: Run, step: int) -> bool:
 
 def evaluate(run: Run, step: int) -> dict:
     """Held-out evaluation of the current policy: eval/<task>/<metric> rows in metrics.jsonl at `step`."""
+    with whole_weights(run.model):  # FSDP2: every rank gathers, the main process evaluates
+        return _evaluate(run, step)
+
+
+def _evaluate(run: Run, step: int) -> dict:
     acc, cfg = run.accelerator, run.cfg
     if not acc.is_main_process:  # replicas are identical: the main process evaluates, the rest wait
         acc.wait_for_everyone()
@@ -1206,6 +1250,7 @@ def checkpoint(run: Run, step: int) -> None:
         step,
         run.policy,
         run.tokenizer,
+        sharded=run.sharded,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         samplers=_samplers(run.sampler, run.ptx_sampler, run.paused),

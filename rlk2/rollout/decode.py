@@ -41,7 +41,7 @@ from torch import nn
 
 from rlk2.hardware import fast_dtype
 from rlk2.moe import RouterProbe, find_routers
-from rlk2.rollout.dense import DenseDecoder
+from rlk2.rollout.dense import DenseDecoder, family
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -171,7 +171,7 @@ class LatentDecoder:
     @staticmethod
     def supports(model: nn.Module) -> bool:
         inner = getattr(model, "model", None)
-        if type(model).__name__ != "DeepseekV3ForCausalLM" or inner is None:
+        if family(model) != "DeepseekV3ForCausalLM" or inner is None:
             return False
         if not model.dtype.is_floating_point or type(model.lm_head) is not nn.Linear:
             return False

@@ -22,6 +22,11 @@ from torch import nn
 
 from rlk2.moe import RouterProbe, find_routers
 
+def family(model: nn.Module) -> str:
+    """The model's class name; FSDP2 (`fully_shard`) makes a subclass named FSDP<class>, the same model."""
+    return type(model).__name__.removeprefix("FSDP")
+
+
 FAMILIES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -81,13 +86,13 @@ class DenseDecoder:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        if type(model).__name__ not in FAMILIES or type(model.lm_head) is not nn.Linear:
+        if family(model) not in FAMILIES or type(model.lm_head) is not nn.Linear:
             return False
         cfg = model.config
         if (
             getattr(cfg, "sliding_window", None)
             and getattr(cfg, "use_sliding_window", True)
-            and type(model).__name__ != "LlamaForCausalLM"
+            and family(model) != "LlamaForCausalLM"
         ):
             return False  # sliding-window attention is not implemented here: the model's forward decodes it
         if getattr(cfg, "hidden_act", "silu") != "silu" or not model.dtype.is_floating_point:
