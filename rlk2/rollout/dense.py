@@ -22,6 +22,7 @@ from torch import nn
 
 from rlk2.moe import RouterProbe, find_routers
 
+
 def family(model: nn.Module) -> str:
     """The model's class name; FSDP2 (`fully_shard`) makes a subclass named FSDP<class>, the same model."""
     return type(model).__name__.removeprefix("FSDP")
