@@ -15,8 +15,9 @@ processes logs the same metrics and ends with the same weights as a run on one, 
   multiplied by N * local_units / global_units (`loss_scale`) before backward;
 - every logged number (loss, rewards, lengths, entropy, KL, ...) is computed from the gathered global batch;
   QK-Clip all-reduces its per-head maxima itself, and the gradient norm is read after DDP's all-reduce;
-- only the main process writes files; evaluation runs on the main process while the others wait (replicas are
-  identical, so one evaluation is the evaluation).
+- only the main process writes files; evaluation is shared: each process generates and scores every N-th batch of
+  the held-out prompts (the batches and seeds of one process) and the results are gathered, so the numbers are
+  the one-process numbers (rlk2.eval.evaluate.Split).
 
 DDP needs `find_unused_parameters=True`: an MoE expert that no token of a rank's slice was routed to gets no
 gradient on that rank. FSDP2 launches shard the policy instead of replicating it (rlk2.sharding); the rest of the

@@ -17,7 +17,7 @@ every layer once and keeps it whole until the block ends:
   steps with no collective in between. Gathering layer by layer at every decode step instead (what keeps memory at
   one layer) would cost an all-gather per layer per token, and make every rank run as many steps as the slowest;
   peers that sample from an inference engine hold whole weights there too (verl, TRL's vLLM colocate mode);
-- evaluation: the main process evaluates while the others wait, as under DDP;
+- evaluation: every process evaluates a share of the batches, as under DDP;
 - checkpoints: the gathered full state dict is written as an ordinary HF checkpoint (`from_pretrained` loads it),
   and each rank writes its own optimizer shard next to it (`optimizer-rank<r>.pt`) for an exact resume on the same
   number of processes.

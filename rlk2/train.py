@@ -81,7 +81,7 @@ from rlk2.envs import (
     unscorable,
 )
 from rlk2.errors import UserError
-from rlk2.eval.evaluate import evaluate_policy
+from rlk2.eval.evaluate import Split, evaluate_policy
 from rlk2.moe import RouterControl
 from rlk2.optim import build_optimizer
 from rlk2.policy import load_policy
@@ -1214,16 +1214,15 @@ def periodic(run: Run, step: int) -> bool:
 
 def evaluate(run: Run, step: int) -> dict:
     """Held-out evaluation of the current policy: eval/<task>/<metric> rows in metrics.jsonl at `step`."""
-    with whole_weights(run.model):  # FSDP2: every rank gathers, the main process evaluates
+    with whole_weights(run.model):  # FSDP2: gathered once for the whole evaluation
         return _evaluate(run, step)
 
 
 def _evaluate(run: Run, step: int) -> dict:
     acc, cfg = run.accelerator, run.cfg
-    if not acc.is_main_process:  # replicas are identical: the main process evaluates, the rest wait
-        acc.wait_for_everyone()
-        return {}
     t0 = time.perf_counter()
+    # Every process evaluates a share of the batches, and every one gets the whole result (rlk2.eval.evaluate.Split).
+    split = Split(acc.process_index, acc.num_processes, gather_object) if acc.num_processes > 1 else None
     res = evaluate_policy(
         run.policy,
         run.tokenizer,
@@ -1236,12 +1235,12 @@ def _evaluate(run: Run, step: int) -> dict:
         chat_template=cfg.policy.chat_template,
         seed=cfg.run.seed + 7919,
         ks=sorted({1, cfg.eval.samples}),
+        split=split,
     )
     run.eval_records[step] = res.samples
-    run.run_dir.append_metrics({"step": step, **res.metrics, "time/eval": time.perf_counter() - t0})
+    run.run_dir.append_metrics({"step": step, **res.metrics, "time/eval": time.perf_counter() - t0})  # main only
     if cfg.trainer.trackers:
         acc.log(res.metrics, step=step)
-    acc.wait_for_everyone()
     return res.metrics
 
 

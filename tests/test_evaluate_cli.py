@@ -204,3 +204,60 @@ def test_evaluate_policy_keeps_the_training_loop_keys(tiny_policy):
     assert [r["prompt_index"] for r in samples] == [0] * 4 + [1] * 4 + [2] * 4
     assert res.outcomes["arith"].passed.shape == (3, 4)
     assert res.timing["arith"]["sequences"] == 15 and res.timing["arith"]["samples_per_s"] > 0
+
+
+def test_evaluation_split_over_processes_gives_the_one_process_numbers(tiny_policy):
+    """Split: each process generates every world-th batch and the gathered result is the one-process result. Three
+    processes simulated by threads, whose gather is a barrier (what accelerate's gather_object does across
+    processes). 3 prompts x 4 samples in batches of 5: batches at 0, 5, 10, one per process; the greedy pass is one
+    batch, the first process's."""
+    import threading
+
+    from rewards.engine import RewardEngine, RewardSpec
+    from rlk2.eval.evaluate import EvalTask, Split, evaluate_policy
+    from rlk2.policy import load_policy
+
+    model, tok = load_policy(tiny_policy)
+    task = EvalTask("arith", ["1+2=?", "30+4=?", "5+5=?"], {"answer": ["3", "34", "10"]}, [RewardSpec("math")], 8)
+
+    def run(split):
+        with RewardEngine(num_workers=1) as engine:
+            return evaluate_policy(
+                model,
+                tok,
+                [task],
+                engine,
+                samples=4,
+                temperature=1.0,
+                greedy=True,
+                batch_size=5,
+                chat_template=True,
+                seed=0,
+                ks=[1, 4],
+                split=split,
+            )
+
+    world, barrier = 3, threading.Barrier(3)
+    posted, shares, results = [None] * world, {r: [] for r in range(world)}, {}
+
+    def gather(rank, mine):
+        posted[rank] = list(mine)
+        shares[rank].append([start for start, _ in mine])
+        barrier.wait()
+        everyone = [b for part in posted for b in part]
+        barrier.wait()  # all have read before the next gather overwrites
+        return everyone
+
+    def process(rank):
+        results[rank] = run(Split(rank, world, lambda mine: gather(rank, mine)))
+
+    whole = run(None)
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert shares == {0: [[0], [0]], 1: [[5], []], 2: [[10], []]}  # (sample batches, greedy batches) per process
+    for rank in range(world):
+        assert results[rank].metrics == whole.metrics
+        assert results[rank].samples == whole.samples

@@ -8,7 +8,7 @@ with the reward engine while the next batch generates, and returns `eval/<task>/
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +53,16 @@ class EvalTask:
         return self.vote
 
 
+@dataclass(frozen=True)
+class Split:
+    """Evaluation shared by the processes of a run: this one generates every `world`-th batch (from `rank`), and
+    `gather(list)` returns the concatenation of every process's list (accelerate's `gather_object`)."""
+
+    rank: int
+    world: int
+    gather: Callable[[list], list]
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
@@ -88,11 +98,13 @@ def evaluate_policy(
     ks: Sequence[int] = (1,),
     progress: bool = False,
     desc: str = "eval",
+    split: Split | None = None,
 ) -> EvalResult:
     """Generate `samples` completions per prompt (batched) and score them; returns eval/<task>/<metric>.
 
     A batch is scored by the reward engine while the next one generates (`RewardEngine.score_later`). Seeds depend
-    only on `seed` and the batch position, so a rerun gives the same numbers.
+    only on `seed` and the batch position, so a rerun gives the same numbers, and so does a run `split` over several
+    processes (every process gets the whole result).
     """
     result = EvalResult({})
     total = sum(len(t.prompts) * (samples + int(greedy)) for t in tasks)
@@ -114,6 +126,7 @@ def evaluate_policy(
                 seed=seed,
                 bar=bar,
                 chat_template=chat_template,
+                split=split,
             )
         outcome = _outcome(task, outs)
         result.outcomes[task.name] = outcome
@@ -151,53 +164,35 @@ def _generate_and_score(
     seed: int,
     bar,
     chat_template: bool = True,
+    split: Split | None = None,
 ) -> dict:
     """`reps` completions (episodes, for an environment task) of every prompt of `task`, scored; everything in
-    prompt order."""
+    prompt order. With `split`, this process generates every world-th batch and the batches are gathered: the same
+    batches with the same seeds as one process, so the same numbers."""
     n = len(task.prompts)
     # Longest prompts first so each batch holds prompts of similar length (less left padding); the results are put
     # back in prompt order below.
     by_length = sorted(range(n), key=lambda i: -len(ids[i]))
     order = [i for i in by_length for _ in range(reps)]  # prompt index of each sequence
-    texts, ntok, trunc, pending, t_gen = [], [], [], [], 0.0
-    turns, calls, failed = [], [], []  # per episode (environment tasks)
-    for start in range(0, len(order), batch_size):
+    starts = list(range(0, len(order), batch_size))
+    if split is not None:
+        starts = starts[split.rank :: split.world]
+    done, t_gen = [], 0.0
+    for start in starts:
         chunk = order[start : start + batch_size]
         t0 = time.perf_counter()
-        cols = {k: [v[i] for i in chunk] for k, v in task.columns.items()}
-        if task.episodes is None:
-            ro = generate_rollouts(
-                model,
-                tokenizer,
-                [ids[i] for i in chunk],
-                max_new_tokens=task.max_new_tokens,
-                temperature=temperature,
-                greedy=greedy,
-                seed=seed + start,
-                record_logprobs=False,
-            )
-        else:
-            ro, episodes = _play(
-                model,
-                tokenizer,
-                task,
-                chunk,
-                greedy=greedy,
-                temperature=temperature,
-                seed=seed + start,
-                chat=chat_template,
-            )
-            cols["env_reward"] = [e.reward for e in episodes]
-            failed += unscorable(episodes)
-            turns += [e.turns for e in episodes]
-            calls += [e.tool_calls for e in episodes]
+        out = _batch(model, tokenizer, task, ids, chunk, greedy, temperature, seed + start, chat_template)
         t_gen += time.perf_counter() - t0
-        pending.append(engine.score_later(list(task.specs), ro.texts, [task.prompts[i] for i in chunk], cols))
-        texts += ro.texts
-        ntok += ro.num_tokens.tolist()
-        trunc += ro.truncated.tolist()
+        cols = out.pop("cols")
+        out["scored"] = engine.score_later(list(task.specs), out["texts"], [task.prompts[i] for i in chunk], cols)
+        done.append((start, out))
         bar.update(len(chunk))
-    rewards, errors = _merge_scores([f.result() for f in pending])
+    done = [(start, {**out, "scored": out["scored"].result()}) for start, out in done]
+    if split is not None and split.world > 1:
+        done = sorted(split.gather(done), key=lambda item: item[0])
+    batches = [out for _, out in done]
+    rewards, errors = _merge_scores([b["scored"] for b in batches])
+    texts, ntok, trunc, turns, calls, failed = ([x for b in batches for x in b[key]] for key in _PER_SEQUENCE)
     if any(failed):  # an environment that raised: the episode is unscorable under every reward, never 0.0
         rewards = {name: [None if bad else v for v, bad in zip(vals, failed)] for name, vals in rewards.items()}
     back = sorted(range(len(order)), key=lambda j: order[j])  # stable: samples keep their order
@@ -216,6 +211,43 @@ def _generate_and_score(
         "errors": errors,
         "reps": reps,
         "generate_s": t_gen,
+    }
+
+
+_PER_SEQUENCE = ("texts", "ntok", "trunc", "turns", "calls", "failed")
+
+
+def _batch(model, tokenizer, task: EvalTask, ids, chunk: list[int], greedy, temperature, seed, chat) -> dict:
+    """One batch of sequences (prompt indices `chunk`): texts, lengths, truncation, and for episodes their turns,
+    tool calls and failures; `cols` are the reward columns."""
+    cols = {k: [v[i] for i in chunk] for k, v in task.columns.items()}
+    turns, calls, failed = [], [], []
+    if task.episodes is None:
+        ro = generate_rollouts(
+            model,
+            tokenizer,
+            [ids[i] for i in chunk],
+            max_new_tokens=task.max_new_tokens,
+            temperature=temperature,
+            greedy=greedy,
+            seed=seed,
+            record_logprobs=False,
+        )
+    else:
+        ro, episodes = _play(
+            model, tokenizer, task, chunk, greedy=greedy, temperature=temperature, seed=seed, chat=chat
+        )
+        cols["env_reward"] = [e.reward for e in episodes]
+        failed = unscorable(episodes)
+        turns, calls = [e.turns for e in episodes], [e.tool_calls for e in episodes]
+    return {
+        "texts": ro.texts,
+        "ntok": ro.num_tokens.tolist(),
+        "trunc": ro.truncated.tolist(),
+        "turns": turns,
+        "calls": calls,
+        "failed": failed,
+        "cols": cols,
     }
 
 
