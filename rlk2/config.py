@@ -213,6 +213,11 @@ class RolloutConfig:
     server_retries: int = 3
     """engine=server: retries of a failed request (with backoff 1, 2, 4 ... s) before the run stops with a
     checkpoint of its last finished step."""
+    server_kind: str = "rlk2"
+    """engine=server: rlk2 (`rlk2 serve --weight-updates`: weights pushed over HTTP, each sample drawn with its
+    own seed, the weights version checked on every reply) | vllm (`vllm serve ... --weight-transfer-config
+    '{"backend": "nccl"}'`: weights broadcast over NCCL from a CUDA device with TRL's VLLMClient, one seed per
+    request)."""
 
 
 @dataclass(frozen=True)
@@ -434,6 +439,7 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
             "required with rollout.engine=server: the server's http:// or https:// base URL",
         ),
         ("rollout.server_timeout_s", ro.server_timeout_s > 0, "must be > 0"),
+        ("rollout.server_kind", ro.server_kind in ("rlk2", "vllm"), "must be rlk2 or vllm"),
         ("rollout.server_retries", ro.server_retries >= 0, "must be >= 0"),
         ("rollout.temperature", ro.temperature > 0, "must be > 0 (log-probs are of the tempered distribution)"),
         (

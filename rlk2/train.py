@@ -97,7 +97,7 @@ from rlk2.rollout import (
 )
 from rlk2.rollout.server import EngineUnavailable, RolloutServer
 from rlk2.run_dir import AlreadyFinished, RunDir, check_resume, env_info
-from rlk2.sharding import clip_grads, fsdp_plugin, grad_norm, shard_policy, whole_weights
+from rlk2.sharding import clip_grads, fsdp_plugin, full_state_dict, grad_norm, shard_policy, whole_weights
 from rlk2.signals import GracefulStop, interruption_point
 from rlk2.tasks import Task, bind_critic, check_prompt_lengths, load_tasks, metric_name, reward_inputs
 
@@ -339,7 +339,7 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
         raise UserError("rollout.partial_tokens: partial rollouts run on one process only (for now)")
     if plugin is not None:
         _check_sharded(cfg)
-    server = _rollout_server(cfg)
+    server = _rollout_server(cfg, accelerator.is_main_process)
     critic = ClosedLoop.from_config(cfg, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank has checked run.dir before any rank writes to it
     if accelerator.num_processes > 1:
@@ -362,8 +362,6 @@ def _check_sharded(cfg: Config) -> None:
     """What an FSDP2 run does not do yet, refused in one line before anything is written."""
     if cfg.policy.lora.enabled:
         raise UserError("policy.lora.enabled: LoRA adapters are trained with DDP; FSDP2 launches train full weights")
-    if cfg.rollout.engine == "server":
-        raise UserError("rollout.engine=server: FSDP2 runs sample on the local engine (the weight push is unsharded)")
     rewards = [r for t in cfg.tasks for r in t.rewards]
     if any(metric_name(r.name) == "rubric" and r.kwargs.get("backend", "self") == "self" for r in rewards):
         raise UserError(
@@ -372,7 +370,7 @@ def _check_sharded(cfg: Config) -> None:
         )
 
 
-def _rollout_server(cfg: Config) -> RolloutServer | None:
+def _rollout_server(cfg: Config, main: bool) -> RolloutServer | None:
     """rollout.engine=server: the server client, once the server has answered (a run does not start without it)."""
     ro = cfg.rollout
     if ro.engine != "server":
@@ -381,8 +379,10 @@ def _rollout_server(cfg: Config) -> RolloutServer | None:
         raise UserError("rollout.engine=server: environment tasks (tasks.N.env) sample on the local engine only")
     if cfg.policy.lora.enabled:
         raise UserError("rollout.engine=server: LoRA policies cannot push their weights (the server holds full ones)")
-    server = RolloutServer(ro.server_url, timeout_s=ro.server_timeout_s, retries=ro.server_retries)
+    server = RolloutServer(ro.server_url, timeout_s=ro.server_timeout_s, retries=ro.server_retries, kind=ro.server_kind)
     server.check()
+    if server.nccl is not None and main:  # the process that pushes joins the NCCL group now, or refuses to start
+        server.nccl.connect()
     return server
 
 
@@ -573,8 +573,14 @@ def start(run: Run) -> dict:
 def generate(run: Run, step: int) -> Batch:
     """Sample this rank's groups (K responses per prompt) task by task; worker-run rewards start scoring each task
     while the next one generates (elementwise ones: each response as soon as it ends)."""
+    pushed = None
+    if run.rollout_server is not None and run.rollout_server.version != step - 1:
+        pushed = _push_weights(run, step - 1)
     with whole_weights(run.model):  # FSDP2: gathered once for the whole phase (rlk2.sharding)
-        return _generate(run, step)
+        batch = _generate(run, step)
+    if pushed is not None:
+        batch.times["push"] = pushed
+    return batch
 
 
 def _generate(run: Run, step: int) -> Batch:
@@ -596,8 +602,6 @@ def _generate(run: Run, step: int) -> Batch:
         rank=run.accelerator.process_index,
         world=run.accelerator.num_processes,
     )
-    if run.rollout_server is not None and run.rollout_server.version != step - 1:
-        batch.times["push"] = _push_weights(run, step - 1)
     parts, stale_parts = [], {}  # stale_parts: part index -> [b, T] tokens sampled by an earlier policy
     for task in run.tasks:
         group_rows = [row for t, row in picked if t == task.name]
@@ -655,11 +659,15 @@ def _generate(run: Run, step: int) -> Batch:
 
 def _push_weights(run: Run, version: int) -> float:
     """The server samples with the weights of the last finished step: the main process pushes them (every process
-    holds the same ones), and every process learns whether that worked, so all stop together if it did not."""
+    holds the same ones; FSDP2 processes gather them first), and every process learns whether that worked, so all
+    stop together if it did not."""
     acc, server, seconds, failure = run.accelerator, run.rollout_server, 0.0, None
+    t0 = time.perf_counter()
+    state = full_state_dict(run.model) if run.sharded else None  # FSDP2: gathered (collective), on the main process
     if acc.is_main_process:
         try:
-            seconds = server.push(run.policy, version)
+            server.push(run.policy, version, state)
+            seconds = time.perf_counter() - t0
         except EngineUnavailable as exc:
             failure = str(exc)
     if acc.num_processes > 1:

@@ -449,21 +449,25 @@ def test_two_processes_sampling_from_one_server_match_one(tmp_path):
         two = _train(tmp_path, "two", extra, 2)
         assert "data parallel: 2 processes (MULTI_CPU)" in two.stdout
         _train(tmp_path, "one", extra, 1)
+        # FSDP2: the sharded weights are gathered for each push
+        _train(tmp_path, "sharded", extra, 2, launch="cpu_2proc_fsdp2.yaml")
     finally:
         server.terminate()
         server.wait(timeout=30)
-    a, b, c = (_rows(tmp_path / run) for run in ("one", "two", "local"))
-    assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 3]
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys(), ra["step"]
-        rel = 1e-4 if ra["step"] <= 1 else 1e-2  # as in test_two_processes_match_one
-        for key, va in ra.items():
-            assert rb[key] == pytest.approx(va, rel=rel, abs=1e-6, nan_ok=True), f"step {ra['step']}: {key}"
-    train = [r for r in b if "loss" in r]
-    assert all(r["rollout/mismatch_kl"] < 1e-3 for r in train)
-    assert all(r["grad_norm"] > 0 for r in train[1:])
-    raw = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["time/weight_push"] > 0 for r in raw if "loss" in r)  # pushed before every step
+    a, c = _rows(tmp_path / "one"), _rows(tmp_path / "local")
+    for two in ("two", "sharded"):
+        b = _rows(tmp_path / two)
+        assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 3]
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys(), ra["step"]
+            rel = 1e-4 if ra["step"] <= 1 else 1e-2  # as in test_two_processes_match_one
+            for key, va in ra.items():
+                assert rb[key] == pytest.approx(va, rel=rel, abs=1e-6, nan_ok=True), f"{two}, step {ra['step']}: {key}"
+        train = [r for r in b if "loss" in r]
+        assert all(r["rollout/mismatch_kl"] < 1e-3 for r in train)
+        assert all(r["grad_norm"] > 0 for r in train[1:])
+        raw = [json.loads(line) for line in (tmp_path / two / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["time/weight_push"] > 0 for r in raw if "loss" in r)  # pushed before every step
     # The server run against the local-engine run: the same samples and rewards at step 1 (same weights, seeds).
     for key in ("reward/mean", "completion/mean_length", "loss"):
         assert a[1][key] == pytest.approx(c[1][key], rel=1e-4, abs=1e-6), key

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from rlk2.distributed import sequence_seeds
 from rlk2.errors import UserError
 from rlk2.policy import load_policy
 from rlk2.rollout import encode_prompts, generate_rollouts, policy_logprobs
-from rlk2.rollout.server import EngineUnavailable, RolloutServer
+from rlk2.rollout.server import EngineUnavailable, NcclSync, RolloutServer
 from rlk2.train import train
 
 pytestmark = pytest.mark.integration  # starts the real `rlk2 serve` CLI on a tiny checkpoint
@@ -216,6 +217,106 @@ def test_malformed_replies_are_retried_then_one_line(policy):
         assert "\n" not in str(err.value) and _Nonsense.calls == 3
     finally:
         httpd.shutdown()
+
+
+class _VllmLike(BaseHTTPRequestHandler):
+    """What vLLM's completions endpoint answers with `return_token_ids`: the sampled ids and their log-probs, no
+    weights version; records the request bodies."""
+
+    bodies: list[dict] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send({"data": [{"id": "vllm-model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        n, prompts = body["n"], body["prompt"]
+        choices = [
+            {
+                "index": i,
+                "text": "",
+                "prompt_token_ids": prompts[i // n],
+                "token_ids": [5, 6],
+                "logprobs": {"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.5, -1.25]},
+                "finish_reason": "length",
+            }
+            for i in range(n * len(prompts))
+        ]
+        self._send({"id": "cmpl-1", "object": "text_completion", "model": "vllm-model", "choices": choices})
+
+
+class _FakeTrlClient:
+    """Stands in for TRL's VLLMClient (which needs CUDA and vLLM): records what the push does, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    @contextlib.contextmanager
+    def weight_update(self):
+        self.calls.append("start")
+        yield
+        self.calls.append("finish")
+
+    def update_named_params(self, metadata, named_params) -> None:
+        self.calls.append(("update", metadata, {name: t.clone() for name, t in named_params}))
+
+    def reset_prefix_cache(self) -> None:
+        self.calls.append("reset_prefix_cache")
+
+
+class _FakeSync(NcclSync):
+    def __init__(self) -> None:
+        super().__init__("unused")
+        self.client = _FakeTrlClient()
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def test_vllm_kind_broadcasts_every_tensor_through_trls_client_and_samples_without_versions(policy):
+    model, tok = policy
+    sync = _FakeSync()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _VllmLike)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = RolloutServer(f"http://127.0.0.1:{httpd.server_address[1]}/v1", kind="vllm", nccl=sync)
+        assert client.check() == "vllm-model"
+        client.push(model, 3)
+        assert client.version == 3
+        start, (what, metadata, sent), finish, reset = sync.client.calls
+        assert (start, what, finish, reset) == ("start", "update", "finish", "reset_prefix_cache")
+        state = {n: t for n, t in model.state_dict().items() if t.is_floating_point()}
+        names = [m[0] for m in metadata]
+        assert set(names) <= set(state) and len(names) >= len(list(model.parameters()))  # tied weights sent once
+        for name, dtype, shape in metadata:
+            assert dtype == str(state[name].dtype).removeprefix("torch.") and shape == list(state[name].shape)
+            assert torch.equal(sent[name], state[name])
+        ids = prompts(tok, 2, 3)
+        ro = client.generate(tok, model, ids, max_new_tokens=4, temperature=1.0, top_p=1.0, seeds=[7, 8, 9] * 2)
+    finally:
+        httpd.shutdown()
+    (body,) = _VllmLike.bodies
+    assert body["n"] == 3 and body["seed"] == 7 and "seeds" not in body  # vLLM: one seed per request
+    assert ro.completion_ids.tolist() == [[5, 6]] * 6
+    torch.testing.assert_close(ro.old_logp, torch.tensor([[-0.5, -1.25]] * 6))
+
+
+def test_vllm_kind_refuses_a_machine_without_cuda_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="server_kind=vllm: .*CUDA device") as err:
+        NcclSync("http://127.0.0.1:1").connect()
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -9,6 +9,12 @@ are the *sampler's*: the loop recomputes pi_old with its own forward and weighs 
 importance ratio min(pi_old / pi_engine, algo.is_cap) (as TRL and verl correct engine/trainer mismatch), logging
 `rollout/mismatch_kl`.
 
+With `rollout.server_kind: vllm` the weights go the way TRL's `vllm_mode="server"` sends them: TRL's own
+`VLLMClient` joins the vLLM workers' NCCL group from the trainer's CUDA device and broadcasts every tensor
+(`update_named_params`, then `reset_prefix_cache`); vLLM samples with one seed per request (it has no per-sample
+seeds) and does not tag replies with a weights version. That path needs a GPU and vLLM, and has run here only
+against a stand-in for `VLLMClient` (tests/test_rollout_server.py).
+
 Plain `urllib` because one POST route needs no HTTP client dependency. A connection error, a timeout, a 5xx or a
 malformed reply is retried `rollout.server_retries` times with backoff, then the run stops with one line
 (`EngineUnavailable`) and a resumable checkpoint of its last finished step.
@@ -44,10 +50,21 @@ class _Malformed(Exception):
 class RolloutServer:
     """A client of one inference server: `push` the policy's weights, `generate` a step's groups."""
 
-    def __init__(self, url: str, *, timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        kind: str = "rlk2",
+        nccl: NcclSync | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.base = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.kind = kind
+        self.nccl = nccl if nccl is not None or kind != "vllm" else NcclSync(self.base)  # kind=vllm: weights by NCCL
         self.version: int | None = None  # the weights version the server holds, as last pushed
 
     # ------------------------------------------------------------------------------------------- transport
@@ -82,11 +99,17 @@ class RolloutServer:
             raise EngineUnavailable(f"rollout server {self.base}: /v1/models reply has no model id") from None
 
     # ------------------------------------------------------------------------------------------- weights
-    def push(self, model: torch.nn.Module, version: int) -> float:
+    def push(self, model: torch.nn.Module, version: int, state: dict[str, torch.Tensor] | None = None) -> float:
         """Sends the floating-point tensors of `model`'s state dict (weights and float buffers; integer buffers are
-        never trained) to the server as weights `version`; returns the seconds taken."""
+        never trained), or of `state` when given (an FSDP2 model's gathered one), to the server as weights
+        `version`; returns the seconds taken."""
         t0 = time.perf_counter()
-        state = {name: t.detach().contiguous() for name, t in model.state_dict().items() if t.is_floating_point()}
+        state = model.state_dict() if state is None else state
+        state = {name: t.detach().contiguous() for name, t in state.items() if t.is_floating_point()}
+        if self.nccl is not None:
+            self.nccl.send(_untied(state))
+            self.version = version
+            return time.perf_counter() - t0
         body = safetensors.torch.save(_untied(state))
         headers = {"Content-Type": "application/octet-stream", "X-Weights-Version": str(version)}
         reply = self._request("/rlk2/weights", body, headers, f"weight push (version {version})")
@@ -127,7 +150,7 @@ class RolloutServer:
             "top_p": top_p,
             "logprobs": 0,
             "return_token_ids": True,
-            "seeds": seeds,
+            **({"seeds": seeds} if self.kind == "rlk2" else {"seed": seeds[0] % 2**63}),
         }
         eos = set(eos_ids(model, tokenizer))
         what = f"sampling {len(prompt_ids)} completions"
@@ -142,7 +165,13 @@ class RolloutServer:
         raise EngineUnavailable(f"rollout server {self.base}: {what}: malformed reply ({problem})")
 
     def _rollout(self, reply: Any, tokenizer, prompt_ids, max_new_tokens: int, eos: set[int]) -> Rollout:
-        if self.version is not None and isinstance(reply, dict) and reply.get("weights_version") != self.version:
+        tagged = self.kind == "rlk2"  # vLLM's replies carry no weights version
+        if (
+            tagged
+            and self.version is not None
+            and isinstance(reply, dict)
+            and reply.get("weights_version") != self.version
+        ):
             raise EngineUnavailable(
                 f"rollout server {self.base}: it holds weights version {reply.get('weights_version')!r}, not the "
                 f"{self.version} this trainer pushed (restarted, or shared with another trainer?)"
@@ -171,6 +200,45 @@ class RolloutServer:
             logps.append(lp)
             ended.append(stop)
         return _as_rollout(tokenizer, prompt_ids, tokens, logps, ended)
+
+
+class NcclSync:
+    """Weights into a vLLM server over NCCL, through TRL's `VLLMClient` (the trainer joins the vLLM workers'
+    weight-transfer group as rank 0 and broadcasts every tensor). Written here as a thin adapter because TRL's
+    client is the maintained implementation of vLLM's weight-transfer protocol; it needs CUDA and vLLM."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.client = None
+
+    def connect(self):
+        """TRL's client, joined to the server's NCCL group (once); one line when this machine cannot."""
+        if self.client is None:
+            if not torch.cuda.is_available():
+                raise UserError(
+                    "rollout.server_kind=vllm: the weight push is an NCCL broadcast from a CUDA device, and this "
+                    "machine has none (use rlk2 serve --weight-updates, server_kind=rlk2)"
+                )
+            try:
+                from trl.generation.vllm_client import VLLMClient
+
+                client = VLLMClient(base_url=self.base_url)
+            except ImportError as exc:  # vLLM (or requests) missing
+                raise UserError(f"rollout.server_kind=vllm: {exc}") from None
+            client.init_communicator(device=torch.cuda.current_device())
+            self.client = client
+        return self.client
+
+    def send(self, state: dict[str, torch.Tensor]) -> None:
+        client = self.connect()
+        device = self.device()
+        metadata = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in state.items()]
+        with client.weight_update():  # the server prepares once, receives every tensor, then finalises once
+            client.update_named_params(metadata, ((name, t.to(device)) for name, t in state.items()))
+        client.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device())
 
 
 def _as_rollout(tokenizer, prompt_ids, tokens: list[list[int]], logps: list[list[float]], ended: list[bool]) -> Rollout:
