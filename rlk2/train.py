@@ -442,11 +442,10 @@ def _build(
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
-            # a CPU launch: Accelerate would wrap the sharded model in DDP (rlk2.sharding)
-            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-        else:  # Accelerate's own FSDP2 preparation leaves an already sharded model as it is
+        if plugin is None:
             model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # else rlk2 owns the sharding (rlk2.sharding), on GPUs and CPUs alike: Accelerate's FSDP2 preparation would
+        # swap the optimizer's parameters again, and on a CPU launch it would wrap the sharded model in DDP.
         sampler = PromptSampler(
             {t.name: t.rows for t in tasks},
             {t.name: t.cfg.weight for t in tasks},

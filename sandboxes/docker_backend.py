@@ -173,6 +173,14 @@ class _AttachStream:
         left = deadline - time.monotonic()
         if left <= 0:
             raise SlotHung("no answer before the deadline")
+        if write and hasattr(self.sock, "send_ready"):
+            # An ssh:// engine's stream is a paramiko channel, whose fileno() is a pipe that signals reads only
+            # (select never reports it writable): ask the channel itself, whose window is rarely full.
+            while not self.sock.send_ready():
+                if time.monotonic() > deadline:
+                    raise SlotHung("no answer before the deadline")
+                time.sleep(0.001)
+            return
         r, w, _ = select.select([] if write else [self.sock], [self.sock] if write else [], [], left)
         if not r and not w:
             raise SlotHung("no answer before the deadline")

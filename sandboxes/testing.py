@@ -250,3 +250,71 @@ def make_tls_files(directory):
     for key in d.glob("*key.pem"):
         key.chmod(0o600)
     return d
+
+
+class SshEngine:
+    """This machine's Docker engine reached the way Docker reaches a remote one over ssh (`ssh://USER@HOST:PORT`):
+    an sshd of its own on a loopback port, key-only, and a home directory holding the client's key and the
+    server's host key (`home`: point $HOME at it, as the docker SDK's ssh transport, paramiko, reads ~/.ssh there).
+    Root only (sshd). Through it the SDK runs `docker system dial-stdio` on the "remote" host."""
+
+    def __init__(self, base) -> None:
+        import getpass
+        import socket
+        from pathlib import Path
+
+        self.dir = Path(base)
+        self.home = self.dir / "home"
+        (self.home / ".ssh").mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"ssh://{getpass.getuser()}@127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import socket
+        import time
+
+        d, ssh = self.dir, self.home / ".ssh"
+        for key in (d / "host_ed25519", ssh / "id_ed25519"):
+            if not key.exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        (d / "authorized_keys").write_text((ssh / "id_ed25519.pub").read_text())
+        host_key = (d / "host_ed25519.pub").read_text().split()
+        (ssh / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+        (d / "sshd_config").write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {d / 'host_ed25519'}",
+                    f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                    f"PidFile {d / 'sshd.pid'}",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                ]
+            )
+            + "\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+        log = open(d / "sshd.log", "ab")  # noqa: SIM115 - the daemon's log, open for its lifetime
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError(f"sshd did not come up; see {d / 'sshd.log'}") from None
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)

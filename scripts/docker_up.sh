@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bring up what the sandbox tests need, idempotently (run as root; CI calls it before pytest):
-#   1. the Debian packages docker.io, bubblewrap, debootstrap and openssl (apt-get, only when missing);
+#   1. the Debian packages docker.io, bubblewrap, debootstrap, openssl and openssh (apt-get, only when missing);
 #   2. a Docker engine: when none answers, `dockerd --iptables=false --bridge=none` in the background
 #      (sandbox containers use --network none, so no bridge or NAT is needed), logging to $RLK2_DOCKERD_LOG;
 #   3. the sandbox image, built offline (debootstrap + docker import) when its tag is missing.
@@ -21,6 +21,8 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v openssl >/dev/null || missing+=(openssl)  # the remote-engine test makes its TLS certificates with it
+command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)  # the ssh:// engine test runs its own sshd
+command -v ssh >/dev/null || missing+=(openssh-client)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "docker_up.sh: installing ${missing[*]}"
   apt-get update -qq

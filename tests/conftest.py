@@ -54,3 +54,28 @@ def _second_engine(tls: bool):
         yield engine
     finally:
         engine.close()
+
+
+@pytest.fixture
+def ssh_engine(tmp_path, monkeypatch):
+    """The local Docker engine reached over ssh (`url` = ssh://USER@127.0.0.1:PORT, its own sshd), with $HOME pointing
+    at a home that holds the client key and the host key (root only; fails instead of skipping in CI)."""
+    from sandboxes.testing import SshEngine, require, required
+
+    require("docker")
+    problem = None
+    if os.geteuid() != 0:
+        problem = "an sshd of the test's own needs root"
+    elif not Path("/usr/sbin/sshd").exists() or shutil.which("ssh-keygen") is None:
+        problem = "openssh-server is not installed (scripts/docker_up.sh installs it)"
+    if problem:
+        if required("docker"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    engine = SshEngine(tmp_path / "ssh")
+    engine.start()
+    monkeypatch.setenv("HOME", str(engine.home))
+    try:
+        yield engine
+    finally:
+        engine.close()

@@ -203,6 +203,28 @@ def test_an_engine_over_tls_gives_the_same_verdicts_and_shares_a_burst(tls_engin
         open_backend("docker", engines=[f"{tls_engine.tcp}?tls={bare}"], pool_size=1)
 
 
+def test_an_engine_over_ssh_gives_the_same_verdicts_and_shares_a_burst(ssh_engine):
+    """A Docker engine reached over ssh (`ssh://USER@HOST:PORT`: the SDK runs `docker system dial-stdio` there,
+    with the key and known host from ~/.ssh) is a pool engine like a local one: the same HumanEval verdicts, and a
+    burst spreads over it and the socket."""
+    jobs, expected = _humaneval_jobs()
+    with open_backend("docker", engines=[ssh_engine.url], pool_size=2, limits=Limits(timeout_s=10)) as remote:
+        assert type(remote.slots[0].eng.client.api.get_adapter("http+docker://ssh")).__name__ == "SSHHTTPAdapter"
+        over_ssh = remote.run_batch(jobs)
+    with open_backend("docker", engines=[_engine1()], pool_size=2, limits=Limits(timeout_s=10)) as local:
+        at_home = local.run_batch(jobs)
+    assert [r.status for r in over_ssh] == [r.status for r in at_home] == expected
+    engines = [_engine1(), ssh_engine.url]
+    with open_backend("docker", engines=engines, pool_size=2, limits=Limits(timeout_s=10)) as both:
+        burst = both.run_batch([_job(i) for i in range(200)])
+        assert [r.status for r in burst] == [_expected(i) for i in range(200)]
+        assert set(Counter(_engine_of(r) for r in burst)) == set(engines)
+    # A host whose key is not the one known: paramiko refuses it (no trust on first use), no slot, one line.
+    (ssh_engine.home / ".ssh" / "known_hosts").write_text("")
+    with pytest.raises(SandboxUnavailable, match="does not answer .*not found in known_hosts"):
+        open_backend("docker", engines=[ssh_engine.url], pool_size=1)
+
+
 @pytest.mark.parametrize(
     "spec, needle",
     [
