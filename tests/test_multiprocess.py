@@ -477,16 +477,31 @@ def test_two_processes_sampling_from_one_server_match_one(tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "extra",
+    "extra, resume",
     [
-        ["optim.name=muonclip"],  # k2 loss; distributed Newton-Schulz and QK-Clip on shards (rlk2.optim.sharded)
-        ["algo.loss=dapo", "algo.inner_steps=2", "optim.name=adamw", "optim.lr=1e-3"],  # a token mean, off-policy
+        # k2 loss; distributed Newton-Schulz and QK-Clip on shards (rlk2.optim.sharded): MuonClip's momentum slices
+        (["optim.name=muonclip"], True),
+        # a token mean, off-policy inner steps; AdamW's state as FSDP2 DTensors
+        (["algo.loss=dapo", "algo.inner_steps=2", "optim.name=adamw", "optim.lr=1e-3"], True),
+        # the K2 training controls, as in test_two_processes_match_one (PTX: a second forward before the backward)
+        (
+            [
+                "rollout.temperature_end=0.5",
+                "rollout.sampling=prioritized",
+                "algo.filter_zero_std=true",
+                "algo.ptx.weight=0.5",
+                "algo.ptx.source=builtin:max",
+                "algo.ptx.batch_size=4",
+            ],
+            False,
+        ),
     ],
-    ids=["k2-muonclip", "dapo-adamw"],
+    ids=["k2-muonclip", "dapo-adamw", "k2-controls"],
 )
-def test_fsdp2_two_processes_match_one_and_resume_exactly(tmp_path, extra):
+def test_fsdp2_two_processes_match_one_and_resume_exactly(tmp_path, extra, resume):
     """Two FSDP2 processes (each holding half of every weight, gradient and optimizer state) take the one-process
-    steps, write an ordinary HF checkpoint plus per-rank optimizer slices, and resume from them exactly."""
+    steps, write an ordinary HF checkpoint plus per-rank optimizer slices, and resume from them exactly. Router
+    replay is on (the demo policy is an MoE)."""
     two = _train(tmp_path, "two", extra, 2, launch="cpu_2proc_fsdp2.yaml")
     assert "data parallel: 2 processes (FSDP2-sharded, MULTI_CPU)" in two.stdout
     _train(tmp_path, "one", extra, 1)
@@ -518,6 +533,8 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(tmp_path, extra):
     assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
     torch.testing.assert_close(loaded.state_dict()["lm_head.weight"], wb["lm_head.weight"])
 
+    if not resume:
+        return
     # exact resume: 2 steps, then --resume to 3, on two FSDP2 processes: the uninterrupted run's step 3
     _train(tmp_path, "half", [*extra, "trainer.steps=2"], 2, launch="cpu_2proc_fsdp2.yaml")
     cmd = _train_cmd(2, "cpu_2proc_fsdp2.yaml")
