@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from rlk2.errors import UserError
-from rlk2.optim.sharded import is_dtensor
+from rlk2.optim.sharded import is_dtensor, local
 
 
 def fsdp_plugin(accelerator):
@@ -82,7 +82,33 @@ def shard_policy(model: nn.Module, plugin, device: torch.device) -> int:
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    # MoE: an expert that no token of this rank's sequences reached has no gradient here, but has one on another
+    # rank. FSDP2 reduce-scatters only the gradients a rank has, so ranks that disagree on that set reduce
+    # mismatched buffers and every rank gets wrong gradients, silently (measured: a 2-process run with a 1-sequence
+    # slice ended 2 % away from the one-process weights). Zeros go in for unused parameters (DDP's
+    # find_unused_parameters), and `drop_unused_grads` then clears the gradients no rank produced.
+    model.set_reduce_scatter_unused_params(True)
     return len(layers)
+
+
+def drop_unused_grads(model: nn.Module) -> int:
+    """After a backward on a sharded model: the gradient of every parameter that no rank used (an MoE expert no
+    token reached anywhere) is reset to None, as on one process, so the optimizer leaves it and its state alone
+    instead of stepping it on a zero gradient. Collective; returns how many were reset. A parameter that was used
+    has an exactly-zero gradient everywhere only by accident."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0
+    peaks = torch.stack([_peak(local(p.grad)) for p in params])
+    torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    unused = [p for p, peak in zip(params, peaks.tolist()) if peak == 0.0]
+    for p in unused:
+        p.grad = None
+    return len(unused)
+
+
+def _peak(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().abs().amax().float() if t.numel() else torch.zeros((), device=t.device)
 
 
 def _fsdp_modules(model: nn.Module) -> list:
@@ -135,7 +161,9 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 def clip_grads(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
-    """Scale the gradients so their global norm is at most `max_norm` (given the norm just computed)."""
+    """Scale the gradients (plain tensors or DTensor shards) so their global norm is at most `max_norm`, given the
+    norm just computed (torch's `clip_grads_with_norm_` takes the parameters, not their gradients: handed the
+    gradients, it finds no `.grad` on them and clips nothing, which is what the loop did before)."""
     coef = min(1.0, max_norm / (float(norm) + 1e-6))
     if coef < 1.0:
         for g in grads:

@@ -97,7 +97,15 @@ from rlk2.rollout import (
 )
 from rlk2.rollout.server import EngineUnavailable, RolloutServer
 from rlk2.run_dir import AlreadyFinished, RunDir, check_resume, env_info
-from rlk2.sharding import clip_grads, fsdp_plugin, full_state_dict, grad_norm, shard_policy, whole_weights
+from rlk2.sharding import (
+    clip_grads,
+    drop_unused_grads,
+    fsdp_plugin,
+    full_state_dict,
+    grad_norm,
+    shard_policy,
+    whole_weights,
+)
 from rlk2.signals import GracefulStop, interruption_point
 from rlk2.tasks import Task, bind_critic, check_prompt_lengths, load_tasks, metric_name, reward_inputs
 
@@ -950,6 +958,8 @@ def update(run: Run, batch: Batch) -> None:
             lm = ptx_loss(run.model, ptx)
             total = total + cfg.algo.ptx.weight * lm
         acc.backward(total)
+        if run.sharded:  # FSDP2: the parameters no rank used get no gradient, as on one process
+            drop_unused_grads(run.model)
         if acc.num_processes > 1 and has_rl:  # log (and judge finiteness by) the global batch's loss
             loss, loss_metrics = global_loss(acc, loss_fn, logp, ro.old_logp, adv, mask, hp, rows=keep)
         if ptx is not None:
@@ -964,11 +974,9 @@ def update(run: Run, batch: Batch) -> None:
             skipped += 1
             continue
         if cfg.optim.grad_clip > 0:
-            if run.sharded:  # FSDP2: the norm above is the whole gradients'; each rank scales its slices
+            if run.sharded or plain_grads:  # by the norm just computed (of whole gradients, FSDP2 shards too)
                 clip_grads(grads, cfg.optim.grad_clip, batch.grad_norm)
-            elif plain_grads:  # the norm just computed is the one to clip by: no second pass over the gradients
-                torch.nn.utils.clip_grads_with_norm_(grads, cfg.optim.grad_clip, batch.grad_norm)
-            else:  # sharded or loss-scaled gradients: accelerate knows how to reduce and unscale them
+            else:  # loss-scaled (fp16) gradients: accelerate knows how to unscale them
                 acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
         run.optimizer.step()
         run.moe.update_bias(routed)

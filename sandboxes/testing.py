@@ -296,6 +296,9 @@ class SshEngine:
                     "KbdInteractiveAuthentication no",
                     "UsePAM no",
                     "StrictModes no",
+                    # each pool slot holds a session for its attach stream and the SDK's connection pool up to 10
+                    # more: sshd's default of 10 per connection made channels fail under a burst
+                    "MaxSessions 64",
                 ]
             )
             + "\n"

@@ -216,8 +216,13 @@ def test_an_engine_over_ssh_gives_the_same_verdicts_and_shares_a_burst(ssh_engin
     assert [r.status for r in over_ssh] == [r.status for r in at_home] == expected
     engines = [_engine1(), ssh_engine.url]
     with open_backend("docker", engines=engines, pool_size=2, limits=Limits(timeout_s=10)) as both:
-        burst = both.run_batch([_job(i) for i in range(200)])
-        assert [r.status for r in burst] == [_expected(i) for i in range(200)]
+        # Jobs of ~50 ms: with instant ones the socket's slots could finish the burst before an ssh slot's first
+        # round trip (8 of 200 reached ssh in one run, none in another), so the spread would be luck.
+        slow = [
+            {**_job(i), "code": f"import time\ndef f():\n    time.sleep(0.05)\n    return {i % 3}"} for i in range(100)
+        ]
+        burst = both.run_batch(slow)
+        assert [r.status for r in burst] == [_expected(i) for i in range(100)]
         assert set(Counter(_engine_of(r) for r in burst)) == set(engines)
     # A host whose key is not the one known: paramiko refuses it (no trust on first use), no slot, one line.
     (ssh_engine.home / ".ssh" / "known_hosts").write_text("")

@@ -179,3 +179,28 @@ def test_scale_rewards_decides_whether_advantages_are_std_scaled(tmp_path, scale
         torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
         checked += 1
     assert checked > 0  # some group had a reward spread
+
+
+def test_gradients_are_clipped_to_optim_grad_clip(tmp_path, monkeypatch):
+    """The optimizer steps on gradients whose norm is at most `optim.grad_clip`, while `grad_norm` logs the norm
+    before clipping. (The loop once handed torch's `clip_grads_with_norm_` the gradients instead of the parameters:
+    it found no `.grad` on them and clipped nothing, in every one-process and DDP run.)"""
+    import torch
+
+    from rlk2.config import load_config
+    from rlk2.train import train
+
+    stepped = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        stepped.append(float(torch.nn.utils.get_total_norm(grads)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(load_config(None, [*tiny(tmp_path, "clip", steps=2), "optim.name=adamw", "optim.grad_clip=0.001"]))
+    rows = step_rows(tmp_path / "clip")
+    assert len(rows) == 2 and all(r["grad_norm"] > 0.01 for r in rows)  # far above the bound before clipping
+    rl = stepped[-2:]  # the last two: the warm start's supervised steps (TRL, AdamW) come first
+    assert len(stepped) >= 2 and all(0 < n <= 0.001 * (1 + 1e-4) for n in rl), stepped
