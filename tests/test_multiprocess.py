@@ -507,17 +507,13 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(tmp_path, extra, resum
     _train(tmp_path, "one", extra, 1)
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 1, 2, 3, 3]
-    # Measured (k2-muonclip, dapo-adamw): every metric within 1e-5 relative over the 3 steps, weights within 2e-6.
-    # The controls run drifts by rounding after its first step as the DDP one does (step-3 entropy 2.5e-4): there,
-    # test_two_processes_match_one's tolerances, and its final evaluation is not compared (sampled evaluation
-    # turns that drift into different tokens: mean length 7.64 vs 7.88 on the code task in one run).
+    # Measured: every metric within 1e-5 relative over the 3 steps, final weights within 2e-6 (k2-muonclip,
+    # dapo-adamw); the K2-controls run's whole-model update within 3e-6 of the one-process one. (This comparison
+    # found that one process and DDP never clipped gradients: the sharded run clipped, the reference did not.)
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys(), ra["step"]
-        rel = 1e-4 if resume or ra["step"] <= 1 else 1e-2
         for key, va in ra.items():
-            if not resume and ra["step"] > 1 and key.startswith("eval/"):
-                continue
-            assert rb[key] == pytest.approx(va, rel=rel, abs=1e-6, nan_ok=True), f"step {ra['step']}: {key}"
+            assert rb[key] == pytest.approx(va, rel=1e-4, abs=1e-6, nan_ok=True), f"step {ra['step']}: {key}"
     train = [r for r in a if "loss" in r]
     assert all(r["grad_norm"] > 0 for r in train) and len({r["reward/mean"] for r in train}) > 1
     if "optim.name=muonclip" in extra:
@@ -525,15 +521,12 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(tmp_path, extra, resum
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     start = _weights_of_warm_start(tmp_path / "cache")
     assert wa.keys() == wb.keys() == start.keys()
-    # The controls run: AdamW-routed norms move by a visible fraction on rounding-level gradient differences (as in
-    # test_two_processes_match_one): one layer norm's update differed by 2.6 % in one run; the whole model's is held
-    # to the DDP test's 0.5 %.
     diff2 = norm2 = 0.0
     for name in wa:
         da, db = wa[name] - start[name], wb[name] - start[name]
-        assert (db - da).norm() <= (1e-3 if resume else 5e-2) * da.norm() + 1e-7, f"{name}: updates differ"
+        assert (db - da).norm() <= 1e-3 * da.norm() + 1e-7, f"{name}: updates differ"
         diff2, norm2 = diff2 + float((db - da).norm()) ** 2, norm2 + float(da.norm()) ** 2
-    assert diff2**0.5 <= (1e-4 if resume else 5e-3) * norm2**0.5
+    assert diff2**0.5 <= 1e-4 * norm2**0.5
     assert sum(bool((wa[n] - start[n]).any()) for n in wa) > len(wa) // 2  # most tensors were trained
 
     # the checkpoint: gathered whole weights that transformers loads, and rank 1's optimizer slice beside them
