@@ -255,6 +255,15 @@ def _train(
     return proc
 
 
+def _resume(tmp: Path, run: str, cmd: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """`--resume` of the run `run` with the launch `cmd`; it must succeed."""
+    proc = subprocess.run(
+        [*cmd, "--resume", str(tmp / run), *extra], capture_output=True, text=True, timeout=900, env=_ENV, cwd=tmp
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def _free_port() -> int:
     import socket
 
@@ -412,15 +421,7 @@ def test_two_processes_killed_hard_resume_exactly(tmp_path, victims):
     assert not [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept and "step-4" not in kept, kept
-    resumed = subprocess.run(
-        [*_train_cmd(2), "--resume", str(tmp_path / "killed")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=_ENV,
-        cwd=tmp_path,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _resume(tmp_path, "killed", _train_cmd(2))
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "killed")
     assert [r["step"] for r in b] == [r["step"] for r in a]
@@ -542,16 +543,7 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(tmp_path, extra, resum
         return
     # exact resume: 2 steps, then --resume to 3, on two FSDP2 processes: the uninterrupted run's step 3
     _train(tmp_path, "half", [*extra, "trainer.steps=2"], 2, launch="cpu_2proc_fsdp2.yaml")
-    cmd = _train_cmd(2, "cpu_2proc_fsdp2.yaml")
-    resumed = subprocess.run(
-        [*cmd, "--resume", str(tmp_path / "half"), "trainer.steps=3"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=_ENV,
-        cwd=tmp_path,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _resume(tmp_path, "half", _train_cmd(2, "cpu_2proc_fsdp2.yaml"), "trainer.steps=3")
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     (step3,) = [r for r in _rows(tmp_path / "half") if r["step"] == 3 and "loss" in r]
     (want,) = [r for r in b if r["step"] == 3 and "loss" in r]

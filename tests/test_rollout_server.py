@@ -181,10 +181,8 @@ def test_weight_push_is_refused_unless_the_server_allows_it(tiny_policy, policy)
         stop(proc)
 
 
-class _Nonsense(BaseHTTPRequestHandler):
-    """An inference server that lists a model and answers every completion with the wrong number of choices."""
-
-    calls = 0
+class _JsonServer(BaseHTTPRequestHandler):
+    """A stand-in inference server: silent, answers JSON."""
 
     def log_message(self, *args) -> None:
         pass
@@ -195,6 +193,12 @@ class _Nonsense(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class _Nonsense(_JsonServer):
+    """An inference server that lists a model and answers every completion with the wrong number of choices."""
+
+    calls = 0
 
     def do_GET(self) -> None:
         self._send({"data": [{"id": "nonsense"}]})
@@ -219,21 +223,11 @@ def test_malformed_replies_are_retried_then_one_line(policy):
         httpd.shutdown()
 
 
-class _VllmLike(BaseHTTPRequestHandler):
+class _VllmLike(_JsonServer):
     """What vLLM's completions endpoint answers with `return_token_ids`: the sampled ids and their log-probs, no
     weights version; records the request bodies."""
 
     bodies: list[dict] = []
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         self._send({"data": [{"id": "vllm-model"}]})
