@@ -82,11 +82,11 @@ def shard_policy(model: nn.Module, plugin, device: torch.device) -> int:
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    # MoE: an expert that no token of this rank's sequences reached has no gradient here, but has one on another
-    # rank. FSDP2 reduce-scatters only the gradients a rank has, so ranks that disagree on that set reduce
-    # mismatched buffers and every rank gets wrong gradients, silently (measured: a 2-process run with a 1-sequence
-    # slice ended 2 % away from the one-process weights). Zeros go in for unused parameters (DDP's
-    # find_unused_parameters), and `drop_unused_grads` then clears the gradients no rank produced.
+    # MoE: an expert that no token of this rank's sequences reached has no gradient here, but may have one on
+    # another rank. FSDP2 reduce-scatters only the gradients a rank has, so ranks that disagree on that set would
+    # reduce mismatched buffers. Zeros go in for unused parameters (DDP's find_unused_parameters), and
+    # `drop_unused_grads` then clears the gradients no rank produced. (transformers 5's DeepSeek-V3 keeps each
+    # layer's experts in one stacked parameter, which every rank uses; models with one module per expert do not.)
     model.set_reduce_scatter_unused_params(True)
     return len(layers)
 

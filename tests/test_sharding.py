@@ -13,6 +13,7 @@ from rlk2.optim.sharded import is_dtensor
 from rlk2.rollout.dense import DenseDecoder, family
 from rlk2.sharding import (
     clip_grads,
+    drop_unused_grads,
     grad_norm,
     load_local_optimizer_state,
     local_optimizer_state,
@@ -100,3 +101,39 @@ def test_optimizer_slices_round_trip_without_touching_the_live_state(group):
     # and the restored optimizer steps (a plain tensor where a DTensor belongs would raise here)
     sharded(input_ids=ids, labels=ids).loss.backward()
     fresh.step()
+
+
+class _Block(torch.nn.Module):
+    """A decoder layer whose forward uses `a` only: `b` is an expert no token reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+class _OneLayer(torch.nn.Module):
+    """`model.layers` as shard_policy expects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([_Block()])
+
+    def forward(self, x):
+        return self.model.layers[0](x)
+
+
+def test_a_parameter_no_rank_used_has_no_gradient_as_on_one_process(group):
+    model = _OneLayer()
+    shard_policy(model, _plugin(), torch.device("cpu"))
+    model(torch.ones(2, 4)).sum().backward()
+    used, unused = model.model.layers[0].a, model.model.layers[0].b
+    # FSDP2 reduce-scattered a zero gradient for the unused expert (ranks must agree on what they reduce) ...
+    assert all(p.grad is not None and not p.grad.to_local().any() for p in unused.parameters())
+    assert drop_unused_grads(model) == 2
+    # ... which is cleared, so an optimizer skips it as it would on one process; the used one keeps its own
+    assert all(p.grad is None for p in unused.parameters())
+    assert all(p.grad is not None and p.grad.to_local().any() for p in used.parameters())
