@@ -728,16 +728,25 @@ def _check_lists(schema: type, data: Any, prefix: str, where: str) -> None:
 
 
 def _message(exc: Exception, key: str, where: str) -> str:
-    msg = _first_line(exc)
+    msg = getattr(exc, "msg", None) or str(exc)
+    for part in {key, *key.split(".")} - {""}:  # a key typed with a line break: escaped where the error quotes it
+        msg = msg.replace(part, _printable(part))
+    msg = _first_line(msg)
+    key, where = _printable(key), _printable(where)
     if "not in" in msg or ("Key '" in msg and "not" in msg):
         return f"unknown config key '{key}' ({where})"
     return f"config key '{key}': {msg} ({where})" if key else f"{where}: {msg}"
 
 
-def _first_line(exc: Exception) -> str:
-    msg = getattr(exc, "msg", None) or str(exc)
+def _printable(text: str) -> str:
+    """`text` with line breaks and other unprintable characters written as escapes (\\n, \\x1c, ...)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _first_line(exc: Exception | str) -> str:
+    msg = exc if isinstance(exc, str) else getattr(exc, "msg", None) or str(exc)
     lines = msg.strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return lines[0] if lines else (type(exc).__name__ if not isinstance(exc, str) else "invalid value")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -9,6 +9,7 @@ decode step, between the phases of a training step), raises it a moment later.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -109,9 +110,27 @@ def exit_at_once(signum, _frame) -> None:
 
 
 def exit_at_once_from_now() -> None:
-    """Make SIGINT and SIGTERM end the process at once from here on (`exit_at_once`); main thread only."""
+    """Make SIGINT and SIGTERM end the process at once from here on (`exit_at_once`); main thread only. The last
+    exit step blocks them (see `_block_late_signals`)."""
+    global _block_at_exit
+    _block_at_exit = True
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(sig, exit_at_once)
         except ValueError:
             pass
+
+
+_block_at_exit = False
+
+
+def _block_late_signals() -> None:
+    """Python's finalization puts SIGINT back to the system default after the exit callbacks have run, so a Ctrl-C
+    landing in that last moment killed a process that had finished and chosen its exit status (-2 instead of 0 or
+    130, seen once in CI). Registered when this module is first imported (before torch and the rest), so it runs
+    after the other exit callbacks, while `exit_at_once` can still cut a slow one short."""
+    if _block_at_exit:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+atexit.register(_block_late_signals)
