@@ -259,7 +259,15 @@ class RunDir:
                     f"--resume: the checkpoint's optimizer state is {held}; this launch has {world} FSDP2 "
                     "processes (an exact resume needs the launch that wrote it)"
                 )
-            mine = state["optimizer"] if rank == 0 else torch.load(shard_file(sharded_from, rank), weights_only=False)
+            try:
+                mine = state["optimizer"]
+                if rank:
+                    mine = torch.load(shard_file(sharded_from, rank), weights_only=False)
+            except Exception as exc:  # noqa: BLE001 - a missing or truncated file raises whatever its reader raises
+                raise UserError(
+                    f"--resume: {shard_file(sharded_from, rank)} (rank {rank}'s optimizer slice) does not load "
+                    f"({_one_line(exc)})"
+                ) from None
             load_local_optimizer_state(getattr(optimizer, "optimizer", optimizer), dict(mine))
         else:
             optimizer.load_state_dict(state["optimizer"])

@@ -137,3 +137,18 @@ def test_a_parameter_no_rank_used_has_no_gradient_as_on_one_process(group):
     # ... which is cleared, so an optimizer skips it as it would on one process; the used one keeps its own
     assert all(p.grad is None for p in unused.parameters())
     assert all(p.grad is not None and p.grad.to_local().any() for p in used.parameters())
+
+
+def test_a_missing_optimizer_slice_is_one_line_on_resume(tmp_path, monkeypatch):
+    from rlk2.errors import UserError
+    from rlk2.run_dir import RunDir
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    state = {"optimizer": {"state": {}, "param_groups": [], "ranks": 2}, "scheduler": {}, "rng": None, "step": 3}
+    with pytest.raises(UserError, match=r"optimizer-rank1.pt \(rank 1's optimizer slice\) does not load") as err:
+        RunDir.restore(state, optimizer=None, scheduler=None, samplers={}, sharded_from=tmp_path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="sharded over 2 processes; this launch has 4"):
+        monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+        RunDir.restore(state, optimizer=None, scheduler=None, samplers={}, sharded_from=tmp_path)
