@@ -121,7 +121,11 @@ def prepare_policy(
     cache key, `sources` the tasks' data sources), cached under `warm.cache_dir`. Returns (model, tokenizer, where it
     was loaded from)."""
     if path:
-        model, tok = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)
+        # One process per machine converts a GGUF file into the cache first; the others then find it there. (All of
+        # them converting at once raced: transformers writes model files on the main process only, so another
+        # rank's half-written copy could be the one renamed into place.)
+        with accelerator.local_main_process_first():
+            model, tok = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)
         return model, tok, path
     key = cache_key(
         **({"critic": extra_key} if extra_rows else {}),  # earlier caches keep their key
