@@ -111,9 +111,9 @@ def exit_at_once(signum, _frame) -> None:
 
 def exit_at_once_from_now() -> None:
     """Make SIGINT and SIGTERM end the process at once from here on (`exit_at_once`); main thread only. The last
-    exit step blocks them (see `_block_late_signals`)."""
-    global _block_at_exit
-    _block_at_exit = True
+    exit step ignores them (see `_ignore_late_signals`)."""
+    global _ignore_at_exit
+    _ignore_at_exit = True
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(sig, exit_at_once)
@@ -121,16 +121,20 @@ def exit_at_once_from_now() -> None:
             pass
 
 
-_block_at_exit = False
+_ignore_at_exit = False
 
 
-def _block_late_signals() -> None:
-    """Python's finalization puts SIGINT back to the system default after the exit callbacks have run, so a Ctrl-C
-    landing in that last moment killed a process that had finished and chosen its exit status (-2 instead of 0 or
-    130, seen once in CI). Registered when this module is first imported (before torch and the rest), so it runs
-    after the other exit callbacks, while `exit_at_once` can still cut a slow one short."""
-    if _block_at_exit:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+def _ignore_late_signals() -> None:
+    """Python's finalization puts every signal whose handler is a Python function back to the system default once
+    the exit callbacks have run, so a Ctrl-C landing in that last moment killed a process that had finished and
+    chosen its exit status (-2 instead of 0 or 130, seen in CI). Ignoring the signals instead survives that reset
+    (finalization leaves SIG_IGN alone) and covers every thread; blocking them, as this did before, only covered
+    the main thread, and the kernel hands a process-wide signal to any thread that has not blocked it. Registered
+    when this module is first imported (before torch and the rest), so it runs after the other exit callbacks,
+    while `exit_at_once` can still cut a slow one short."""
+    if _ignore_at_exit:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
-atexit.register(_block_late_signals)
+atexit.register(_ignore_late_signals)

@@ -90,3 +90,25 @@ def test_exit_at_once_ends_a_process_quietly(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 128 + signal.SIGINT
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_signal_after_the_exit_callbacks_leaves_the_exit_status_alone():
+    # A Ctrl-C arriving once the exit callbacks are done, while the interpreter finalizes (when Python has put its
+    # handlers back to the system default), must not kill a process that has already chosen its status. A helper
+    # process floods SIGINT from the last callback on, and a sleeping thread is there to take it: the kernel hands a
+    # process-wide signal to any thread that has not blocked it, not only to the main one.
+    code = (
+        "import atexit, os, subprocess, threading, time\n"
+        "def flood():\n"
+        "    subprocess.Popen(['sh', '-c', f'while kill -INT {os.getpid()} 2>/dev/null; do sleep 0.001; done'],\n"
+        "                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "    time.sleep(0.3)\n"
+        "atexit.register(flood)  # registered first, so it runs last\n"
+        "from rlk2.signals import exit_at_once_from_now\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "exit_at_once_from_now()\n"
+        "raise SystemExit(3)\n"
+    )
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
