@@ -49,6 +49,18 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass@1 measurement")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--reward-workers", type=int, default=2, help="reward worker processes (default 2)")
+    parser.add_argument(
+        "--quantize",
+        choices=["int4-experts"],
+        help="round each checkpoint's routed experts to INT4 before evaluating (post-training quantization, "
+        "K2-Thinking's scheme: symmetric, per group; see rlk2.qat)",
+    )
+    parser.add_argument(
+        "--quantize-modules",
+        default="experts",
+        help="with --quantize: comma-separated modules whose weights are rounded (default experts; e.g. mlp)",
+    )
+    parser.add_argument("--quantize-group-size", type=int, default=32, help="with --quantize: group size (default 32)")
 
 
 def _score_arguments(parser: argparse.ArgumentParser) -> None:

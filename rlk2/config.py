@@ -337,6 +337,20 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class QatConfig:
+    enabled: bool = False
+    """Quantization-aware training (K2-Thinking, rlk2.qat): the weights of `modules` are read as INT4 (symmetric,
+    per group) in rollouts, the training forward and evaluation, with full-precision master weights and optimizer
+    state and a straight-through gradient. Checkpoints hold the master weights."""
+    group_size: int = 32
+    """Weights per quantization group along the input dimension (K2-Thinking: 32); must divide it."""
+    modules: list[str] = field(default_factory=lambda: ["experts"])
+    """Modules whose weight matrices are quantized (routers never): a name with a dot is matched against whole
+    module names (fnmatch, e.g. model.layers.*.mlp.experts), one without against their last part. Default: the
+    routed experts; a dense policy has none (name e.g. mlp)."""
+
+
+@dataclass(frozen=True)
 class CriticConfig:
     refine: bool = False
     """Closed-loop critic refinement (K2, DESIGN.md 5): the policy, as critic, judges pairs of its own responses
@@ -385,6 +399,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
 
     def __post_init__(self) -> None:
         _check_finite(self, "")
@@ -490,6 +505,8 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("critic.max_pairs", cr.max_pairs is None or cr.max_pairs >= 1, "must be >= 1 (or null for no cap)"),
         ("critic.warm_start_examples", cr.warm_start_examples >= 0, "must be >= 0"),
         ("critic.warm_start_verdicts", cr.warm_start_verdicts in ("both", "gold"), "must be both or gold"),
+        ("qat.group_size", c.qat.group_size >= 1, "must be >= 1"),
+        ("qat.modules", not c.qat.enabled or len(c.qat.modules) > 0, "must name at least one module"),
     ]
     return rules + _shape_rules(sh) + _task_rules(c.tasks)
 

@@ -32,6 +32,7 @@ from rlk2.eval.tasks import build_eval_task, find_task_file, from_run_task, load
 from rlk2.policy import load_policy
 from rlk2.policy.sources import KNOWN
 from rlk2.policy.sources import resolve_checkpoint as resolve_checkpoint_dir
+from rlk2.qat import quantize_for_eval
 from rlk2.run_dir import list_checkpoints, read_metrics
 
 
@@ -219,11 +220,24 @@ def run(args: argparse.Namespace) -> int:
         "confidence": 0.95,
         "device": str(device),
         "reward_workers": args.reward_workers,
+        "quantize": _quantize_setting(args),
     }
     report = evaluate_checkpoints(ckpts, task_cfgs, settings, out, device=device)
     print(markdown_tables(report))
     print(f"report: {out / 'report.md'} (and report.json, {len(report['plots'])} plots)")
     return 0
+
+
+def _quantize_setting(args: argparse.Namespace) -> dict | None:
+    """--quantize and its options, checked (the weights themselves are checked on each checkpoint)."""
+    if args.quantize is None:
+        return None
+    if args.quantize_group_size < 1:
+        raise UserError("--quantize-group-size: must be >= 1")
+    modules = [m.strip() for m in args.quantize_modules.split(",") if m.strip()]
+    if not modules:
+        raise UserError("--quantize-modules: name at least one module")
+    return {"scheme": args.quantize, "modules": modules, "group_size": args.quantize_group_size}
 
 
 def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dict, out: Path, *, device) -> dict:
@@ -236,6 +250,9 @@ def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dic
         results = []
         for ckpt in ckpts:
             model, tokenizer = load_policy(ckpt.path, dtype=ckpt.dtype)
+            if settings.get("quantize"):
+                q = settings["quantize"]
+                quantize_for_eval(model, q["modules"], q["group_size"])
             model.to(device)
             res = evaluate_policy(
                 model,

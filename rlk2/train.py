@@ -86,6 +86,7 @@ from rlk2.moe import RouterControl
 from rlk2.optim import build_optimizer
 from rlk2.policy import load_policy
 from rlk2.policy.warmstart import prepare_policy
+from rlk2.qat import quantize_weights
 from rlk2.rollout import (
     Rollout,
     SharedPrompts,
@@ -370,6 +371,8 @@ def _check_sharded(cfg: Config) -> None:
     """What an FSDP2 run does not do yet, refused in one line before anything is written."""
     if cfg.policy.lora.enabled:
         raise UserError("policy.lora.enabled: LoRA adapters are trained with DDP; FSDP2 launches train full weights")
+    if cfg.qat.enabled:
+        raise UserError("qat.enabled: quantization-aware runs train on one process or with DDP, not FSDP2 (yet)")
     rewards = [r for t in cfg.tasks for r in t.rewards]
     if any(metric_name(r.name) == "rubric" and r.kwargs.get("backend", "self") == "self" for r in rewards):
         raise UserError(
@@ -387,6 +390,8 @@ def _rollout_server(cfg: Config, main: bool) -> RolloutServer | None:
         raise UserError("rollout.engine=server: environment tasks (tasks.N.env) sample on the local engine only")
     if cfg.policy.lora.enabled:
         raise UserError("rollout.engine=server: LoRA policies cannot push their weights (the server holds full ones)")
+    if cfg.qat.enabled:
+        raise UserError("rollout.engine=server: a QAT run samples its INT4 weights on the local engine only")
     server = RolloutServer(ro.server_url, timeout_s=ro.server_timeout_s, retries=ro.server_retries, kind=ro.server_kind)
     server.check()
     if server.nccl is not None and main:  # the process that pushes joins the NCCL group now, or refuses to start
@@ -422,6 +427,9 @@ def _build(
         aux_loss_coef=cfg.moe.aux_loss_coef,
         reduce=lambda t: accelerator.reduce(t, "sum"),
     )
+    if cfg.qat.enabled:  # before the optimizer and LoRA: the parameters stay the master weights (rlk2.qat)
+        q = quantize_weights(model, list(cfg.qat.modules), cfg.qat.group_size)
+        accelerator.print(f"QAT: {len(q.names)} weight matrices read as INT4 (groups of {q.group_size})")
     # Everything checked: write config.yaml (a resume saves its overrides for the next one) and, new, env.json.
     env = None if resume else {**env_info(), "policy_source": policy_source, "processes": accelerator.num_processes}
     run_dir.start(config_yaml=to_yaml(cfg), env=env, overwrite=cfg.run.overwrite, keep=(cfg.run.name,))

@@ -41,7 +41,7 @@ from torch import nn
 
 from rlk2.hardware import fast_dtype
 from rlk2.moe import RouterProbe, find_routers
-from rlk2.rollout.dense import DenseDecoder, family
+from rlk2.rollout.dense import DenseDecoder, family, plain_linear, plain_weight
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -173,7 +173,7 @@ class LatentDecoder:
         inner = getattr(model, "model", None)
         if family(model) != "DeepseekV3ForCausalLM" or inner is None:
             return False
-        if not model.dtype.is_floating_point or type(model.lm_head) is not nn.Linear:
+        if not model.dtype.is_floating_point or not plain_linear(model.lm_head):
             return False
         for layer in inner.layers:
             attn = layer.self_attn
@@ -183,12 +183,12 @@ class LatentDecoder:
             mlp = layer.mlp
             if hasattr(mlp, "experts"):
                 linears += [mlp.shared_experts.gate_proj, mlp.shared_experts.up_proj, mlp.shared_experts.down_proj]
-                if type(mlp.experts.gate_up_proj) is not nn.Parameter:
+                if not (plain_weight(mlp.experts, "gate_up_proj") and plain_weight(mlp.experts, "down_proj")):
                     return False
             else:
                 linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
             if (
-                any(type(m) is not nn.Linear for m in linears)
+                any(not plain_linear(m) for m in linears)
                 or attn.o_proj.bias is not None
                 or attn.kv_b_proj.bias is not None
             ):
@@ -297,7 +297,7 @@ def _experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: to
     (~10 operations instead of the grouped kernel's few hundred: 65 vs 130 us for one token on the demo shape);
     more tokens: the model's own experts implementation, where gathering weight copies per token would cost more."""
     n, k = idx.shape
-    if n > 2 or type(experts).__name__ != "DeepseekV3Experts":
+    if n > 2 or type(experts).__name__.removeprefix("Parametrized") != "DeepseekV3Experts":
         return experts(x, idx, weights)
     flat = idx.reshape(-1)
     gate, up = (

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from rlk2.moe import RouterProbe, find_routers
 
@@ -26,6 +27,20 @@ from rlk2.moe import RouterProbe, find_routers
 def family(model: nn.Module) -> str:
     """The model's class name; FSDP2 (`fully_shard`) makes a subclass named FSDP<class>, the same model."""
     return type(model).__name__.removeprefix("FSDP")
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` the plain-function decoders may read `.weight` from: torch's own, or one whose weight is
+    read through a parametrization (QAT's INT4 weights, rlk2.qat; torch makes it a subclass named Parametrized*)."""
+    return type(module) is nn.Linear or (parametrize.is_parametrized(module) and type(module).__bases__ == (nn.Linear,))
+
+
+def plain_weight(module: nn.Module, name: str) -> bool:
+    """`module.<name>` is an ordinary tensor (a parameter, or one read through a parametrization), not a DTensor
+    shard or a wrapper."""
+    if parametrize.is_parametrized(module, name):
+        return type(module.parametrizations[name].original) is nn.Parameter
+    return type(getattr(module, name)) is nn.Parameter
 
 
 FAMILIES = (
@@ -87,7 +102,7 @@ class DenseDecoder:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        if family(model) not in FAMILIES or type(model.lm_head) is not nn.Linear:
+        if family(model) not in FAMILIES or not plain_linear(model.lm_head):
             return False
         cfg = model.config
         if (
@@ -100,11 +115,11 @@ class DenseDecoder:
             return False
         for layer in model.model.layers:
             a = layer.self_attn
-            if any(type(getattr(a, n)) is not nn.Linear for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            if any(not plain_linear(getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
                 return False
             mlp = layer.mlp
             if hasattr(mlp, "gate_proj") and any(
-                type(getattr(mlp, n)) is not nn.Linear for n in ("gate_proj", "up_proj", "down_proj")
+                not plain_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")
             ):
                 return False
         return True

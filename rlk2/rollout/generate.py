@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.nn.utils import parametrize
 
 from rlk2.moe import find_routers
 from rlk2.rollout.batch import Rollout, left_pad
@@ -86,9 +87,18 @@ def generate_rollouts(
         # Prefill the distinct prompts only (a group's K copies are identical), then expand the cache to B rows.
         distinct, row_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)  # [U, 2P], [B]
         P = ids.shape[1]
-        with open_decoder(
-            model, distinct[:, :P], distinct[:, P:], max_new_tokens, record_routing=out.routing, fast=use_latent_decoder
-        ) as decoder:
+        # Weights read through a parametrization (QAT's INT4 ones, rlk2.qat) are computed once for the whole call.
+        with (
+            parametrize.cached(),
+            open_decoder(
+                model,
+                distinct[:, :P],
+                distinct[:, P:],
+                max_new_tokens,
+                record_routing=out.routing,
+                fast=use_latent_decoder,
+            ) as decoder,
+        ):
             decoder.reorder(row_of)
             out.prompt_routes(decoder, row_of, mask)
             logits = decoder.logits[row_of]  # [B, V]
