@@ -63,6 +63,21 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-group-size", type=int, default=32, help="with --quantize: group size (default 32)")
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint dir or rlk2 run dir (as for rlk2 eval)")
+    parser.add_argument("--out", required=True, help="output directory (new or empty)")
+    parser.add_argument(
+        "--format",
+        choices=["int4", "dequantized"],
+        default="int4",
+        help="int4: packed in the compressed-tensors format (default); dequantized: plain weights at INT4 values",
+    )
+    parser.add_argument(
+        "--modules", help="comma-separated modules to quantize (default: the run's qat.modules, else experts)"
+    )
+    parser.add_argument("--group-size", type=int, help="INT4 group size (default: the run's qat.group_size, else 32)")
+
+
 def _score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reward",
@@ -156,6 +171,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]] 
         _serve_arguments,
         "rlk2.serve:run",
         "serve a local checkpoint as an OpenAI-compatible endpoint (loopback); a rollout engine for rlk2 train",
+    ),
+    "export": (
+        _export_arguments,
+        "rlk2.export:run",
+        "write a checkpoint for deployment with its experts in INT4 (compressed-tensors, or dequantized)",
     ),
     "eval": (
         _eval_arguments,

@@ -47,6 +47,7 @@ class Checkpoint:
     label: str = ""
     dtype: str = "float32"
     chat_template: bool = True
+    quantize: dict | None = None  # weights rounded to INT4 before evaluating: --quantize, or a QAT run's own (rlk2.qat)
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -59,6 +60,14 @@ def _run_settings(run_dir: Path) -> tuple[str, bool]:
     except yaml.YAMLError as exc:
         raise UserError(f"{run_dir}/config.yaml: not valid YAML ({str(exc).splitlines()[0]})") from None
     return str(policy.get("dtype", "float32")), bool(policy.get("chat_template", True))
+
+
+def _run_qat(run_dir: Path) -> dict | None:
+    """The run's `qat:` settings when it trained with QAT (its config.yaml), else None."""
+    qat = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("qat") or {}
+    if not qat.get("enabled"):
+        return None
+    return {"scheme": "int4", "modules": list(qat.get("modules", ["experts"])), "group_size": qat.get("group_size", 32)}
 
 
 def resolve_checkpoint(spec: str) -> Checkpoint:
@@ -204,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.reward_workers <= 64:
         raise UserError(f"--reward-workers: {args.reward_workers} is not in 1..64")
     ckpts = [resolve_checkpoint(s) for s in args.checkpoints]
+    quantize = _quantize_setting(args)
+    for c in ckpts:  # a QAT run's checkpoints hold master weights: evaluated as the run trained them, in INT4
+        c.quantize = quantize or (_run_qat(c.run_dir) if c.run_dir else None)
+        c.label += "+int4" if c.quantize else ""
     _unique_labels(ckpts)
     task_cfgs = _task_configs(args.tasks, ckpts)
     device = _device(args.device)
@@ -220,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         "confidence": 0.95,
         "device": str(device),
         "reward_workers": args.reward_workers,
-        "quantize": _quantize_setting(args),
+        "quantize": quantize,
     }
     report = evaluate_checkpoints(ckpts, task_cfgs, settings, out, device=device)
     print(markdown_tables(report))
@@ -250,9 +263,8 @@ def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dic
         results = []
         for ckpt in ckpts:
             model, tokenizer = load_policy(ckpt.path, dtype=ckpt.dtype)
-            if settings.get("quantize"):
-                q = settings["quantize"]
-                quantize_for_eval(model, q["modules"], q["group_size"])
+            if ckpt.quantize:
+                quantize_for_eval(model, ckpt.quantize["modules"], ckpt.quantize["group_size"])
             model.to(device)
             res = evaluate_policy(
                 model,

@@ -177,10 +177,17 @@ def _parametrized_names(module: nn.Module, state_dict: dict, prefix: str, *_rest
             state_dict[f"{prefix}parametrizations.{attr}.original"] = state_dict.pop(prefix + attr)
 
 
-def quantize_for_eval(model: nn.Module, patterns: list[str], group_size: int = 32) -> Quantized:
-    """`rlk2 eval --quantize int4-experts`: the selected weights rounded to INT4 once, in place (post-training
-    quantization, to compare with a QAT run's own)."""
-    selected = select_weights(model, patterns, group_size, what="--quantize-modules", group_key="--quantize-group-size")
+def quantize_for_eval(
+    model: nn.Module,
+    patterns: list[str],
+    group_size: int = 32,
+    *,
+    what: str = "--quantize-modules",
+    group_key: str = "--quantize-group-size",
+) -> Quantized:
+    """`rlk2 eval --quantize int4-experts` (and a QAT run's checkpoints in `rlk2 eval`): the selected weights
+    rounded to INT4 once, in place. `what`, `group_key`: the options named in a refusal."""
+    selected = select_weights(model, patterns, group_size, what=what, group_key=group_key)
     with torch.no_grad():
         for _, owner, attr in selected:
             p = getattr(owner, attr)

@@ -1,6 +1,7 @@
 """Quantization-aware training (rlk2.qat): INT4 reads of the expert weights, straight-through gradients, rollouts
 at the quantized precision, plain checkpoints, and one-line refusals."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -146,8 +147,24 @@ def test_a_qat_run_trains_checkpoints_master_weights_and_resumes(tiny_policy, tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run / "checkpoints" / "step-3").is_dir()
 
-    ev = run_cli(
-        "eval", str(ckpt), "--tasks", "arith", "--limit", "4", "--k", "1", "--no-greedy", "--bootstrap", "10",
-        "--out", str(tmp_path / "ev"), "--quantize", "int4-experts", "--quantize-group-size", "12",
-    )  # fmt: skip
-    assert ev.returncode == 2 and "--quantize-group-size: 12 does not divide" in ev.stderr, ev.stderr[-2000:]
+    # rlk2 eval of a QAT run evaluates it as trained (INT4), labelled so; a bad group size is one line.
+    flags = ["--tasks", "arith", "--limit", "4", "--k", "1", "--no-greedy", "--bootstrap", "10"]
+    ev = run_cli("eval", str(run), *flags, "--out", str(tmp_path / "ev"))
+    assert ev.returncode == 0 and "r@step-3+int4 arith: pass@1" in ev.stdout, ev.stderr[-2000:]
+    bad = run_cli("eval", str(ckpt), *flags, "--out", str(tmp_path / "ev2"), "--quantize", "int4-experts",
+                  "--quantize-group-size", "12")  # fmt: skip
+    assert bad.returncode == 2 and "--quantize-group-size: 12 does not divide" in bad.stderr, bad.stderr[-2000:]
+
+    # Exports: packed INT4 (compressed-tensors, loaded by transformers) and dequantized hold the trained values.
+    for fmt in ("int4", "dequantized"):
+        out = run_cli("export", str(run), "--out", str(tmp_path / fmt), "--format", fmt)
+        assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    master = experts(AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-3"))
+    for fmt in ("int4", "dequantized"):
+        for got, want in zip(experts(AutoModelForCausalLM.from_pretrained(tmp_path / fmt)), master):
+            assert torch.equal(got.gate_up_proj, fake_int4(want.gate_up_proj, GROUP))
+            assert torch.equal(got.down_proj, fake_int4(want.down_proj, GROUP))
+    again = run_cli("export", str(run), "--out", str(tmp_path / "int4"))
+    assert again.returncode == 2 and "--out:" in again.stderr and "not an empty directory" in again.stderr
