@@ -148,12 +148,6 @@ def quantize_weights(model: nn.Module, patterns: list[str], group_size: int) -> 
     return Quantized([name for name, _, _ in selected], group_size)
 
 
-def quantized_weights(model: nn.Module):
-    """A block in which each quantized weight is computed once, however often it is read (generation: every
-    decode step reads every weight). No gradient flows through the cached values: for no-grad work only."""
-    return parametrize.cached()
-
-
 def _enter_cache(module: nn.Module, _args) -> None:
     module._rlk2_cache = parametrize.cached()
     module._rlk2_cache.__enter__()
@@ -193,14 +187,3 @@ def quantize_for_eval(
             p = getattr(owner, attr)
             p.copy_(fake_int4(p, group_size))
     return Quantized([name for name, _, _ in selected], group_size)
-
-
-def deployed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized weight as the deployed model holds it (dequantized INT4)."""
-    state = model.state_dict()
-    with torch.no_grad(), quantized_weights(model):
-        for name, module in model.named_modules():
-            if parametrize.is_parametrized(module):
-                for attr in module.parametrizations:
-                    state[f"{name}.{attr}" if name else attr] = getattr(module, attr).detach()
-    return state
