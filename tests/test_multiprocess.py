@@ -214,6 +214,13 @@ def _overrides(tmp: Path, run: str, extra: list[str]) -> list[str]:
         "eval.samples=2",
         "eval.greedy=false",
         "tasks.0.eval_size=4",
+        # The second task checks with the math reward, not in the sandbox: a sandbox infrastructure error under this
+        # load (one in a CI run: an unscorable row, rightly None) would make the two runs' rewards differ.
+        "tasks.1.name=arith",
+        "tasks.1.source=builtin:arith",
+        "tasks.1.rewards=[{name: math}]",
+        "tasks.1.max_new_tokens=12",
+        "tasks.1.eval_size=4",
         "policy.demo.hidden_size=32",
         "policy.demo.num_hidden_layers=2",
         "optim.lr=1.0e-2",
