@@ -14,7 +14,7 @@ The limit: a decode step of batch 32 multiplies the 106 M non-embedding weights 
 nothing but those products ran: the prefill at the rate of its own shapes (weights @ ~2.3k activations), the decode
 steps at the rate of weights @ 32 activations with every layer's weights distinct, as in a real decode step (the
 model's 270 MB of bfloat16 weights do not stay in cache from one step to the next; a rate measured by repeating one
-layer's small matrices reads them from cache and overstates the limit by about half). `--gflops` overrides both.
+layer's small matrices reads them from cache and overstates the limit). `--gflops` overrides both.
 
     python bench/bench_generate.py [--quick] [--reps N]
 """

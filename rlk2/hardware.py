@@ -40,3 +40,39 @@ def fast_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
     if torch.device(device).type == "cuda" or cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+MIXED_PRECISION = ("no", "bf16", "auto")
+
+
+def training_autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
+    """`trainer.mixed_precision` resolved on `device`: bfloat16 autocast for "bf16", and for "auto" where the
+    hardware multiplies bfloat16 natively (as `fast_dtype` decides); None for full float32."""
+    if setting == "bf16" or (setting == "auto" and fast_dtype(device, torch.float32) == torch.bfloat16):
+        return torch.bfloat16
+    return None
+
+
+def _float32_enter(module: torch.nn.Module, args: tuple) -> tuple:
+    # Leave autocast for this module: its inputs go up to float32 and its own linear runs at full precision.
+    ctx = torch.autocast(args[0].device.type, enabled=False)
+    ctx.__enter__()
+    module._rlk2_float32_ctx = ctx
+    return (args[0].float(), *args[1:])
+
+
+def _float32_exit(module: torch.nn.Module, args: tuple, output):
+    ctx = module.__dict__.pop("_rlk2_float32_ctx", None)
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+    return output
+
+
+def keep_in_float32(modules: list[torch.nn.Module]) -> None:
+    """Run `modules` outside bfloat16 autocast, in float32 (the LM head, MoE routers). Under autocast the LM head's
+    product would round the logits to bfloat16 (8 bits of mantissa: an error of ~0.06 on a logit of 16), far larger
+    than the rollout-vs-training mismatch the importance ratios correct for; a router's top-k would flip on
+    rounding. Module hooks, so copies of the model keep the rule; the exit hook runs even when the forward raises."""
+    for m in modules:
+        m.register_forward_pre_hook(_float32_enter)
+        m.register_forward_hook(_float32_exit, always_call=True)

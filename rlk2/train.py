@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import functools
 import math
@@ -82,6 +83,7 @@ from rlk2.envs import (
 )
 from rlk2.errors import UserError
 from rlk2.eval.evaluate import Split, evaluate_policy
+from rlk2.hardware import keep_in_float32, training_autocast_dtype
 from rlk2.moe import RouterControl
 from rlk2.optim import build_optimizer
 from rlk2.policy import load_policy
@@ -169,6 +171,14 @@ class Run:
     """rollout.engine=server: the inference server that samples the rollouts (rlk2.rollout.server)."""
     sharded: bool = False
     """FSDP2: each rank holds a slice of every parameter (rlk2.sharding)."""
+    autocast: torch.dtype | None = None
+    """trainer.mixed_precision, resolved: the training forward's autocast dtype (None: float32)."""
+
+    def training_precision(self):
+        """The context the training forward runs in (its backward runs outside, as autocast wants)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.accelerator.device.type, dtype=self.autocast)
 
     def tool_runner(self, task: Task) -> ToolRunner:
         if task.name not in self.tool_runners:
@@ -373,6 +383,10 @@ def _check_sharded(cfg: Config) -> None:
         raise UserError("policy.lora.enabled: LoRA adapters are trained with DDP; FSDP2 launches train full weights")
     if cfg.qat.enabled:
         raise UserError("qat.enabled: quantization-aware runs train on one process or with DDP, not FSDP2 (yet)")
+    if cfg.trainer.mixed_precision == "bf16":
+        raise UserError(
+            "trainer.mixed_precision: FSDP2 runs take their precision from the FSDP plugin's mixed_precision_policy"
+        )
     rewards = [r for t in cfg.tasks for r in t.rewards]
     if any(metric_name(r.name) == "rubric" and r.kwargs.get("backend", "self") == "self" for r in rewards):
         raise UserError(
@@ -430,6 +444,9 @@ def _build(
     if cfg.qat.enabled:  # before the optimizer and LoRA: the parameters stay the master weights (rlk2.qat)
         q = quantize_weights(model, list(cfg.qat.modules), cfg.qat.group_size)
         accelerator.print(f"QAT: {len(q.names)} weight matrices read as INT4 (groups of {q.group_size})")
+    autocast = None if plugin is not None else training_autocast_dtype(cfg.trainer.mixed_precision, accelerator.device)
+    if autocast is not None:
+        keep_in_float32([model.get_output_embeddings(), *(m for _, m in moe.routers)])
     # Everything checked: write config.yaml (a resume saves its overrides for the next one) and, new, env.json.
     env = None if resume else {**env_info(), "policy_source": policy_source, "processes": accelerator.num_processes}
     run_dir.start(config_yaml=to_yaml(cfg), env=env, overwrite=cfg.run.overwrite, keep=(cfg.run.name,))
@@ -513,6 +530,7 @@ def _build(
         done_step=start_step,
         paused=paused,
         sharded=plugin is not None,
+        autocast=autocast,
     )
 
 
@@ -899,7 +917,7 @@ def _off_policy_correction(run: Run, batch: Batch, mask: torch.Tensor) -> torch.
     the truncated importance ratio min(pi_old / pi_sampler, algo.is_cap), as TRL and verl weigh tokens from a
     stale or mismatched rollout engine."""
     ro, server = batch.ro, run.rollout_server is not None
-    with torch.no_grad():
+    with torch.no_grad(), run.training_precision():
         now, entropy = policy_logprobs(run.model, ro, temperature=batch.temperature, with_entropy=ro.entropy is None)
     sampled = ro.policy_mask.bool()
     elsewhere = sampled if server else batch.stale & sampled
@@ -950,8 +968,8 @@ def update(run: Run, batch: Batch) -> None:
         run.done_step = None  # from here until the step is logged the weights belong to no finished step
     # Nothing to train on (every group filtered out, no PTX): no update at all, not even optimizer momentum.
     for _ in range(inner_steps):
-        with run.moe.training_forward(sub, whole=whole, shared=shared) as routed:  # replays the recorded experts
-            logp, _ = policy_logprobs(run.model, sub, temperature=batch.temperature, shared=shared)
+        with run.moe.training_forward(sub, whole=whole, shared=shared) as routed, run.training_precision():
+            logp, _ = policy_logprobs(run.model, sub, temperature=batch.temperature, shared=shared)  # replays experts
         if rows is not None:  # [B, T]: computed rows in place, the old log-probs elsewhere
             logp = ro.old_logp.index_put((rows.unsqueeze(1), torch.arange(logp.shape[1], device=logp.device)), logp)
         if len(train_adv):
@@ -963,7 +981,8 @@ def update(run: Run, batch: Batch) -> None:
         batch.moe_row = batch.moe_row or routed.metrics()  # routing of the step's first forward (pi_old's weights)
         total = loss * scale if scale != 1.0 else loss
         if ptx is not None:  # the same PTX batch on every process: DDP's average is the one-process gradient
-            lm = ptx_loss(run.model, ptx)
+            with run.training_precision():
+                lm = ptx_loss(run.model, ptx)
             total = total + cfg.algo.ptx.weight * lm
         acc.backward(total)
         if run.sharded:  # FSDP2: the parameters no rank used get no gradient, as on one process
