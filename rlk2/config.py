@@ -304,8 +304,8 @@ class TrainerConfig:
     (transformers' gradient checkpointing): activation memory falls from all layers' to about one layer's, for about
     one extra forward of compute. For real models whose training batch does not fit otherwise; dense policies only
     (a recomputed MoE forward would re-run router hooks), and the training forward then runs without shared prompts."""
-    mixed_precision: str = "no"
-    """The training forward's precision: "no" (float32), "bf16" (bfloat16 autocast: the products in bfloat16, the
+    mixed_precision: str = "fp32"
+    """The training forward's precision: "fp32", "bf16" (bfloat16 autocast: the products in bfloat16, the
     weights, gradients and optimizer state float32, the LM head and MoE routers float32 too) or "auto" (bf16 where the
     hardware multiplies it natively: CUDA, or a CPU with AVX512-BF16 or AMX; else float32). On SmolLM2 on this
     project's 2-core AVX512-BF16 machine, a forward and backward of 16 x 170 tokens takes 8.2-9.5 s instead of
@@ -498,7 +498,7 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("trainer.max_bad_steps", tr.max_bad_steps >= 1, "must be >= 1"),
         ("trainer.shared_prompt_tokens", tr.shared_prompt_tokens >= -1, "must be >= 0, or -1 (never share prompts)"),
         ("trainer.reward_workers", 1 <= tr.reward_workers <= 64, "must be in 1..64"),
-        ("trainer.mixed_precision", tr.mixed_precision in ("no", "bf16", "auto"), "must be no, bf16 or auto"),
+        ("trainer.mixed_precision", tr.mixed_precision in ("fp32", "bf16", "auto"), "must be fp32, bf16 or auto"),
         ("eval.every", ev.every >= 0, "must be >= 0 (0 = only at the start and the end)"),
         ("eval.samples", ev.samples >= 1, "must be >= 1"),
         ("eval.temperature", ev.temperature > 0, "must be > 0 (greedy pass@1 is measured by eval.greedy)"),

@@ -42,12 +42,9 @@ def fast_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-MIXED_PRECISION = ("no", "bf16", "auto")
-
-
 def training_autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
     """`trainer.mixed_precision` resolved on `device`: bfloat16 autocast for "bf16", and for "auto" where the
-    hardware multiplies bfloat16 natively (as `fast_dtype` decides); None for full float32."""
+    hardware multiplies bfloat16 natively (as `fast_dtype` decides); None (full float32) otherwise."""
     if setting == "bf16" or (setting == "auto" and fast_dtype(device, torch.float32) == torch.bfloat16):
         return torch.bfloat16
     return None

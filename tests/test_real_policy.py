@@ -224,5 +224,5 @@ def test_a_bf16_run_trains_close_to_float32(tmp_path, gguf):
     assert first[0]["grad_norm"] > 0.1 and first[0]["grad_norm"] != first[1]["grad_norm"]
     assert first[1]["grad_norm"] == pytest.approx(first[0]["grad_norm"], rel=0.05)
     assert first[1]["loss"] == pytest.approx(first[0]["loss"], rel=0.05, abs=1e-3)
-    with pytest.raises(UserError, match=r"^trainer.mixed_precision: must be no, bf16 or auto"):
-        load_config(None, _overrides(tmp_path / "bad", gguf, "trainer.mixed_precision=fp8"))
+    with pytest.raises(UserError, match=r"^trainer.mixed_precision: must be fp32, bf16 or auto"):
+        load_config(None, _overrides(tmp_path / "bad", gguf, "trainer.mixed_precision=no"))
