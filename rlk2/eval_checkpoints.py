@@ -62,12 +62,12 @@ def _run_settings(run_dir: Path) -> tuple[str, bool]:
     return str(policy.get("dtype", "float32")), bool(policy.get("chat_template", True))
 
 
-def _run_qat(run_dir: Path) -> dict | None:
-    """The run's `qat:` settings when it trained with QAT (its config.yaml), else None."""
+def run_qat(run_dir: Path) -> dict | None:
+    """The run's `qat:` settings ({"modules", "group_size"}) when it trained with QAT (its config.yaml), else None."""
     qat = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("qat") or {}
     if not qat.get("enabled"):
         return None
-    return {"scheme": "int4", "modules": list(qat.get("modules", ["experts"])), "group_size": qat.get("group_size", 32)}
+    return {"modules": list(qat.get("modules", ["experts"])), "group_size": qat.get("group_size", 32)}
 
 
 def resolve_checkpoint(spec: str) -> Checkpoint:
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     ckpts = [resolve_checkpoint(s) for s in args.checkpoints]
     quantize = _quantize_setting(args)
     for c in ckpts:  # a QAT run's checkpoints hold master weights: evaluated as the run trained them, in INT4
-        c.quantize = quantize or (_run_qat(c.run_dir) if c.run_dir else None)
+        c.quantize = quantize or (run_qat(c.run_dir) if c.run_dir else None)
         c.label += "+int4" if c.quantize else ""
     _unique_labels(ckpts)
     task_cfgs = _task_configs(args.tasks, ckpts)
@@ -250,7 +250,7 @@ def _quantize_setting(args: argparse.Namespace) -> dict | None:
     modules = [m.strip() for m in args.quantize_modules.split(",") if m.strip()]
     if not modules:
         raise UserError("--quantize-modules: name at least one module")
-    return {"scheme": args.quantize, "modules": modules, "group_size": args.quantize_group_size}
+    return {"modules": modules, "group_size": args.quantize_group_size}  # --quantize's one scheme: INT4 (rlk2.qat)
 
 
 def evaluate_checkpoints(ckpts: list[Checkpoint], task_cfgs: list, settings: dict, out: Path, *, device) -> dict:

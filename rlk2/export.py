@@ -23,7 +23,7 @@ from pathlib import Path
 import safetensors.torch
 
 from rlk2.errors import UserError
-from rlk2.eval_checkpoints import _run_qat, resolve_checkpoint
+from rlk2.eval_checkpoints import resolve_checkpoint, run_qat
 from rlk2.policy import load_policy
 from rlk2.qat import int4_qparams, quant_args, quantize_for_eval, select_weights
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     if ckpt.kind != "hf":
         raise UserError(f"checkpoint {args.checkpoint}: a PEFT adapter; merge it into its base model first")
-    qat = (_run_qat(ckpt.run_dir) if ckpt.run_dir else None) or {"modules": ["experts"], "group_size": 32}
+    qat = (run_qat(ckpt.run_dir) if ckpt.run_dir else None) or {"modules": ["experts"], "group_size": 32}
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else qat["modules"]
     group = args.group_size or qat["group_size"]
     if group < 1:

@@ -171,37 +171,39 @@ def test_a_run_on_a_gguf_policy_resumes_exactly(tmp_path, gguf):
     assert sorted(part) == [1, 2, 3] and full == part
 
 
-def test_the_lm_head_stays_float32_under_bf16_autocast():
-    """`trainer.mixed_precision=bf16`: the decoder layers multiply in bfloat16, the LM head in float32 (a bfloat16
-    head rounds every logit to 8 bits of mantissa). On SmolLM2 this halves the training forward's distance from the
-    float32 one (k3-KL 2.95e-4 vs 7.19e-4 per token, measured); on this tiny random model the trunk's own rounding
-    dominates, so the gain is smaller, but it must be there."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_the_lm_head_and_routers_stay_float32_under_bf16_autocast(family):
+    """`trainer.mixed_precision=bf16`: the decoder layers multiply in bfloat16, the LM head and the MoE routers in
+    float32 (a bfloat16 head rounds every logit to 8 bits of mantissa; a router's top-k would flip on rounding). On
+    SmolLM2 the float32 head halves the training forward's distance from the float32 one (k3-KL 2.95e-4 vs 7.19e-4
+    per token, measured); on these tiny random models the trunk's own rounding dominates, so the gain is smaller,
+    but it must be there."""
+    from test_dense_decoder import build
 
     from rlk2.hardware import keep_in_float32
+    from rlk2.moe import find_routers
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 512, (2, 12))
+    model = build(family)
+    routers = [m for _, m in find_routers(model)]
+    assert (family == "qwen3_moe") == bool(routers)
+    router_dtypes = []
+    for r in routers:
+        r.register_forward_hook(
+            lambda m, args, out: router_dtypes.append((out[0] if isinstance(out, tuple) else out).dtype)
+        )
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(input_ids=ids).logits.float().log_softmax(-1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rounded = model(input_ids=ids).logits
-        keep_in_float32([model.get_output_embeddings()])
+        router_dtypes.clear()
+        keep_in_float32([model.get_output_embeddings(), *routers])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             kept = model(input_ids=ids).logits
             trunk = model.model(input_ids=ids).last_hidden_state
         outside = model(input_ids=ids).logits  # the hooks leave autocast as they found it: off here
     assert rounded.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    assert all(d == torch.float32 for d in router_dtypes) and len(router_dtypes) == 3 * len(routers)  # 3 forwards
     # the head's own product is float32: exactly the float32 head applied to the (bfloat16-computed) states
     torch.testing.assert_close(kept, torch.nn.functional.linear(trunk.float(), model.lm_head.weight))
     torch.testing.assert_close(outside.log_softmax(-1), ref)

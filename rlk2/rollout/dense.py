@@ -9,7 +9,7 @@ the same RoPE table the model uses (its scaling included), and the model's own M
 as a module, so router hooks see it). No library we depend on ships a decode path for transformers models (vLLM
 and SGLang bring their own model code); transformers' `generate` runs the same modules.
 
-Precision: `compute_dtype` (bfloat16 where the CPU has native bf16 units, see `rlk2.rollout.precision`) holds a
+Precision: `compute_dtype` (bfloat16 where the CPU has native bf16 units, see `rlk2.hardware.fast_dtype`) holds a
 copy of the weights made when the decoder opens (the model keeps its float32 master weights); the residual stream,
 the norms and the logits are float32, and the softmax accumulates in float32. In float32 it matches the model's
 forward to rounding (tests/test_dense_decoder.py).
