@@ -309,7 +309,9 @@ class TrainerConfig:
     weights, gradients and optimizer state float32, the LM head and MoE routers float32 too) or "auto" (bf16 where the
     hardware multiplies it natively: CUDA, or a CPU with AVX512-BF16 or AMX; else float32). On SmolLM2 on this
     project's 2-core AVX512-BF16 machine, a forward and backward of 16 x 170 tokens takes 8.2-9.5 s instead of
-    17.4-22 s. The rollouts decode in bfloat16 there already (`rlk2.hardware.fast_dtype`)."""
+    17.4-22 s. The rollouts decode in bfloat16 there already (`rlk2.hardware.fast_dtype`). An Accelerate launch config's
+    own `mixed_precision` adds Accelerate's autocast; the LM head and routers stay float32 under it too.
+    FSDP2 runs take their precision from the FSDP plugin."""
     reward_workers: int = 2
     """Worker processes of the reward engine (rewards that run apart from training: math, code, user rewards)."""
 

@@ -445,7 +445,8 @@ def _build(
         q = quantize_weights(model, list(cfg.qat.modules), cfg.qat.group_size)
         accelerator.print(f"QAT: {len(q.names)} weight matrices read as INT4 (groups of {q.group_size})")
     autocast = None if plugin is not None else training_autocast_dtype(cfg.trainer.mixed_precision, accelerator.device)
-    if autocast is not None:
+    if plugin is None and (autocast is not None or accelerator.mixed_precision != "no"):
+        # Under autocast (rlk2's, or Accelerate's from a launch config) the LM head and the routers stay float32.
         keep_in_float32([model.get_output_embeddings(), *(m for _, m in moe.routers)])
     # Everything checked: write config.yaml (a resume saves its overrides for the next one) and, new, env.json.
     env = None if resume else {**env_info(), "policy_source": policy_source, "processes": accelerator.num_processes}
