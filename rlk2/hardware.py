@@ -51,11 +51,13 @@ def training_autocast_dtype(setting: str, device: torch.device | str) -> torch.d
 
 
 def _float32_enter(module: torch.nn.Module, args: tuple) -> tuple:
-    # Leave autocast for this module: its inputs go up to float32 and its own linear runs at full precision.
+    # Leave autocast for this module: its input goes to the dtype its weights are stored in (float32 master weights;
+    # a policy stored in bfloat16 stays as it was) and its own product runs at that precision.
     ctx = torch.autocast(args[0].device.type, enabled=False)
     ctx.__enter__()
     module._rlk2_float32_ctx = ctx
-    return (args[0].float(), *args[1:])
+    weight = next(module.parameters(), None)
+    return (args[0].to(torch.float32 if weight is None else weight.dtype), *args[1:])
 
 
 def _float32_exit(module: torch.nn.Module, args: tuple, output):
