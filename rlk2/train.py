@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, LoggerType, gather_object, set_seed
 from datasets.utils.logging import disable_progress_bar as datasets_no_progress_bar
 from peft import LoraConfig as PeftLoraConfig
@@ -341,6 +342,11 @@ def setup(cfg: Config, *, resume: bool, on_step: Callable[[int, dict], None] | N
         raise UserError(
             f"trainer.trackers: '{unknown[0]}' is not a tracker Accelerate knows ({', '.join(LoggerType.list())})"
         )
+    # A fresh accelerate state for this run (the process group is kept): an earlier run in the same process, or the
+    # warm start's SFT (transformers' Trainer resets the shared state and sets its own mixed precision, TRL's default
+    # bf16), would otherwise hand its mixed precision to this run's Accelerator. A launcher's settings come back from
+    # its environment variables.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         log_with=list(cfg.trainer.trackers) or None,
         project_dir=str(run_dir.path),
@@ -447,7 +453,7 @@ def _build(
         q = quantize_weights(model, list(cfg.qat.modules), cfg.qat.group_size)
         accelerator.print(f"QAT: {len(q.names)} weight matrices read as INT4 (groups of {q.group_size})")
     autocast = None if plugin is not None else training_autocast_dtype(cfg.trainer.mixed_precision, accelerator.device)
-    if plugin is None and (autocast is not None or accelerator.mixed_precision != "no"):
+    if plugin is None and (autocast is not None or accelerator.native_amp):
         # Under autocast (rlk2's, or Accelerate's from a launch config) the LM head and the routers stay float32.
         keep_in_float32([model.get_output_embeddings(), *(m for _, m in moe.routers)])
     # Everything checked: write config.yaml (a resume saves its overrides for the next one) and, new, env.json.

@@ -228,3 +228,21 @@ def test_a_bf16_run_trains_close_to_float32(tmp_path, gguf):
     assert first[1]["loss"] == pytest.approx(first[0]["loss"], rel=0.05, abs=1e-3)
     with pytest.raises(UserError, match=r"^trainer.mixed_precision: must be fp32, bf16 or auto"):
         load_config(None, _overrides(tmp_path / "bad", gguf, "trainer.mixed_precision=no"))
+
+
+def test_a_run_does_not_inherit_an_earlier_mixed_precision_in_the_process(tmp_path, gguf):
+    """transformers' Trainer (the warm start's SFT: TRL defaults to bf16) leaves accelerate's shared state in bf16;
+    a later run in the same process must still train in float32 when asked to, to the last bit."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    torch.set_num_threads(1)
+    ptx = ("algo.ptx.weight=1.0", "algo.ptx.source=builtin:max", "algo.ptx.batch_size=4")
+    clean = _run(tmp_path, "clean", gguf, *ptx)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    Accelerator(mixed_precision="bf16", cpu=True)  # what an in-process SFT leaves behind
+    assert AcceleratorState().mixed_precision == "bf16"
+    after = _run(tmp_path, "after", gguf, *ptx)
+    rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (clean, after)]
+    norms = [[r["grad_norm"] for r in rs if "loss" in r] for rs in rows]
+    assert norms[0] == norms[1] and norms[0][0] > 0.1
