@@ -376,6 +376,10 @@ class CriticConfig:
     """Token budget of one critic reply (reason + verdict)."""
     unparsable_reward: Optional[float] = 0.0
     """Critic-role reward of a reply without a parsable verdict (null = unscorable; see rlk2.critic.refine)."""
+    reward: str = "per_order"
+    """per_order: each verdict earns 1.0 when it names the verifier's choice. both_orders: a verdict earns 1.0 only
+    when its partner verdict on the same pair shown the other way round is right too, so a critic that names one
+    position whatever it is shown earns nothing (0.5 a pair with per_order; see rlk2.critic.refine)."""
     pair_baseline: bool = True
     """Both orders of a pair form one advantage group (2 x group_size verdicts) instead of one group per order.
     A critic that always names the same position is then right in one order and wrong in the other, so its
@@ -514,6 +518,7 @@ def _rules(c: Config) -> list[tuple[str, bool, str]]:
         ("critic.max_pairs", cr.max_pairs is None or cr.max_pairs >= 1, "must be >= 1 (or null for no cap)"),
         ("critic.warm_start_examples", cr.warm_start_examples >= 0, "must be >= 0"),
         ("critic.warm_start_verdicts", cr.warm_start_verdicts in ("both", "gold"), "must be both or gold"),
+        ("critic.reward", cr.reward in ("per_order", "both_orders"), "must be per_order or both_orders"),
         ("qat.group_size", c.qat.group_size >= 1, "must be >= 1"),
         ("qat.modules", not c.qat.enabled or len(c.qat.modules) > 0, "must name at least one module"),
     ]

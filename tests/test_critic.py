@@ -21,7 +21,7 @@ from rlk2.critic import (
     pairs_from_records,
     verified_pairs,
 )
-from rlk2.critic.refine import agreement_metrics, agreement_reward, pair_advantages
+from rlk2.critic.refine import agreement_metrics, agreement_reward, both_orders_rewards, pair_advantages
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = {
@@ -111,7 +111,29 @@ def test_agreement_reward_and_metrics():
     assert agreement_reward(None, "A", unparsable=None) is None  # opt-in: left out of the group baseline
     # always "B": right exactly once per pair -> 0.5, and never picks the same response in both orders
     m = agreement_metrics(["B", "B"] * 3, ["A", "B"] * 3)
-    assert m == {"critic/agreement": 0.5, "critic/unparsable": 0.0, "critic/position_consistency": 0.0}
+    assert m == {
+        "critic/agreement": 0.5,
+        "critic/pair_accuracy": 0.0,
+        "critic/unparsable": 0.0,
+        "critic/position_consistency": 0.0,
+    }
+    # right in both orders on pairs 1 and 3, position-locked on pair 2
+    m = agreement_metrics(["A", "B", "A", "A", "A", "B"], ["A", "B"] * 3)
+    assert m["critic/pair_accuracy"] == 2 / 3 and m["critic/position_consistency"] == 2 / 3
+
+
+def test_both_orders_reward_pays_only_a_pair_judged_right_both_ways():
+    K = 3
+    # pair 1: verdicts right in order 1 on samples 0, 1, 2 and in order 2 on samples 1, 2 -> couples 1 and 2 pay
+    # pair 2: a constant verdict, right shown first and wrong shown second -> nothing pays
+    per_order = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0] + [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    out = both_orders_rewards(per_order, group_size=K)
+    assert out == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0] + [0.0] * 6
+    assert both_orders_rewards([1.0, None, 1.0, 1.0], group_size=1) == [None, None, 1.0, 1.0]
+    with pytest.raises(ValueError, match="whole pairs"):
+        both_orders_rewards([1.0] * 5, group_size=K)
+    with pytest.raises(ValueError, match="per_order or both_orders"):
+        CriticRefiner(reward="pairs", **TOY)
 
 
 def test_critic_prompt_uses_the_rubric_template():
@@ -240,3 +262,41 @@ def test_pair_advantages_tie_only_when_both_orders_tie_together():
     assert tied.tolist() == [True, True] and not adv.any()
     with pytest.raises(ValueError, match="both orders"):
         pair_advantages(torch.ones(3, 3), torch.ones(3, 3, dtype=torch.bool), scale=False)
+
+
+def test_both_orders_critic_samples_score_couples(policy):
+    from rlk2.rollout import encode_prompts, generate_rollouts
+
+    model, tok = policy
+    K = 4
+    prompts = ["1+2=?", "3+4=?"]
+    ro = generate_rollouts(
+        model,
+        tok,
+        [i for i in encode_prompts(tok, prompts, chat_template=True) for _ in range(K)],
+        max_new_tokens=6,
+        temperature=1.0,
+        seed=0,
+    )
+    rewards = [1.0 if j % K == 0 else 0.0 for j in range(len(ro.texts))]
+    texts = [f"t{j}" if j % K else "right" for j in range(len(ro.texts))]
+    ref = CriticRefiner(pairs_per_prompt=2, max_new_tokens=8, reward="both_orders", **TOY)
+    cs = ref.samples(
+        model, tok, [p for p in prompts for _ in range(K)], texts, rewards, group_size=K, temperature=1.0, seed=1
+    )
+    agree = [float(rec["verdict"] == rec["expected"]) for rec in cs.records]
+    want = [
+        0.0 if rec["verdict"] is None else b for rec, b in zip(cs.records, both_orders_rewards(agree, group_size=K))
+    ]
+    assert cs.rewards == want == [rec["reward"] for rec in cs.records]
+    assert cs.metrics["critic/train_both_orders"] == sum(both_orders_rewards(agree, group_size=K)) / len(agree)
+    assert cs.metrics["critic/train_both_orders"] <= cs.metrics["critic/train_agreement"]
+
+
+def test_refine_docstring_examples_run():
+    import doctest
+
+    import rlk2.critic.refine
+
+    result = doctest.testmod(rlk2.critic.refine)
+    assert result.attempted >= 6 and result.failed == 0

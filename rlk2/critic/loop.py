@@ -80,6 +80,7 @@ class ClosedLoop:
                 max_new_tokens=c.max_new_tokens,
                 chat_template=cfg.policy.chat_template,
                 unparsable_reward=c.unparsable_reward,
+                reward=c.reward,
             )
         except RubricError as exc:
             raise UserError(f"critic (the rubric reward's template / rubrics): {exc}") from None

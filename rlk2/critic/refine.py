@@ -112,6 +112,28 @@ def agreement_reward(verdict: str | None, expected: str, *, unparsable: float | 
     return unparsable if verdict is None else float(verdict == expected)
 
 
+def both_orders_rewards(rewards: Sequence[float | None], *, group_size: int) -> list[float | None]:
+    """`critic.reward: both_orders`: a verdict pays only when its partner in the other order (the sample with the
+    same index among the pair's other `group_size` verdicts) is right too. `rewards` are per-order agreement
+    rewards laid out as CriticSamples holds them: pairs one after another, each as [order 1 x K, order 2 x K].
+
+    A critic that names the same position whatever it is shown is right in exactly one order, so it earns nothing
+    (with per-order rewards it earns 0.5 on every pair). An unscorable partner (None) leaves both samples None.
+    >>> both_orders_rewards([1.0, 1.0, 0.0, 1.0], group_size=2)  # one pair, K = 2: couples (0, 2) and (1, 3)
+    [0.0, 1.0, 0.0, 1.0]
+    >>> both_orders_rewards([1.0, 1.0, 0.0, 0.0], group_size=2)  # always "A": right shown first, wrong shown second
+    [0.0, 0.0, 0.0, 0.0]
+    """
+    k = group_size
+    if len(rewards) % (2 * k):
+        raise ValueError(f"both_orders_rewards: {len(rewards)} rewards are not whole pairs of 2 x {k} verdicts")
+    out: list[float | None] = []
+    for n, r in enumerate(rewards):
+        partner = rewards[n + k if (n // k) % 2 == 0 else n - k]
+        out.append(None if r is None or partner is None else float(r == 1.0 and partner == 1.0))
+    return out
+
+
 def agreement_metrics(verdicts: Sequence[str | None], expected: Sequence[str]) -> dict[str, float]:
     """Held-out agreement from verdicts given in pair order (both orders of a pair next to each other).
 
@@ -119,12 +141,16 @@ def agreement_metrics(verdicts: Sequence[str | None], expected: Sequence[str]) -
     >>> m = agreement_metrics(["A", "B", "A", "A", None, "B"], ["A", "B"] * 3)
     >>> m["critic/agreement"], m["critic/unparsable"], m["critic/position_consistency"]  # 4/6, 1/6, 1 of 2
     (0.6666666666666666, 0.16666666666666666, 0.5)
+    >>> m["critic/pair_accuracy"]  # pairs judged right in both orders: 1 of 3
+    0.3333333333333333
     """
     agree = [v == e for v, e in zip(verdicts, expected, strict=True)]
     both = [(verdicts[k], verdicts[k + 1]) for k in range(0, len(verdicts) - 1, 2)]
     parsed = [(a, b) for a, b in both if a in ("A", "B") and b in ("A", "B")]
     return {
         "critic/agreement": sum(agree) / len(agree),
+        # a pair counts only when both of its orders are right: a constant verdict scores 0 here, not 0.5
+        "critic/pair_accuracy": sum(agree[k] and agree[k + 1] for k in range(0, len(agree) - 1, 2)) / (len(agree) // 2),
         "critic/unparsable": sum(v is None for v in verdicts) / len(verdicts),
         # does the critic pick the same response whichever is shown first? (A then B, or B then A)
         "critic/position_consistency": sum(a != b for a, b in parsed) / len(parsed) if parsed else float("nan"),
@@ -161,13 +187,15 @@ class CriticSamples:
     """rlk2.rollout.Rollout, [M * K] sequences: M critic prompts, K sampled verdicts each, old log-probs recorded.
     The M prompts are M / 2 pairs, each shown in both orders one after the other (better first, then worse first)."""
     rewards: list[float | None]
-    """Agreement with the verifier per sample: 1.0 / 0.0; an unparsable verdict gets `unparsable_reward`."""
+    """Agreement with the verifier per sample: 1.0 / 0.0 (with `reward="both_orders"`, 1.0 only when the partner
+    verdict in the other order agrees too); an unparsable verdict gets `unparsable_reward`."""
     prompts: list[str]
     """The critic prompt of each sample (user message, before the chat template)."""
     records: list[dict] = field(default_factory=list)
     """One per sample for rollouts/step-N.jsonl: prompt, completion, verdict, reason, expected, reward."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """critic/train_agreement, critic/train_unparsable, critic/train_pairs, critic/skipped_long."""
+    """critic/train_agreement, critic/train_both_orders, critic/train_unparsable, critic/train_pairs,
+    critic/skipped_long."""
 
 
 class CriticRefiner:
@@ -183,9 +211,13 @@ class CriticRefiner:
         max_new_tokens: int = 64,
         chat_template: bool = True,
         unparsable_reward: float | None = 0.0,
+        reward: str = "per_order",
     ) -> None:
         if pairs_per_prompt < 1:
             raise ValueError("pairs_per_prompt must be >= 1")
+        if reward not in ("per_order", "both_orders"):
+            raise ValueError(f"reward must be per_order or both_orders, got {reward!r}")
+        self.reward = reward
         self.template = load_template(template)  # validated now: a bad file fails at start-up, not at step 1
         self.rubrics = load_rubrics(rubrics)
         self.pairs_per_prompt, self.max_pairs = pairs_per_prompt, max_pairs
@@ -259,13 +291,10 @@ class CriticRefiner:
             seed=seed,
             record_routing=record_routing,
         )
-        out_rewards: list[float | None] = []
         records, texts = [], []
         for n, text in enumerate(ro.texts):
             prompt, expected, pair = jobs[n // group_size]
             v = parse_verdict(text)
-            reward = agreement_reward(v.verdict, expected, unparsable=self.unparsable_reward)
-            out_rewards.append(reward)
             texts.append(prompt)
             records.append(
                 {
@@ -275,12 +304,21 @@ class CriticRefiner:
                     "verdict": v.verdict,
                     "reason": v.reason,
                     "expected": expected,
-                    "reward": reward,
+                    "reward": agreement_reward(v.verdict, expected, unparsable=self.unparsable_reward),
                 }
             )
+        out_rewards = [rec["reward"] for rec in records]
+        both = both_orders_rewards([float(r["verdict"] == r["expected"]) for r in records], group_size=group_size)
+        if self.reward == "both_orders":
+            out_rewards = [
+                self.unparsable_reward if rec["verdict"] is None else b for rec, b in zip(records, both, strict=True)
+            ]
+            for rec, r in zip(records, out_rewards, strict=True):
+                rec["reward"] = r
         verdicts = [rec["verdict"] for rec in records]
         metrics = {
             "critic/train_agreement": sum(rec["verdict"] == rec["expected"] for rec in records) / len(records),
+            "critic/train_both_orders": sum(both) / len(both),
             "critic/train_unparsable": sum(v is None for v in verdicts) / len(records),
             "critic/train_pairs": float(len(pairs)),
             "critic/skipped_long": float(2 * len(pairs) - len(keep)),
