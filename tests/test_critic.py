@@ -172,12 +172,12 @@ def test_format_warmup_rows_with_gold_verdicts_name_the_gold():
         format_warmup_rows(rows, n=2, refiner=CriticRefiner(**TOY), seed=0, verdicts="some")
 
 
-def test_critic_samples_join_the_same_k2_update(policy):
-    from rlk2.algorithms import LOSSES, group_advantages
-    from rlk2.rollout import concat_rollouts, encode_prompts, generate_rollouts, policy_logprobs
+def _policy_and_critic_samples(policy, K: int, **refiner_options):
+    """Two prompts x K policy rollouts, a pretend verifier (response 0 of each group right, the rest wrong), and
+    the critic samples the refiner draws on them: (rollout, rewards, CriticSamples)."""
+    from rlk2.rollout import encode_prompts, generate_rollouts
 
     model, tok = policy
-    K = 4
     prompts = ["1+2=?", "3+4=?"]
     ro = generate_rollouts(
         model,
@@ -187,13 +187,22 @@ def test_critic_samples_join_the_same_k2_update(policy):
         temperature=1.0,
         seed=0,
     )
-    # pretend verifier: response 0 of each group is right, the rest wrong
     rewards = [1.0 if j % K == 0 else 0.0 for j in range(len(ro.texts))]
     texts = [f"t{j}" if j % K else "right" for j in range(len(ro.texts))]  # distinct texts so pairs exist
-    ref = CriticRefiner(pairs_per_prompt=2, max_new_tokens=8, **TOY)
+    ref = CriticRefiner(pairs_per_prompt=2, max_new_tokens=8, **refiner_options, **TOY)
     cs = ref.samples(
         model, tok, [p for p in prompts for _ in range(K)], texts, rewards, group_size=K, temperature=1.0, seed=1
     )
+    return ro, rewards, cs
+
+
+def test_critic_samples_join_the_same_k2_update(policy):
+    from rlk2.algorithms import LOSSES, group_advantages
+    from rlk2.rollout import concat_rollouts, policy_logprobs
+
+    model, tok = policy
+    K = 4
+    ro, rewards, cs = _policy_and_critic_samples(policy, K)
     assert cs is not None and cs.metrics["critic/train_pairs"] == 4.0
     assert len(cs.rewards) == len(cs.prompts) == len(cs.records) == 4 * 2 * K  # pairs x orders x K
     assert cs.rollout.completion_ids.shape[0] == len(cs.rewards)
@@ -265,25 +274,8 @@ def test_pair_advantages_tie_only_when_both_orders_tie_together():
 
 
 def test_both_orders_critic_samples_score_couples(policy):
-    from rlk2.rollout import encode_prompts, generate_rollouts
-
-    model, tok = policy
     K = 4
-    prompts = ["1+2=?", "3+4=?"]
-    ro = generate_rollouts(
-        model,
-        tok,
-        [i for i in encode_prompts(tok, prompts, chat_template=True) for _ in range(K)],
-        max_new_tokens=6,
-        temperature=1.0,
-        seed=0,
-    )
-    rewards = [1.0 if j % K == 0 else 0.0 for j in range(len(ro.texts))]
-    texts = [f"t{j}" if j % K else "right" for j in range(len(ro.texts))]
-    ref = CriticRefiner(pairs_per_prompt=2, max_new_tokens=8, reward="both_orders", **TOY)
-    cs = ref.samples(
-        model, tok, [p for p in prompts for _ in range(K)], texts, rewards, group_size=K, temperature=1.0, seed=1
-    )
+    _, _, cs = _policy_and_critic_samples(policy, K, reward="both_orders")
     agree = [float(rec["verdict"] == rec["expected"]) for rec in cs.records]
     want = [
         0.0 if rec["verdict"] is None else b for rec, b in zip(cs.records, both_orders_rewards(agree, group_size=K))
